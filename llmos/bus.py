@@ -1,0 +1,97 @@
+"""Typed ZeroMQ channels. Nobody else builds frames by hand.
+
+The kernel binds one ROUTER socket; every driver connects a DEALER whose identity is its
+name. Receivers decode with `protocol.decode` and drop (count, log) whatever is invalid,
+so a malformed message can never take a process down.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import zmq
+import zmq.asyncio
+
+from llmos import protocol
+from llmos.protocol import BadMessage, Message
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # a garbage length prefix cannot make us allocate more
+
+
+class KernelBus:
+    """The kernel's ROUTER socket (asyncio). `recv` yields (peer, message) pairs."""
+
+    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context | None = None):
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted driver reclaims its name
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.bind(endpoint)
+        self.endpoint = endpoint
+        self.rejected = 0
+
+    async def recv(self) -> tuple[str, Message]:
+        while True:
+            frames = await self.sock.recv_multipart(copy=False)
+            peer = frames[0].bytes.decode("utf-8", "replace")
+            try:
+                return peer, protocol.decode(frames[1:])
+            except BadMessage as exc:
+                self.rejected += 1
+                log.warning("dropped bad message from %r: %s", peer, exc)
+
+    def send(self, peer: str, msg: Message) -> None:
+        try:
+            self.sock.send_multipart([peer.encode(), *protocol.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("dropped %s to %s: peer not reachable", type(msg).__name__, peer)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        if self.endpoint.startswith("ipc://"):
+            try:
+                os.unlink(self.endpoint[len("ipc://"):])
+            except FileNotFoundError:
+                pass
+
+
+class DriverBus:
+    """A driver's DEALER socket to the kernel. Blocking by default; `asyncio=True` for
+    drivers that run an event loop (the io driver)."""
+
+    def __init__(self, endpoint: str, identity: str, asyncio: bool = False):
+        ctx = zmq.asyncio.Context.instance() if asyncio else zmq.Context.instance()
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, identity.encode())
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self.sock.setsockopt(zmq.LINGER, 1000)
+        self.sock.setsockopt(zmq.SNDHWM, 0)
+        self.sock.connect(endpoint)
+        self.rejected = 0
+
+    def send(self, msg: Message):
+        return self.sock.send_multipart(protocol.encode(msg), copy=False)
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.sock.poll(timeout_ms, zmq.POLLIN))
+
+    def recv(self) -> Message | None:
+        """Blocking receive of one message; None if what arrived was invalid."""
+        return self._decode(self.sock.recv_multipart(copy=False))
+
+    async def arecv(self) -> Message | None:
+        return self._decode(await self.sock.recv_multipart(copy=False))
+
+    def _decode(self, frames) -> Message | None:
+        try:
+            return protocol.decode(frames)
+        except BadMessage as exc:
+            self.rejected += 1
+            log.warning("dropped bad message from kernel: %s", exc)
+            return None
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

@@ -1,0 +1,91 @@
+"""What every driver process does besides its job: connect to the kernel, say hello,
+announce readiness, send heartbeats and die with its kernel.
+
+A driver is started by the kernel's supervisor as `python -m llmos.drivers.<role>
+--endpoint E --name N [role args]`; it must never outlive the kernel (design.md, section 5).
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from llmos import protocol
+from llmos.bus import DriverBus
+
+HEARTBEAT_S = 1.0
+log = logging.getLogger(__name__)
+
+
+def base_argparser(role: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"llmos-{role}-driver")
+    parser.add_argument("--endpoint", required=True, help="the kernel's bus endpoint")
+    parser.add_argument("--name", required=True, help="this driver's name in the process table")
+    return parser
+
+
+def setup_logging(name: str) -> None:
+    logging.basicConfig(
+        level=os.environ.get("LLMOS_LOG_LEVEL", "INFO"),
+        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+class DriverRuntime:
+    """Owns the driver's bus connection and its liveness duties."""
+
+    def __init__(self, role: str, name: str, endpoint: str, asyncio: bool = False):
+        self.role, self.name, self.endpoint = role, name, endpoint
+        _die_with_parent()
+        self.bus = DriverBus(endpoint, name, asyncio=asyncio)
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self._send(protocol.Hello(role=role, name=name, pid=os.getpid()))
+
+    def _send(self, msg) -> None:
+        # On an asyncio socket this returns a future that is already done: with no
+        # high-water mark the send never waits.
+        self.bus.send(msg)
+
+    def ready(self, info: dict) -> None:
+        self._send(protocol.Ready(name=self.name, info=info))
+
+    def fatal(self, error: str) -> "NoReturn":  # noqa: F821
+        """Report an unrecoverable failure to the kernel, then exit non-zero."""
+        log.error("fatal: %s", error)
+        self._send(protocol.DriverError(name=self.name, error=error[:4000]))
+        time.sleep(0.2)  # let the message leave
+        os._exit(3)
+
+    def _heartbeat(self) -> None:
+        # A separate socket: zmq sockets are not thread safe, and a driver busy computing
+        # must still look alive.
+        hb = DriverBus(self.endpoint, f"{self.name}#hb")
+        ppid = os.getppid()
+        while not self._stop.wait(HEARTBEAT_S):
+            if os.getppid() != ppid:  # the kernel died: nobody will ever send us work
+                log.error("kernel (pid %d) is gone, exiting", ppid)
+                os._exit(0)
+            hb.send(protocol.Heartbeat(name=self.name))
+
+    def close(self) -> None:
+        self._stop.set()
+        self.bus.close()
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the kernel dies (even by kill -9); the heartbeat
+    thread's parent check covers other systems and the race at start."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass

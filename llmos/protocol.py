@@ -1,0 +1,337 @@
+"""Every message that crosses the llmos bus, declared once.
+
+Wire format (one ZeroMQ multipart message):
+    frame 0: one byte, the opcode
+    frame 1: msgpack map {"v": PROTOCOL_VERSION, "f": {field: value}, "a": [[name, dtype, shape], ...]}
+    frame 2..: raw bytes of each array field, in the order of "a" (no copy, no pickle)
+
+`decode` never trusts a frame: unknown opcodes, wrong versions, missing or unknown
+fields and wrongly typed fields raise `BadMessage`, which receivers count and log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+import numpy as np
+
+PROTOCOL_VERSION = 1
+_ARRAY_DTYPES = {"int32", "int64", "float32", "uint8"}
+
+
+class BadMessage(ValueError):
+    """A frame sequence that is not a valid message of this protocol version."""
+
+
+class Message:
+    OPCODE: ClassVar[int]
+    ARRAYS: ClassVar[tuple[str, ...]] = ()
+
+
+_REGISTRY: dict[int, type] = {}
+_FIELD_TYPES: dict[type, dict[str, tuple]] = {}
+
+
+def message(opcode: int, arrays: tuple[str, ...] = ()):
+    """Class decorator: make a dataclass a bus message with this opcode."""
+
+    def wrap(cls):
+        cls = dataclass(cls)
+        if opcode in _REGISTRY:
+            raise RuntimeError(f"opcode {opcode:#x} declared twice")
+        cls.OPCODE, cls.ARRAYS = opcode, arrays
+        _REGISTRY[opcode] = cls
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
+        return cls
+
+    return wrap
+
+
+def _accepted(hint) -> tuple:
+    """The runtime types a field of this annotation may hold after msgpack decoding."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for arg in typing.get_args(hint) for t in _accepted(arg))
+    if hint is type(None):
+        return (type(None),)
+    if hint is float:
+        return (float, int)
+    if hint is Any:
+        return (object,)
+    if hint is np.ndarray:
+        return (np.ndarray,)
+    return (origin or hint,)
+
+
+def encode(msg: Message) -> list[bytes]:
+    fields, arrays, frames = {}, [], []
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in msg.ARRAYS:
+            arr = np.ascontiguousarray(value)
+            arrays.append([f.name, str(arr.dtype), list(arr.shape)])
+            frames.append(arr.data)
+        else:
+            fields[f.name] = value
+    head = msgpack.packb({"v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
+    return [bytes([msg.OPCODE]), head, *frames]
+
+
+def decode(frames: list) -> Message:
+    if len(frames) < 2:
+        raise BadMessage(f"expected at least 2 frames, got {len(frames)}")
+    op = bytes(frames[0])
+    if len(op) != 1 or op[0] not in _REGISTRY:
+        raise BadMessage(f"unknown opcode {op[:8]!r}")
+    cls = _REGISTRY[op[0]]
+    try:
+        head = msgpack.unpackb(bytes(frames[1]), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise BadMessage(f"{cls.__name__}: payload is not msgpack ({exc})") from None
+    if not isinstance(head, dict) or set(head) != {"v", "f", "a"}:
+        raise BadMessage(f"{cls.__name__}: malformed header")
+    if head["v"] != PROTOCOL_VERSION:
+        raise BadMessage(f"{cls.__name__}: protocol version {head['v']!r}, expected {PROTOCOL_VERSION}")
+    values = head["f"]
+    if not isinstance(values, dict):
+        raise BadMessage(f"{cls.__name__}: fields are not a map")
+    values = dict(values)
+    values.update(_decode_arrays(cls, head["a"], frames[2:]))
+    expected = _FIELD_TYPES[cls]
+    if set(values) != set(expected):
+        missing, extra = set(expected) - set(values), set(values) - set(expected)
+        raise BadMessage(f"{cls.__name__}: missing {sorted(missing)} unknown {sorted(map(str, extra))}")
+    for name, value in values.items():
+        if not isinstance(value, expected[name]) or (isinstance(value, bool) and bool not in expected[name]
+                                                     and object not in expected[name]):
+            raise BadMessage(f"{cls.__name__}.{name}: unexpected {type(value).__name__}")
+    return cls(**values)
+
+
+def _decode_arrays(cls, specs, frames) -> dict[str, np.ndarray]:
+    if not isinstance(specs, list) or len(specs) != len(cls.ARRAYS) or len(frames) != len(specs):
+        raise BadMessage(f"{cls.__name__}: expected arrays {cls.ARRAYS}")
+    out = {}
+    for spec, frame in zip(specs, frames):
+        if not (isinstance(spec, list) and len(spec) == 3 and spec[0] in cls.ARRAYS
+                and spec[1] in _ARRAY_DTYPES and isinstance(spec[2], list)
+                and all(isinstance(d, int) and d >= 0 for d in spec[2])):
+            raise BadMessage(f"{cls.__name__}: bad array spec {spec!r}")
+        buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+        dtype = np.dtype(spec[1])
+        count = int(np.prod(spec[2], dtype=np.int64))
+        if buf.nbytes != count * dtype.itemsize:
+            raise BadMessage(f"{cls.__name__}.{spec[0]}: {buf.nbytes} bytes for shape {spec[2]}")
+        out[spec[0]] = np.frombuffer(buf, dtype=dtype).reshape(spec[2])
+    return out
+
+
+def i32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.int32)
+
+
+# ---------------------------------------------------------------- driver lifecycle
+
+@message(0x01)
+class Hello(Message):
+    """driver -> kernel, first message after connecting."""
+    role: str          # "model" | "tokenizer" | "io"
+    name: str          # the driver's name in the process table
+    pid: int
+
+
+@message(0x02)
+class Ready(Message):
+    """driver -> kernel: loaded and able to work. `info` is role specific
+    (model: geometry, dtype, weight bytes, eos ids; tokenizer: eos ids, vocab size)."""
+    name: str
+    info: dict
+
+
+@message(0x03)
+class Heartbeat(Message):
+    """driver -> kernel, every second; silence means the driver is hung."""
+    name: str
+
+
+@message(0x04)
+class Shutdown(Message):
+    """kernel -> driver: exit cleanly now."""
+    reason: str
+
+
+@message(0x05)
+class DriverError(Message):
+    """driver -> kernel: a failure the driver cannot recover from (e.g. model will not load)."""
+    name: str
+    error: str
+
+
+# ---------------------------------------------------------------- kernel <-> model driver
+
+@message(0x10)
+class MapKVPool(Message):
+    """kernel -> model driver: map the kernel-owned KV pool. Layout of the pool file:
+    [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim] of `dtype`."""
+    path: str
+    device: str
+    dtype: str
+    num_blocks: int
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@message(0x11)
+class PoolMapped(Message):
+    name: str
+    error: str | None
+
+
+@message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
+                       "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs"))
+class StepPlan(Message):
+    """kernel -> model driver: one forward pass over a packed batch.
+
+    Sequence i contributes tokens[sum(num_new[:i]) : sum(num_new[:i+1])] at positions
+    start_pos[i].. ; its KV lives in block_tables[i] (padded with -1). Sequences with
+    sample[i] == 1 get a next token sampled with their parameters. seed[i] < 0 means
+    unseeded; gen_index[i] (tokens generated so far) makes seeded sampling stateless.
+    top_logprobs[i] < 0 means no logprobs."""
+    step_id: int
+    seq_ids: np.ndarray
+    num_new: np.ndarray
+    start_pos: np.ndarray
+    tokens: np.ndarray
+    block_tables: np.ndarray
+    sample: np.ndarray
+    temperature: np.ndarray
+    top_p: np.ndarray
+    top_k: np.ndarray
+    seed: np.ndarray
+    gen_index: np.ndarray
+    top_logprobs: np.ndarray
+
+
+@message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))
+class StepResult(Message):
+    """model driver -> kernel: one sampled token per sequence of the plan that had sample == 1,
+    in plan order. top_ids/top_lps are [n, k] with k the largest top_logprobs asked (0 if none)."""
+    step_id: int
+    seq_ids: np.ndarray
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_lps: np.ndarray
+    forward_ms: float
+
+
+@message(0x14)
+class StepFailed(Message):
+    """model driver -> kernel: the plan could not run; its sequences fail with `error`."""
+    step_id: int
+    error: str
+
+
+# ---------------------------------------------------------------- kernel <-> tokenizer driver
+
+@message(0x20)
+class Encode(Message):
+    """kernel -> tokenizer: turn a prompt (text) or a chat (messages) into token ids."""
+    request_id: str
+    prompt: str | None
+    messages: list | None
+
+
+@message(0x21, arrays=("token_ids",))
+class Encoded(Message):
+    """tokenizer -> kernel. `error` set means the prompt could not be encoded (a 400)."""
+    request_id: str
+    token_ids: np.ndarray
+    error: str | None
+
+
+@message(0x22)
+class Detokenize(Message):
+    """kernel -> tokenizer: new tokens per request. Each item is a map:
+    {"rid": str, "ids": [int], "prior": [int] | None (all earlier output ids, sent when this
+    tokenizer has no state for the request), "lp": [[logprob, [[id, logprob], ...]], ...] | None,
+    "stop": [str], "finish": str | None}."""
+    items: list
+
+
+@message(0x23)
+class TextDeltas(Message):
+    """tokenizer -> kernel. Items: {"rid", "text", "n": tokens covered, "lp": OpenAI-shaped
+    logprob entries | None, "finish": str | None, "stop_hit": bool}."""
+    items: list
+
+
+# ---------------------------------------------------------------- kernel <-> io driver
+
+@message(0x30)
+class Submit(Message):
+    """io -> kernel: a new generation request. `params` are the validated sampling
+    parameters (see llmos.sampling_params); the kernel validates them again."""
+    request_id: str
+    model: str
+    prompt: str | None
+    messages: list | None
+    prompt_token_ids: list | None
+    params: dict
+    tenant: str
+
+
+@message(0x31)
+class Accepted(Message):
+    """kernel -> io: the request is admitted; outputs follow."""
+    request_id: str
+    prompt_tokens: int
+
+
+@message(0x32)
+class Rejected(Message):
+    """kernel -> io: the request ends with an error. status is the HTTP status to answer."""
+    request_id: str
+    status: int
+    code: str
+    message: str
+    param: str | None
+
+
+@message(0x33)
+class Outputs(Message):
+    """kernel -> io, one per step. Items: {"rid", "text", "n", "lp", "finish": str | None,
+    "usage": {"prompt_tokens", "completion_tokens"} | None}."""
+    items: list
+
+
+@message(0x34)
+class Abort(Message):
+    """io -> kernel: the client went away or cancelled; free the request now."""
+    request_id: str
+    reason: str
+
+
+@message(0x35)
+class Query(Message):
+    """io -> kernel: read-only admin query ("models", "ps", "health", "memory")."""
+    query_id: str
+    what: str
+    args: dict
+
+
+@message(0x36)
+class QueryReply(Message):
+    query_id: str
+    ok: bool
+    data: Any
+
+
+ALL_MESSAGES: tuple[type, ...] = tuple(_REGISTRY.values())
