@@ -1,0 +1,76 @@
+"""llmosd: the daemon in the foreground (for systemd, or `llmos start` in the background)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from llmos.config import DaemonConfig
+from llmos.paths import Paths
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def claim_pid_file(paths: Paths) -> None:
+    """Refuse to start twice; a pid file left by a killed daemon is stale and replaced."""
+    if paths.pid_file.exists():
+        try:
+            pid = int(paths.pid_file.read_text().strip() or 0)
+        except ValueError:
+            pid = 0
+        if pid and pid != os.getpid() and _pid_alive(pid):
+            raise click.ClickException(f"llmosd is already running (pid {pid}, home {paths.home})")
+    paths.pid_file.write_text(str(os.getpid()))
+    if paths.api_socket.exists():
+        paths.api_socket.unlink()  # stale: its daemon is gone
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--home", envvar="LLMOS_HOME", default=None, help="state directory (default ~/.llmos)")
+@click.option("--model", "models", multiple=True, default=["smollm2"],
+              help="model to serve: a built-in name, name=/path/to/hf-dir, or name=/path/file.gguf")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+@click.option("--kv-memory", default="1GiB", help="KV pool budget: bytes, '4GiB', or a fraction of free memory")
+@click.option("--block-size", type=int, default=16)
+@click.option("--max-num-seqs", type=int, default=128, help="most sequences in one step")
+@click.option("--max-batched-tokens", type=int, default=1024, help="token budget per step")
+@click.option("--max-model-len", type=int, default=None, help="cap the context length")
+@click.option("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may finish on SIGTERM")
+@click.option("--log-level", default="INFO")
+def main(home, models, log_level, **options) -> None:
+    """Run the llmos daemon in the foreground."""
+    paths = Paths.from_env(home)
+    os.environ["LLMOS_HOME"] = str(paths.home)
+    os.environ["LLMOS_LOG_LEVEL"] = log_level
+    paths.ensure()
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s kernel %(levelname)s %(name)s: %(message)s")
+    claim_pid_file(paths)
+    config = DaemonConfig(models=list(models), **options)
+    import uvloop
+
+    from llmos.kernel.core import Kernel
+    try:
+        uvloop.run(Kernel(config, paths).run())
+    finally:
+        for f in (paths.pid_file, paths.api_socket):
+            try:
+                if f != paths.pid_file or f.read_text().strip() == str(os.getpid()):
+                    f.unlink()
+            except FileNotFoundError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""The daemon's configuration: one dataclass, filled from llmosd's command line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DaemonConfig:
+    models: list[str] = field(default_factory=lambda: ["smollm2"])   # model specs (registry syntax)
+    dtype: str = "float32"
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    kv_memory: str = "1GiB"           # bytes, '4GiB', or a fraction of free device memory
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_batched_tokens: int = 1024    # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None  # cap the model's context (default: the model's own)
+    drain_timeout: float = 30.0       # SIGTERM: how long in-flight requests may finish
+    first_answer_timeout: float = 600.0
+

@@ -1,0 +1,125 @@
+"""Tokenizer driver: prompts and chats -> token ids; token ids -> text deltas.
+
+It runs apart from the kernel so that tokenizing never stalls the scheduling loop.
+Its per-request detokenization state is rebuildable: the kernel re-sends the token
+ids a new incarnation needs (the `prior` field), so a restart loses no text.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import numpy as np
+
+from llmos import protocol
+from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
+from llmos.drivers.tokenizer.detok import DetokState
+
+log = logging.getLogger("llmos.tokenizer")
+FORGET_AFTER = 4096   # finished request ids remembered, to ignore tokens still in flight
+
+
+class TokenizerDriver:
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.states: dict[str, DetokState] = {}
+        self.finished: OrderedDict[str, None] = OrderedDict()
+
+    def encode(self, m: protocol.Encode) -> protocol.Encoded:
+        try:
+            if m.messages is not None:
+                text = self.tok.apply_chat_template(_clean_messages(m.messages), tokenize=False,
+                                                    add_generation_prompt=True)
+                ids = self.tok(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = self.tok(m.prompt)["input_ids"]
+            return protocol.Encoded(request_id=m.request_id, token_ids=protocol.i32(ids), error=None)
+        except Exception as exc:  # a template error is the client's problem, reported as a 400
+            return protocol.Encoded(request_id=m.request_id, token_ids=np.zeros(0, np.int32),
+                                    error=f"cannot encode the prompt: {exc}")
+
+    def detokenize(self, m: protocol.Detokenize) -> protocol.TextDeltas:
+        out = []
+        for item in m.items:
+            try:
+                delta = self._one(item)
+            except Exception:
+                log.exception("bad detokenize item %r", item)
+                continue
+            if delta is not None:
+                out.append(delta)
+        return protocol.TextDeltas(items=out)
+
+    def _one(self, item: dict) -> dict | None:
+        rid, finish = item["rid"], item["finish"]
+        if rid in self.finished:
+            return None
+        state = self.states.get(rid)
+        if item["prior"] is not None or state is None:
+            state = self.states[rid] = DetokState(self.tok, list(item["stop"] or []), list(item["prior"] or []))
+        if finish == "abort":
+            self._forget(rid)
+            return None
+        text, stop_hit = state.feed(list(item["ids"]), final=finish is not None)
+        lp = self._logprobs(item["ids"], item["lp"]) if item["lp"] is not None else None
+        if stop_hit or finish:
+            self._forget(rid)
+        return {"rid": rid, "text": text, "n": len(item["ids"]), "lp": lp,
+                "finish": "stop" if stop_hit else finish, "stop_hit": stop_hit}
+
+    def _logprobs(self, ids: list[int], entries: list) -> list[dict]:
+        """OpenAI chat-style logprob entries, one per token."""
+        def tok_entry(tid, lp):
+            s = self.tok.decode([int(tid)])
+            return {"token": s, "logprob": float(lp), "bytes": list(s.encode("utf-8"))}
+        return [{**tok_entry(tid, lp), "top_logprobs": [tok_entry(t, v) for t, v in top]}
+                for tid, (lp, top) in zip(ids, entries)]
+
+    def _forget(self, rid: str) -> None:
+        self.states.pop(rid, None)
+        self.finished[rid] = None
+        while len(self.finished) > FORGET_AFTER:
+            self.finished.popitem(last=False)
+
+
+def _clean_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string role")
+        content = msg.get("content")
+        if not isinstance(content, str):
+            raise ValueError(f"messages[{i}].content must be a string")
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+def main() -> None:
+    parser = base_argparser("tokenizer")
+    parser.add_argument("--model-dir", required=True)
+    args = parser.parse_args()
+    setup_logging(args.name)
+    runtime = DriverRuntime("tokenizer", args.name, args.endpoint)
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, local_files_only=True)
+    except Exception as exc:
+        runtime.fatal(f"cannot load tokenizer from {args.model_dir}: {exc}")
+    driver = TokenizerDriver(tokenizer)
+    runtime.ready({"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
+    while True:
+        msg = runtime.bus.recv()
+        if isinstance(msg, protocol.Encode):
+            runtime.bus.send(driver.encode(msg))
+        elif isinstance(msg, protocol.Detokenize):
+            runtime.bus.send(driver.detokenize(msg))
+        elif isinstance(msg, protocol.Shutdown):
+            break
+        elif msg is not None:
+            log.warning("unexpected %s", type(msg).__name__)
+
+
+if __name__ == "__main__":
+    main()

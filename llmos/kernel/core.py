@@ -1,0 +1,206 @@
+"""The kernel: llmosd's main process. One event loop; it decides, drivers compute.
+
+    receive a message -> route it (supervisor, front door, an engine) -> engines step on their own
+
+Startup spawns, per model, a model driver (then, once it has prepared the model
+directory, a tokenizer driver), and one io driver. Shutdown drains, then stops drivers
+in reverse order and releases every shared-memory segment.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from llmos import protocol
+from llmos.bus import KernelBus
+from llmos.config import DaemonConfig
+from llmos.kernel.engine import ModelEngine
+from llmos.kernel.frontdoor import FrontDoor
+from llmos.kernel.mem.device import select_device
+from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
+from llmos.kernel.supervisor import DriverSpec, Supervisor
+from llmos.models.names import model_name
+from llmos.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+class Kernel:
+    def __init__(self, config: DaemonConfig, paths: Paths):
+        self.config, self.paths = config, paths
+        self.device = select_device(config.device)
+        self.started = time.monotonic()
+        self.stopped = asyncio.Event()
+        self.bus: KernelBus | None = None
+        self.engines: dict[str, ModelEngine] = {}
+        self.supervisor = Supervisor(paths.logs_dir, self._driver_ready, self._driver_down)
+        self.front = FrontDoor(self.engines, self.send, self.supervisor.is_running)
+
+    def send(self, peer: str, msg) -> None:
+        self.bus.send(peer, msg)
+
+    # ------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        self.paths.ensure()
+        remove_stale_pools()
+        self.bus = KernelBus(self.paths.kernel_endpoint)
+        budget = parse_memory(self.config.kv_memory, self.device.available) // max(1, len(self.config.models))
+        for spec in self.config.models:
+            name = model_name(spec)
+            if name in self.engines:
+                raise ValueError(f"model {name!r} given twice")
+            self.engines[name] = ModelEngine(name, spec, self.config, budget, self.send, self.front.tokens_ready)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
+        for engine in self.engines.values():
+            self.supervisor.add(self._spec(engine.driver, "model", "llmos.drivers.model",
+                                           "--model", engine.spec, "--models-dir", str(self.paths.models_dir),
+                                           "--dtype", self.config.dtype, "--device", self.device.device))
+        self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
+                                       "--first-answer-timeout", str(self.config.first_answer_timeout)))
+        tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self.supervisor.watch())]
+        tasks += [asyncio.ensure_future(e.run()) for e in self.engines.values()]
+        try:
+            await self.stopped.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            self._release()
+
+    def _spec(self, name: str, role: str, module: str, *args: str) -> DriverSpec:
+        argv = [sys.executable, "-m", module, "--endpoint", self.paths.kernel_endpoint, "--name", name, *args]
+        return DriverSpec(name=name, role=role, argv=argv)
+
+    async def shutdown(self) -> None:
+        """SIGTERM: stop admitting, drain up to the timeout, stop drivers in reverse order."""
+        if self.front.draining:
+            return
+        log.info("shutting down: draining %d request(s)", len(self.front.table))
+        self.front.draining = True
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self.front.table and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.front.fail_all(503, "shutting_down", "the daemon shut down before this request finished")
+        await asyncio.sleep(0.1)  # let the io driver deliver those errors
+        await self.supervisor.stop_all()
+        self.stopped.set()
+
+    def _release(self) -> None:
+        for engine in self.engines.values():
+            if engine.pool is not None:
+                engine.pool.release()
+        if self.bus is not None:
+            self.bus.close()
+
+    # ------------------------------------------------------------ drivers
+    def _driver_ready(self, name: str, info: dict) -> None:
+        for engine in self.engines.values():
+            if name == engine.driver:
+                try:
+                    engine.driver_up(info)
+                except Exception as exc:  # e.g. a budget too small for the model
+                    log.error("model %s cannot be served: %s", engine.name, exc)
+                    self.supervisor.driver_error(name, str(exc))
+                    return
+                if engine.tokenizer not in self.supervisor.table:
+                    self.supervisor.add(self._spec(engine.tokenizer, "tokenizer", "llmos.drivers.tokenizer",
+                                                   "--model-dir", str(info["model_dir"])))
+            elif name == engine.tokenizer:
+                self.front.tokenizer_restarted(engine)
+
+    def _driver_down(self, name: str) -> None:
+        for engine in self.engines.values():
+            if name == engine.driver:
+                engine.driver_down()
+
+    # ------------------------------------------------------------ the bus
+    async def _receive(self) -> None:
+        while True:
+            peer, msg = await self.bus.recv()
+            try:
+                self._dispatch(peer, msg)
+            except Exception:  # one bad message must not stop the kernel
+                self.bus.rejected += 1
+                log.exception("error handling %s from %s", type(msg).__name__, peer)
+
+    def _dispatch(self, peer: str, m) -> None:
+        if isinstance(m, protocol.StepResult) or isinstance(m, protocol.StepFailed):
+            engine = self._engine_of(peer)
+            if engine:
+                engine.step_result(m)
+        elif isinstance(m, protocol.TextDeltas):
+            self.front.text_deltas(m)
+        elif isinstance(m, protocol.Submit):
+            self.front.submit(peer, m)
+        elif isinstance(m, protocol.Encoded):
+            self.front.encoded(m)
+        elif isinstance(m, protocol.Abort):
+            self.front.abort(m)
+        elif isinstance(m, protocol.Query):
+            self.send(peer, protocol.QueryReply(query_id=m.query_id, **self._query(m.what, m.args)))
+        elif isinstance(m, protocol.Heartbeat):
+            self.supervisor.heartbeat(m.name)
+        elif isinstance(m, protocol.Ready) and m.name == peer:
+            self.supervisor.ready(m.name, m.info)
+        elif isinstance(m, protocol.PoolMapped):
+            engine = self._engine_of(peer)
+            if engine:
+                engine.pool_mapped(m.error)
+        elif isinstance(m, protocol.DriverError) and m.name == peer:
+            self.supervisor.driver_error(m.name, m.error)
+        elif isinstance(m, protocol.Hello):
+            log.info("hello from %s (%s, pid %d)", m.name, m.role, m.pid)
+        else:
+            self.bus.rejected += 1
+            log.warning("unexpected %s from %s", type(m).__name__, peer)
+
+    def _engine_of(self, peer: str) -> ModelEngine | None:
+        return next((e for e in self.engines.values() if e.driver == peer), None)
+
+    # ------------------------------------------------------------ queries (read only)
+    def _query(self, what: str, args: dict) -> dict:
+        if what == "health":
+            return {"ok": True, "data": self.health()}
+        if what == "models":
+            return {"ok": True, "data": [
+                {"id": e.name, "created": int(time.time() - (time.monotonic() - self.started)),
+                 "owned_by": "llmos", "max_model_len": e.max_model_len if e.info else None,
+                 "ready": e.driver_ready} for e in self.engines.values()]}
+        if what == "ps":
+            return {"ok": True, "data": {
+                "processes": self.supervisor.processes(),
+                "requests": [r.summary() for r in self.front.table.values()]}}
+        if what == "memory":
+            return {"ok": True, "data": self.memory()}
+        return {"ok": False, "data": f"unknown query {what!r}"}
+
+    def health(self) -> dict:
+        ready = all(e.driver_ready and self.supervisor.is_running(e.tokenizer) for e in self.engines.values())
+        io_up = self.supervisor.is_running("io")
+        status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
+        failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]
+        if failed:
+            status = "degraded"
+        return {"status": status, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 1),
+                "device": self.device.device, "failed_drivers": failed,
+                "models": {n: ("ready" if e.driver_ready else "loading") for n, e in self.engines.items()},
+                "requests_in_flight": len(self.front.table), "rejected_bus_messages": self.bus.rejected}
+
+    def memory(self) -> dict:
+        out = {}
+        for name, e in self.engines.items():
+            if e.scheduler is None:
+                out[name] = {"state": "loading"}
+                continue
+            pool = e.scheduler.pool
+            out[name] = {"device": e.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
+                         "blocks_used": pool.num_used, "blocks_free": pool.num_free, "pool_bytes": e.pool.nbytes,
+                         "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
+                         "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
+                         "steps": e.stats.to_dict()}
+        return out

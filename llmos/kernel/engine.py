@@ -1,0 +1,199 @@
+"""One served model inside the kernel: its KV pool, its scheduler and its step loop.
+
+The loop reads aloud: schedule -> send the step plan -> await the result -> apply it
+(append tokens, check stops, free finished requests) -> hand new tokens to the tokenizer.
+If the model driver dies mid-step, the step is simply not applied: the requests keep
+their tokens and blocks, and the same plan is rebuilt for the restarted driver.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+
+from llmos import protocol
+from llmos.kernel.blocks import BlockPool
+from llmos.kernel.mem.pool import KVGeometry, SharedKVPool
+from llmos.kernel.requests import Request, State
+from llmos.kernel.scheduler import ScheduledSeq, Scheduler
+from llmos.kernel.stats import StepStats
+
+log = logging.getLogger(__name__)
+
+
+class DriverLost(Exception):
+    """The model driver went away while a step was in flight."""
+
+
+class ModelEngine:
+    def __init__(self, name: str, spec: str, config, kv_bytes_budget: int, send, on_tokens):
+        self.name, self.spec, self.config = name, spec, config
+        self.driver = f"model-{name}"
+        self.tokenizer = f"tokenizer-{name}"
+        self.kv_bytes_budget = kv_bytes_budget
+        self._send = send                 # (peer, message) -> None
+        self._on_tokens = on_tokens       # (engine, [Request]) -> None: new tokens to detokenize
+        self.info: dict | None = None
+        self.pool: SharedKVPool | None = None
+        self.scheduler: Scheduler | None = None
+        self.driver_ready = False
+        self.wakeup = asyncio.Event()
+        self._pending: tuple[int, asyncio.Future] | None = None
+        self._step_id = 0
+        self.stats = StepStats()
+
+    # ------------------------------------------------------------ driver lifecycle
+    @property
+    def max_model_len(self) -> int:
+        limit = int(self.info["max_model_len"])
+        return min(limit, self.config.max_model_len) if self.config.max_model_len else limit
+
+    @property
+    def eos_ids(self) -> set[int]:
+        return set(self.info.get("eos_token_ids") or [])
+
+    def driver_up(self, info: dict) -> None:
+        """The model driver is loaded: create the pool once, then (re)map it."""
+        self.info = info
+        if self.pool is None:
+            geo = KVGeometry(int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]),
+                             str(info["dtype"]), self.config.block_size)
+            num_blocks = self.kv_bytes_budget // geo.block_bytes
+            if num_blocks < 2:
+                raise RuntimeError(f"KV budget {self.kv_bytes_budget} bytes holds fewer than 2 blocks")
+            self.pool = SharedKVPool(self.name, geo, num_blocks)
+            self.scheduler = Scheduler(BlockPool(num_blocks, geo.block_size), self.config.max_num_seqs,
+                                       self.config.max_batched_tokens)
+        g = self.pool.geometry
+        self._send(self.driver, protocol.MapKVPool(
+            path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
+            block_size=g.block_size, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim))
+
+    def pool_mapped(self, error: str | None) -> None:
+        if error:
+            log.error("model driver %s could not map the KV pool: %s", self.driver, error)
+            return
+        self.driver_ready = True
+        self.wakeup.set()
+
+    def driver_down(self) -> None:
+        self.driver_ready = False
+        if self._pending and not self._pending[1].done():
+            self._pending[1].set_exception(DriverLost())
+
+    def step_result(self, msg) -> None:
+        if self._pending and self._pending[0] == msg.step_id and not self._pending[1].done():
+            self._pending[1].set_result(msg)
+
+    # ------------------------------------------------------------ the loop
+    def submit(self, req: Request) -> None:
+        self.scheduler.add(req)
+        self.wakeup.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.wakeup.wait()
+            if not (self.driver_ready and self.scheduler.has_work()):
+                self.wakeup.clear()
+                continue
+            t0 = time.perf_counter()
+            batch = self.scheduler.schedule()
+            if not batch:
+                self.wakeup.clear()  # everything waits for memory; a finish will wake us
+                continue
+            plan = self._plan(batch)
+            fut = asyncio.get_running_loop().create_future()
+            self._pending = (plan.step_id, fut)
+            self._send(self.driver, plan)
+            try:
+                result = await fut
+            except DriverLost:
+                log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
+                continue
+            finally:
+                self._pending = None
+            t1 = time.perf_counter()
+            if isinstance(result, protocol.StepFailed):
+                self._fail(batch, result.error)
+            else:
+                self._apply(batch, result)
+            self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
+                              sum(s.num_new for s in batch), t1)
+
+    def _plan(self, batch: list[ScheduledSeq]) -> protocol.StepPlan:
+        self._step_id += 1
+        width = max(len(s.req.blocks) for s in batch)
+        tables = np.full((len(batch), width), -1, dtype=np.int32)
+        tokens = []
+        for i, s in enumerate(batch):
+            tables[i, : len(s.req.blocks)] = s.req.blocks
+            tokens.extend(s.req.token_at(s.req.num_computed, s.req.num_computed + s.num_new))
+        p = [s.req.params for s in batch]
+        return protocol.StepPlan(
+            step_id=self._step_id,
+            seq_ids=protocol.i32([s.req.seq_id for s in batch]),
+            num_new=protocol.i32([s.num_new for s in batch]),
+            start_pos=protocol.i32([s.req.num_computed for s in batch]),
+            tokens=protocol.i32(tokens),
+            block_tables=tables,
+            sample=protocol.i32([s.sample for s in batch]),
+            temperature=np.asarray([x.temperature for x in p], dtype=np.float32),
+            top_p=np.asarray([x.top_p for x in p], dtype=np.float32),
+            top_k=protocol.i32([x.top_k for x in p]),
+            seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
+            gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
+            top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
+        )
+
+    def _apply(self, batch: list[ScheduledSeq], result) -> None:
+        sampled = iter(range(len(result.tokens)))
+        changed = []
+        now = time.monotonic()
+        for s in batch:
+            i = next(sampled) if s.sample else None
+            req = s.req
+            if req.state is not State.RUNNING:
+                continue  # aborted while the step ran; its blocks are already free
+            req.num_computed += s.num_new
+            if i is None:
+                continue
+            token = int(result.tokens[i])
+            req.output_ids.append(token)
+            if req.params.logprobs is not None:
+                k = req.params.logprobs
+                top = [[int(t), float(v)] for t, v in zip(result.top_ids[i][:k], result.top_lps[i][:k])]
+                req.logprobs.append([float(result.logprobs[i]), top])
+            req.first_token_at = req.first_token_at or now
+            reason = self._finish_reason(req, token)
+            if reason:
+                self.finish(req, reason)
+            changed.append(req)
+        if changed:
+            self._on_tokens(self, changed)
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        n = len(req.output_ids)
+        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
+            req.hidden_tail = 1  # the stop token itself is not part of the text
+            return "stop"
+        if n >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Stop generating: free the blocks now; the final text is still on its way."""
+        self.scheduler.finish(req)
+        req.finish_reason = reason
+        req.to(State.FINISHING)
+        self.wakeup.set()
+
+    def _fail(self, batch: list[ScheduledSeq], error: str) -> None:
+        log.error("step failed: %s", error)
+        for s in batch:
+            if s.req.state is State.RUNNING:
+                s.req.error = f"model driver failed the step: {error}"
+                self.finish(s.req, "error")
+        self._on_tokens(self, [s.req for s in batch if s.req.finish_reason == "error"])

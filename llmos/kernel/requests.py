@@ -1,0 +1,80 @@
+"""A request's state in the kernel, with checked transitions.
+
+The kernel is the only writer of this state. Token ids are the source of truth: a
+restarted driver is given what it needs from here (design.md, rule 1).
+"""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from llmos.sampling_params import SamplingParams
+
+
+class State(enum.Enum):
+    TOKENIZING = "tokenizing"   # waiting for the tokenizer driver
+    WAITING = "waiting"         # queued for the scheduler (also after preemption)
+    RUNNING = "running"         # in the running batch, owns blocks
+    FINISHING = "finishing"     # done generating, blocks freed, final text in flight
+    DONE = "done"               # final output sent; removed from the table
+
+
+_ALLOWED = {
+    State.TOKENIZING: {State.WAITING, State.DONE},
+    State.WAITING: {State.RUNNING, State.FINISHING, State.DONE},
+    State.RUNNING: {State.WAITING, State.FINISHING, State.DONE},
+    State.FINISHING: {State.DONE},
+    State.DONE: set(),
+}
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    seq_id: int                       # compact numeric id used on the model bus
+    model: str
+    tenant: str
+    params: SamplingParams
+    prompt: str | None = None
+    messages: list | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)
+    state: State = State.TOKENIZING
+    num_computed: int = 0             # tokens whose KV is in the pool
+    blocks: list[int] = field(default_factory=list)
+    max_tokens: int = 0               # resolved at admission
+    finish_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    preemptions: int = 0
+    logprobs: list = field(default_factory=list)   # per output token: [logprob, [[id, logprob], ...]]
+    hidden_tail: int = 0              # trailing output tokens not rendered (a stop token)
+    error: str | None = None          # set when the request ends in an error
+    client: str = "io"                # the io driver that submitted it
+    detok_epoch: int = -1             # tokenizer incarnation that holds our detok state
+    detok_sent: int = 0               # output tokens handed to the tokenizer
+    text_acked: int = 0               # output tokens whose text came back
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return (self.prompt_ids + self.output_ids)[start:end]
+
+    def to(self, new: State) -> None:
+        if new not in _ALLOWED[self.state]:
+            raise RuntimeError(f"request {self.id}: illegal transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    def summary(self) -> dict:
+        return {
+            "id": self.id, "model": self.model, "tenant": self.tenant, "state": self.state.value,
+            "prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids),
+            "blocks": len(self.blocks), "preemptions": self.preemptions,
+            "age_s": round(time.monotonic() - self.arrival, 3),
+        }

@@ -1,0 +1,84 @@
+"""The bus protocol: round trips, and rejection of anything malformed."""
+import dataclasses
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmos import protocol as p
+
+
+def sample_plan():
+    return p.StepPlan(step_id=3, seq_ids=p.i32([4, 9]), num_new=p.i32([2, 1]), start_pos=p.i32([0, 7]),
+                      tokens=p.i32([5, 6, 7]), block_tables=p.i32([[2, -1], [0, 1]]), sample=p.i32([1, 1]),
+                      temperature=np.float32([0, 0.7]), top_p=np.float32([1, 0.9]), top_k=p.i32([-1, 5]),
+                      seed=np.int64([-1, 42]), gen_index=p.i32([0, 3]), top_logprobs=p.i32([-1, 2]))
+
+
+def test_arrays_travel_as_extra_frames_and_round_trip():
+    plan = sample_plan()
+    frames = p.encode(plan)
+    assert frames[0] == bytes([p.StepPlan.OPCODE])
+    assert len(frames) == 2 + len(p.StepPlan.ARRAYS)
+    back = p.decode(frames)
+    for f in dataclasses.fields(plan):
+        assert np.array_equal(getattr(back, f.name), getattr(plan, f.name))
+    assert back.block_tables.shape == (2, 2)
+
+
+def test_every_message_type_has_a_unique_opcode():
+    ops = [m.OPCODE for m in p.ALL_MESSAGES]
+    assert len(ops) == len(set(ops)) and len(ops) >= 20
+
+
+def head(fields, version=p.PROTOCOL_VERSION, arrays=()):
+    return msgpack.packb({"v": version, "f": fields, "a": list(arrays)})
+
+
+@pytest.mark.parametrize("frames, why", [
+    ([b"\x30"], "at least 2 frames"),
+    ([b"\xee", head({})], "unknown opcode"),
+    ([b"\x30\x30", head({})], "unknown opcode"),
+    ([b"\x30", b"\xc1garbage"], "not msgpack"),
+    ([b"\x30", msgpack.packb([1, 2])], "malformed header"),
+    ([b"\x34", head({"request_id": "a", "reason": "x"}, version=99)], "protocol version"),
+    ([b"\x34", head({"request_id": "a"})], "missing"),
+    ([b"\x34", head({"request_id": "a", "reason": "x", "evil": 1})], "unknown"),
+    ([b"\x34", head({"request_id": 5, "reason": "x"})], "request_id"),
+    ([b"\x03", head({"name": True})], "name"),
+    ([b"\x21", head({"request_id": "a", "error": None}, arrays=[["token_ids", "int32", [4]]]), b"\0" * 3],
+     "bytes for shape"),
+    ([b"\x21", head({"request_id": "a", "error": None}, arrays=[["token_ids", "object", [1]]]), b"\0" * 8],
+     "bad array spec"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(frames, why):
+    with pytest.raises(p.BadMessage, match=why):
+        p.decode(frames)
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(p.BadMessage):
+        p.decode([b"\x31", head({"request_id": "a", "prompt_tokens": True})])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=0, max_size=5))
+def test_random_frames_never_raise_anything_but_bad_message(frames):
+    try:
+        p.decode(frames)
+    except p.BadMessage:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(p.ALL_MESSAGES), st.dictionaries(st.text(max_size=12), st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats() | st.text(max_size=8),
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=4), kids, max_size=3),
+    max_leaves=8), max_size=6))
+def test_random_msgpack_fields_never_raise_anything_but_bad_message(cls, fields):
+    try:
+        p.decode([bytes([cls.OPCODE]), msgpack.packb({"v": 1, "f": fields, "a": []})])
+    except p.BadMessage:
+        pass
