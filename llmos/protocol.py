@@ -307,7 +307,7 @@ class Rejected(Message):
 
 @message(0x33)
 class Outputs(Message):
-    """kernel -> io, one per step. Items: {"rid", "text", "n", "lp", "finish": str | None,
+    """kernel -> io, one per step. Items: {"rid", "text", "n", "ids": the token ids covered, "lp", "finish": str | None,
     "usage": {"prompt_tokens", "completion_tokens"} | None}."""
     items: list
 

@@ -148,13 +148,16 @@ class FrontDoor:
             req = self.table.get(rid)
             if req is None or req.state is State.DONE:
                 continue
+            start = req.text_acked
             req.text_acked += n
             if stop_hit and req.state is not State.FINISHING:
                 self.engines[req.model].finish(req, "stop")
             final = req.finish_reason if (finish or stop_hit) else None
+            # The final item also carries the hidden stop token, as transformers' generate returns it.
+            ids = req.output_ids[start:] if final and not stop_hit else req.output_ids[start:start + n]
             usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids)} if final else None
-            out.setdefault(req.client, []).append(
-                {"rid": rid, "text": text, "n": n, "lp": item.get("lp"), "finish": final, "usage": usage})
+            out.setdefault(req.client, []).append({"rid": rid, "text": text, "n": n, "ids": ids, "lp": item.get("lp"),
+                                                   "finish": final, "usage": usage})
             if final:
                 self._forget(req)
         for client, items in out.items():

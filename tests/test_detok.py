@@ -1,0 +1,73 @@
+"""Incremental detokenization and stop strings, with the real smollm2 tokenizer."""
+import pytest
+
+from llmos import protocol
+from llmos.drivers.tokenizer.__main__ import TokenizerDriver
+from llmos.drivers.tokenizer.detok import DetokState
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
+
+
+TEXT = "Paris is the capital of France. Ça coûte 5€ — naïve café 🙂 done."
+
+
+def stream(state, ids, step=1):
+    out, hit = "", False
+    for i in range(0, len(ids), step):
+        final = i + step >= len(ids)
+        delta, hit = state.feed(ids[i:i + step], final=final)
+        out += delta
+        if hit:
+            break
+    return out, hit
+
+
+@pytest.mark.parametrize("step", [1, 2, 5])
+def test_streamed_text_equals_one_shot_decode(tok, step):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    text, hit = stream(DetokState(tok, [], []), ids, step)
+    assert text == tok.decode(ids, skip_special_tokens=True) and not hit
+
+
+def test_stop_string_truncates_and_is_never_streamed_partially(tok):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    state = DetokState(tok, ["capital of"], [])
+    pieces = []
+    for i, t in enumerate(ids):
+        delta, hit = state.feed([t], final=False)
+        pieces.append(delta)
+        if hit:
+            break
+    assert hit and "".join(pieces) == "Paris is the "
+    assert not any("capital" in p or "cap" in p for p in pieces)
+
+
+def test_rebuilt_state_continues_without_gap_or_repeat(tok):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    first, _ = stream(DetokState(tok, [], []), ids[:7])
+    rest, _ = stream(DetokState(tok, [], ids[:7]), ids[7:])
+    assert first + rest == tok.decode(ids)
+
+
+def test_driver_encodes_chat_and_streams_deltas_with_logprobs(tok):
+    drv = TokenizerDriver(tok)
+    enc = drv.encode(protocol.Encode(request_id="r", prompt=None,
+                                     messages=[{"role": "user", "content": "Hi"}]))
+    assert enc.error is None
+    assert tok.decode(enc.token_ids.tolist()).endswith("<|im_start|>assistant\n")
+    bad = drv.encode(protocol.Encode(request_id="r2", prompt=None, messages=[{"content": 3}]))
+    assert bad.error and "role" in bad.error
+    ids = tok(" Paris", add_special_tokens=False)["input_ids"]
+    out = drv.detokenize(protocol.Detokenize(items=[
+        {"rid": "r", "ids": ids, "prior": [], "lp": [[-0.5, [[ids[0], -0.5]]]] * len(ids), "stop": [],
+         "finish": "length"}]))
+    (item,) = out.items
+    assert item["text"] == " Paris" and item["finish"] == "length" and item["n"] == len(ids)
+    assert item["lp"][0]["logprob"] == -0.5 and item["lp"][0]["top_logprobs"][0]["token"] == " Paris"
+    # finished: later tokens still in flight for this request are ignored
+    assert drv.detokenize(protocol.Detokenize(items=[
+        {"rid": "r", "ids": [5], "prior": None, "lp": None, "stop": [], "finish": None}])).items == []
