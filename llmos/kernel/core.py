@@ -62,7 +62,7 @@ class Kernel:
                                            "--model", engine.spec, "--models-dir", str(self.paths.models_dir),
                                            "--dtype", self.config.dtype, "--device", self.device.device))
         self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
-                                       "--first-answer-timeout", str(self.config.first_answer_timeout)))
+                                       "--timeout", str(self.config.first_answer_timeout)))
         tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self.supervisor.watch())]
         tasks += [asyncio.ensure_future(e.run()) for e in self.engines.values()]
         try:
