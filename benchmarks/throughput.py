@@ -1,0 +1,147 @@
+"""Throughput and latency of llmos against transformers on the same model, in one run.
+
+    python benchmarks/throughput.py                       # starts its own daemon (smollm2, float32)
+    python benchmarks/throughput.py --home ~/.llmos --no-start   # use a running daemon
+
+Workload (design.md, section 6): the prompts of benchmarks/prompts.json as chats,
+greedy, exactly --max-tokens output tokens each (ignore_eos), all submitted at once.
+Baselines on the same model and dtype: transformers `generate` one prompt at a time
+(on a subset, it is slow) and statically batched (left padding). Prints tokens/s for
+each, the ratios, time-to-first-token percentiles and the kernel's share of step time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def run_llmos(sock: Path, model: str, prompts: list[str], max_tokens: int) -> dict:
+    transport = httpx.AsyncHTTPTransport(uds=str(sock))
+    async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=3600) as client:
+        before = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
+
+        async def one(prompt):
+            t0 = time.perf_counter()
+            ttft, n = None, 0
+            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                    "temperature": 0, "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    if chunk.get("usage"):
+                        n = chunk["usage"]["completion_tokens"]
+            return ttft, n
+
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+        after = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
+    tokens = sum(n for _, n in results)
+    ttfts = [t for t, _ in results if t is not None]
+    step_wall = after["step_wall_s"] - before["step_wall_s"]
+    forward = after["forward_s"] - before["forward_s"]
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
+            "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90), "ttft_p99": pct(ttfts, 99),
+            "steps": after["steps"] - before["steps"],
+            "kernel_share": 1 - forward / step_wall if step_wall else 0.0,
+            "loop_share": 1 - step_wall / wall}
+
+
+def run_hf(model_dir: Path, dtype: str, prompts: list[str], max_tokens: int, batch: bool) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype), local_files_only=True).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    kw = dict(max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    t0 = time.perf_counter()
+    tokens = 0
+    with torch.inference_mode():
+        groups = [texts] if batch else [[t] for t in texts]
+        for group in groups:
+            enc = tok(group, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, **kw)
+            tokens += (out.shape[1] - enc["input_ids"].shape[1]) * len(group)
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--concurrency", type=int, default=32, help="prompts submitted at once")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--sequential-prompts", type=int, default=4, help="prompts for the one-at-a-time baseline")
+    ap.add_argument("--home", default=None, help="LLMOS_HOME of a running daemon (with --no-start)")
+    ap.add_argument("--no-start", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--daemon-arg", action="append", default=[], help="extra llmosd option (repeatable)")
+    args = ap.parse_args()
+
+    prompts_all = json.loads((HERE / "prompts.json").read_text())
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(args.concurrency)]
+    from llmos.models.registry import prepare_model_dir
+    from llmos.paths import Paths
+    paths = Paths.from_env(args.home)
+    model_dir = prepare_model_dir(args.model, paths.models_dir)
+
+    daemon = None
+    if args.no_start:
+        sock = paths.api_socket
+    else:
+        from daemon_harness import Daemon
+        home = Path(tempfile.mkdtemp(prefix="llmos-bench-"))
+        daemon = Daemon(home, [f"{args.model}={model_dir}"], "--dtype", args.dtype, "--kv-memory", "2GiB",
+                        *args.daemon_arg)
+        daemon.wait_ready(600)
+        sock = daemon.socket
+    try:
+        asyncio.run(run_llmos(sock, args.model, prompts[:2], 4))  # warm-up
+        ours = asyncio.run(run_llmos(sock, args.model, prompts, args.max_tokens))
+    finally:
+        if daemon:
+            daemon.stop()
+    print(f"llmos       {args.concurrency:3d} concurrent: {ours['tokens']} tokens in {ours['wall_s']:.1f}s = "
+          f"{ours['tok_s']:.1f} tok/s; TTFT p50 {ours['ttft_p50']:.2f}s p90 {ours['ttft_p90']:.2f}s "
+          f"p99 {ours['ttft_p99']:.2f}s; {ours['steps']} steps, kernel share of step time "
+          f"{100 * ours['kernel_share']:.1f}%, time between steps {100 * ours['loop_share']:.1f}%")
+    if args.skip_hf:
+        return
+    static = run_hf(model_dir, args.dtype, prompts, args.max_tokens, batch=True)
+    print(f"hf static batch of {len(prompts)}: {static['tokens']} tokens in {static['wall_s']:.1f}s = "
+          f"{static['tok_s']:.1f} tok/s")
+    seq = run_hf(model_dir, args.dtype, prompts[: args.sequential_prompts], args.max_tokens, batch=False)
+    print(f"hf one at a time ({args.sequential_prompts} prompts): {seq['tokens']} tokens in {seq['wall_s']:.1f}s = "
+          f"{seq['tok_s']:.1f} tok/s")
+    print(f"ratios: llmos / hf static = {ours['tok_s'] / static['tok_s']:.2f}x; "
+          f"llmos / hf sequential = {ours['tok_s'] / seq['tok_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
