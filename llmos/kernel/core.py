@@ -117,6 +117,9 @@ class Kernel:
         for engine in self.engines.values():
             if name == engine.driver:
                 engine.driver_down()
+        # The requests of a dead io driver have no client any more: free them now.
+        for req in [r for r in self.front.table.values() if r.client == name]:
+            self.front.abort(protocol.Abort(request_id=req.id, reason=f"{name} driver died"))
 
     # ------------------------------------------------------------ the bus
     async def _receive(self) -> None:

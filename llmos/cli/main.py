@@ -1,0 +1,278 @@
+"""`llmos`: the command line client of llmosd (as `docker` is of `dockerd`).
+
+Every command except start/stop talks to the daemon through its API socket; a daemon that
+is not running is a one-line error and exit code 1.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from pathlib import Path
+
+import click
+import psutil
+
+import llmos
+from llmos.client import Client, DaemonNotRunning, LlmosError
+from llmos.paths import Paths
+
+
+def daemon_command(args: list[str]) -> list[str]:
+    """The argv that starts llmosd in the foreground (`llmos start` detaches it)."""
+    return [sys.executable, "-m", "llmos.cli.daemon", *args]
+
+
+def _daemon_env(paths: Paths) -> dict:
+    # The daemon must import this same llmos, even from a source checkout run elsewhere.
+    src = str(Path(llmos.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "LLMOS_HOME": str(paths.home), "PYTHONPATH": path}
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except DaemonNotRunning:
+            home = ctx.obj.home if isinstance(ctx.obj, Paths) else "$LLMOS_HOME"
+            raise click.ClickException(f"llmosd is not running (home {home}); start it with `llmos start`") from None
+        except LlmosError as exc:
+            where = f" (param: {exc.param})" if exc.param else ""
+            raise click.ClickException(f"{exc.status or 'error'} {exc.code or ''}: {exc.message}{where}") from None
+
+
+@click.group(cls=_Group)
+@click.option("--home", envvar="LLMOS_HOME", type=click.Path(file_okay=False),
+              help="llmos state directory (default $LLMOS_HOME or ~/.llmos)")
+@click.pass_context
+def cli(ctx, home):
+    """llmos: an operating system for LLM inference on one machine."""
+    ctx.obj = Paths.from_env(home)
+
+
+def _client(paths: Paths, timeout: float | None = None) -> Client:
+    return Client(paths.home) if timeout is None else Client(paths.home, timeout=timeout)
+
+
+# ---------------------------------------------------------------- daemon lifecycle
+
+
+def _daemon_pid(paths: Paths) -> int | None:
+    """The pid in the pid file if that process is alive and is the one that wrote it."""
+    try:
+        pid = int(paths.pid_file.read_text().strip())
+        proc = psutil.Process(pid)
+        # A reused pid belongs to a process started after the pid file was written.
+        if proc.status() == psutil.STATUS_ZOMBIE or proc.create_time() > paths.pid_file.stat().st_mtime + 1:
+            return None
+        return pid
+    except (OSError, ValueError, psutil.Error):
+        return None
+
+
+def _healthy(paths: Paths) -> bool:
+    try:
+        with _client(paths, timeout=5) as c:
+            return c.health().get("status") == "ok"
+    except LlmosError:
+        return False
+
+
+def _log_tail(path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--model", "models", multiple=True, metavar="SPEC", help="model to load (repeatable)")
+@click.option("--dtype", help="weights dtype, e.g. bfloat16")
+@click.option("--timeout", default=300.0, show_default=True, help="seconds to wait until healthy")
+@click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def start(paths: Paths, models, dtype, timeout, daemon_args):
+    """Start llmosd in the background; other options are passed to llmosd."""
+    pid = _daemon_pid(paths)
+    if pid is not None or _healthy(paths):
+        click.echo(f"llmosd is already running{f' (pid {pid})' if pid else ''}")
+        return
+    paths.ensure()
+    args = [a for m in models for a in ("--model", m)] + (["--dtype", dtype] if dtype else []) + list(daemon_args)
+    log_path = paths.logs_dir / "llmosd.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(daemon_command(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, env=_daemon_env(paths))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise click.ClickException(f"llmosd exited with code {proc.returncode} while starting; "
+                                       f"last lines of {log_path}:\n{_log_tail(log_path)}")
+        if _healthy(paths):
+            click.echo(f"llmosd started (pid {proc.pid}); socket {paths.api_socket}; log {log_path}")
+            return
+        time.sleep(0.25)
+    raise click.ClickException(f"llmosd (pid {proc.pid}) is not healthy after {timeout:g} s; it keeps "
+                               f"running; see {log_path} or run `llmos stop`")
+
+
+@cli.command()
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for llmosd to drain and exit")
+@click.pass_obj
+def stop(paths: Paths, timeout):
+    """Stop the background llmosd (SIGTERM: it drains in-flight work first)."""
+    pid = _daemon_pid(paths)
+    if pid is None:
+        stale = paths.pid_file.exists()
+        if stale:
+            paths.pid_file.unlink(missing_ok=True)
+        click.echo("llmosd is not running" + (" (removed a stale pid file)" if stale else ""))
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    else:
+        raise click.ClickException(f"llmosd (pid {pid}) did not exit within {timeout:g} s; `kill -9 {pid}` forces it")
+    if _daemon_pid(paths) is None:
+        paths.pid_file.unlink(missing_ok=True)
+    click.echo(f"llmosd stopped (pid {pid})")
+
+
+@cli.command()
+@click.pass_obj
+def status(paths: Paths):
+    """Health and models of the daemon; exit code 1 when it is not running."""
+    try:
+        with _client(paths, timeout=10) as c:
+            health = c.health()
+            models = c.models()
+    except DaemonNotRunning:
+        click.echo("llmosd is not running")
+        sys.exit(1)
+    except LlmosError as exc:
+        click.echo(f"llmosd is not healthy: {exc.message}")
+        sys.exit(1)
+    pid = _daemon_pid(paths)
+    click.echo(f"llmosd is running{f' (pid {pid})' if pid else ''}, socket {paths.api_socket}")
+    for key, value in health.items():
+        click.echo(f"  {key}: {value}")
+    click.echo("models: " + (", ".join(m["id"] for m in models) or "(none)"))
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _gen_options(fn):
+    for opt in reversed([
+        click.option("--max-tokens", type=int, help="most tokens to generate"),
+        click.option("--temperature", type=float, help="0 for greedy"),
+        click.option("--top-p", type=float),
+        click.option("--seed", type=int),
+        click.option("--system", help="system prompt"),
+        click.option("--tenant", help="account the request to this tenant"),
+    ]):
+        fn = opt(fn)
+    return fn
+
+
+def _params(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+def _stream_answer(c: Client, model: str, messages: list, params: dict) -> str:
+    parts = []
+    for delta in c.stream_chat(model, messages, **params):
+        parts.append(delta)
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    return "".join(parts)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt")
+@_gen_options
+@click.pass_obj
+def run(paths: Paths, model, prompt, system, **kw):
+    """Answer PROMPT with MODEL, streaming the text as it is generated."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    with _client(paths) as c:
+        _stream_answer(c, model, messages, _params(**kw))
+
+
+@cli.command()
+@click.argument("model")
+@_gen_options
+@click.pass_obj
+def chat(paths: Paths, model, system, **kw):
+    """Talk with MODEL; the conversation is kept. An empty line or Ctrl-D ends it."""
+    messages = [{"role": "system", "content": system}] if system else []
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
+    with _client(paths) as c:
+        while True:
+            try:
+                line = input(">>> ")
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not line.strip():
+                break
+            messages.append({"role": "user", "content": line})
+            messages.append({"role": "assistant", "content": _stream_answer(c, model, messages, _params(**kw))})
+
+
+# ---------------------------------------------------------------- inspection
+
+
+def _table(headers: list[str], rows: list[list]) -> None:
+    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for r in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+
+
+def _dur(seconds) -> str:
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    s = int(seconds)
+    return f"{seconds:.1f}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+@cli.command()
+@click.pass_obj
+def ps(paths: Paths):
+    """Driver processes and requests in flight."""
+    with _client(paths, timeout=10) as c:
+        data = c.ps()
+    _table(["NAME", "ROLE", "PID", "STATE", "UPTIME", "RESTARTS"],
+           [[p.get("name"), p.get("role"), p.get("pid"), p.get("state"), _dur(p.get("uptime_s")), p.get("restarts")]
+            for p in data.get("processes", [])])
+    requests = data.get("requests", [])
+    click.echo()
+    if not requests:
+        click.echo("no requests in flight")
+        return
+    _table(["REQUEST", "MODEL", "TENANT", "STATE", "PROMPT", "GENERATED", "AGE"],
+           [[r.get("id"), r.get("model"), r.get("tenant"), r.get("state"), r.get("prompt_tokens"),
+             r.get("output_tokens"), _dur(r.get("age_s"))] for r in requests])
+
+
+@cli.command()
+@click.pass_obj
+def models(paths: Paths):
+    """Models the daemon serves."""
+    with _client(paths, timeout=10) as c:
+        data = c.models()
+    _table(["MODEL", "MAX_MODEL_LEN", "OWNED_BY"], [[m.get("id"), m.get("max_model_len"), m.get("owned_by")]
+                                                   for m in data])

@@ -1,0 +1,108 @@
+"""The io driver process: `python -m llmos.drivers.io --endpoint E --name N --socket PATH`.
+
+Serves the HTTP API on a Unix socket (mode 0600) and reports Ready once it listens. Exits
+on SIGTERM/SIGINT, on the kernel's Shutdown, or when the kernel dies (DriverRuntime).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import stat
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from llmos.drivers.io.kernel_link import KernelLink
+from llmos.drivers.io.server import make_app
+from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
+
+log = logging.getLogger("llmos.drivers.io")
+
+
+def parse_args(argv=None):
+    parser = base_argparser("io")
+    parser.add_argument("--socket", required=True, help="path of the API's Unix socket")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds to wait for each kernel answer to a generation request")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="seconds in-flight HTTP requests get to finish at exit")
+    return parser.parse_args(argv)
+
+
+async def serve(args) -> None:
+    stop = asyncio.Event()
+    runtime = DriverRuntime("io", args.name, args.endpoint, asyncio=True)
+    link = KernelLink(runtime, on_shutdown=lambda reason: stop.set())
+    link.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    # handler_cancellation: a client that disconnects cancels its handler, whose cleanup
+    # sends Abort so the kernel frees the request's memory.
+    runner = web.AppRunner(make_app(link, args.timeout), handler_cancellation=True,
+                           shutdown_timeout=args.shutdown_timeout, access_log=None)
+    await runner.setup()
+    sock = Path(args.socket)
+    old_umask = os.umask(0o177)  # never world-accessible, not even between bind and chmod
+    try:
+        _remove_stale(sock)
+        await web.UnixSite(runner, str(sock)).start()
+    except OSError as exc:
+        runtime.fatal(f"cannot listen on {sock}: {exc}")
+    finally:
+        os.umask(old_umask)
+    os.chmod(sock, 0o600)
+    log.info("serving on %s", sock)
+    runtime.ready({"socket": str(sock), "pid": os.getpid()})
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down (%d requests in flight)", len(link.in_flight))
+        # The kernel drains before it stops us; whatever is left gets an explicit error.
+        link.fail_all("shutting_down", "llmos is shutting down", abort=True)
+        await runner.cleanup()
+        await link.stop()
+        runtime.close()
+        try:
+            sock.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """aiohttp answers malformed HTTP with 400 itself but logs a traceback for each; a
+    client sending garbage must not flood the log, so keep one line."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args, record.exc_info = "bad HTTP request: %s", (" ".join(str(exc.message).split())[:200],), None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
+
+
+def _remove_stale(sock: Path) -> None:
+    """A previous io driver killed with -9 leaves its socket file behind; bind would fail."""
+    try:
+        mode = sock.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{sock} exists and is not a socket; refusing to remove it")
+    sock.unlink()
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    setup_logging(args.name)
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
+    sock_dir = Path(args.socket).parent
+    sock_dir.mkdir(parents=True, exist_ok=True)
+    uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""OpenAI wire format: request bodies -> validated `ParsedRequest`, kernel outputs ->
+response objects and stream chunks. Pure functions and data, no I/O.
+
+Contract: `parse_completion` / `parse_chat` either return a request whose `params` passed
+`SamplingParams` validation, or raise `ApiError` naming the offending field in `param`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from llmos.sampling_params import MAX_TOP_LOGPROBS, InvalidParam, SamplingParams
+
+ROLES = {"system", "user", "assistant", "tool"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
+                503: "service_unavailable_error", 504: "timeout_error"}
+
+_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+             "ignore_eos", "min_tokens")
+_COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "priority", "return_token_ids",
+           *_SAMPLING}
+# OpenAI fields with no effect on a local model's output.
+_IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
+            "safety_identifier", "reasoning_effort", "verbosity"}
+# Fields we accept only at their no-op value (None is always fine).
+_DEFAULT_ONLY = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
+    "logit_bias": ({},), "min_p": (0,), "use_beam_search": (False,),
+}
+_COMPLETION_ONLY = {"prompt": None, "best_of": (1,), "echo": (False,), "suffix": ("",)}
+_CHAT_ONLY = {
+    "messages": None, "max_completion_tokens": None, "top_logprobs": None,
+    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+    "functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
+    "audio": (), "prediction": (), "web_search_options": (),
+}
+
+
+class ApiError(Exception):
+    """An error answered to the client in OpenAI's shape with HTTP `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or error_type(status)
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_type(status: int) -> str:
+    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+@dataclass
+class ParsedRequest:
+    chat: bool
+    model: str
+    params: SamplingParams
+    tenant: str = "local"
+    prompt: str | None = None
+    messages: list | None = None
+    prompt_token_ids: list | None = None
+    stream: bool = False
+    include_usage: bool = False
+    return_token_ids: bool = False    # vLLM's extension: choices[0].token_ids
+
+
+def parse_completion(body) -> ParsedRequest:
+    _check_fields(body, _COMPLETION_ONLY)
+    prompt, ids = _prompt(body.get("prompt"))
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (not isinstance(logprobs, int) or isinstance(logprobs, bool)):
+        raise ApiError(400, "logprobs must be an integer (the number of top logprobs per token)", "logprobs")
+    raw = {k: body[k] for k in _SAMPLING if k in body}
+    raw["logprobs"] = logprobs
+    return _finish(body, chat=False, raw=raw, prompt=prompt, prompt_token_ids=ids)
+
+
+def parse_chat(body) -> ParsedRequest:
+    _check_fields(body, _CHAT_ONLY)
+    messages = _messages(body.get("messages"))
+    raw = {k: body[k] for k in _SAMPLING if k in body}
+    renames = {}
+    if body.get("max_completion_tokens") is not None:  # the newer name wins
+        raw["max_tokens"] = body["max_completion_tokens"]
+        renames["max_tokens"] = "max_completion_tokens"
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want is not None and not isinstance(want, bool):
+        raise ApiError(400, "logprobs must be a boolean", "logprobs")
+    if top is not None:
+        if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise ApiError(400, f"top_logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if not want:
+            raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
+    raw["logprobs"] = (top or 0) if want else None
+    return _finish(body, chat=True, raw=raw, messages=messages, renames=renames)
+
+
+def _check_fields(body, own: dict) -> None:
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name, value in body.items():
+        if name in _COMMON or name in _IGNORED or value is None:
+            continue
+        allowed = own[name] if name in own else _DEFAULT_ONLY.get(name, "unknown")
+        if allowed == "unknown":
+            raise ApiError(400, f"unknown parameter '{name}'", name)
+        if allowed is not None and not any(value == a and type(value) is not bool or value is a for a in allowed):
+            only = " or ".join([*map(repr, allowed), "null"])
+            raise ApiError(400, f"'{name}' is not supported (only {only})" if allowed
+                           else f"'{name}' is not supported", name)
+    n = body.get("n")
+    if n is not None and n != 1:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise ApiError(400, "n must be an integer", "n")
+        raise ApiError(400, "n>1 is not supported yet; send n separate requests", "n")
+
+
+def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) -> ParsedRequest:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "model must be a non-empty string", "model")
+    try:
+        params = SamplingParams.from_dict(raw)
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), (renames or {}).get(exc.param, exc.param)) from None
+    except TypeError as exc:  # from_dict could not build the dataclass at all
+        raise ApiError(400, str(exc)) from None
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "stream must be a boolean", "stream")
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if not isinstance(opts, dict) or not isinstance(opts.get("include_usage", False), bool):
+            raise ApiError(400, "stream_options must be an object with a boolean include_usage", "stream_options")
+        include_usage = opts.get("include_usage", False)
+    tenant = body.get("tenant")
+    if tenant is None:
+        tenant = "local"
+    elif not isinstance(tenant, str) or not 0 < len(tenant) <= 64:
+        raise ApiError(400, "tenant must be a string of 1 to 64 characters", "tenant")
+    priority = body.get("priority")  # accepted for vLLM compatibility; not scheduled on yet
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise ApiError(400, "priority must be an integer", "priority")
+    return_ids = body.get("return_token_ids")
+    if return_ids is not None and not isinstance(return_ids, bool):
+        raise ApiError(400, "return_token_ids must be a boolean", "return_token_ids")
+    return ParsedRequest(chat=chat, model=model, params=params, tenant=tenant, stream=bool(stream),
+                         include_usage=include_usage, return_token_ids=bool(return_ids), **inputs)
+
+
+def _prompt(prompt) -> tuple[str | None, list | None]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "prompt must not be empty", "prompt")
+        return prompt, None
+    if (isinstance(prompt, list) and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+        return None, list(prompt)
+    raise ApiError(400, "prompt must be a string, a list of token ids or a list with exactly one string", "prompt")
+
+
+def _messages(raw) -> list:
+    if not isinstance(raw, list) or not raw:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] must be an object", "messages")
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", "messages")
+        content = m.get("content")
+        if content is None and role == "assistant":  # e.g. an earlier tool-call turn
+            content = ""
+        if isinstance(content, list):
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            content = "\n".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ResponseShaper:
+    """Accumulates one request's Outputs items and shapes them as OpenAI objects.
+    Call `add(item)` for every item, in order; `chunk(item)` for its stream chunk."""
+
+    def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
+        self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
+        self.created = int(time.time())
+        self.text: list[str] = []
+        self.lp: list[dict] = []
+        self.ids: list[int] = []
+        self.completion_tokens = 0
+        self.finish: str | None = None
+        self.usage_from_kernel: dict | None = None
+        self._offset = 0  # legacy text_offset runs over the whole completion
+
+    def add(self, item: dict) -> None:
+        self.text.append(_str(item.get("text")))
+        self.lp.extend(_list(item.get("lp")))
+        self.ids.extend(_list(item.get("ids")))
+        self.completion_tokens += item.get("n") if isinstance(item.get("n"), int) else 0
+        if item.get("finish") is not None:
+            self.finish = str(item["finish"])
+            if isinstance(item.get("usage"), dict):
+                self.usage_from_kernel = item["usage"]
+
+    @property
+    def usage(self) -> dict:
+        u = self.usage_from_kernel or {}
+        prompt = u.get("prompt_tokens", self.prompt_tokens)
+        completion = u.get("completion_tokens", self.completion_tokens)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
+
+    def _logprobs(self, entries: list) -> dict | None:
+        if self.req.params.logprobs is None:
+            return None
+        if self.req.chat:
+            return {"content": entries}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(e.get("token"))
+            out["token_logprobs"].append(e.get("logprob"))
+            out["top_logprobs"].append({t.get("token"): t.get("logprob") for t in _list(e.get("top_logprobs"))})
+            out["text_offset"].append(self._offset)
+            self._offset += len(_str(e.get("token")))
+        return out
+
+    def response(self) -> dict:
+        """The complete non-stream answer (after the finishing item was added)."""
+        text = "".join(self.text)
+        choice = {"index": 0, "logprobs": self._logprobs(self.lp), "finish_reason": self.finish}
+        if self.req.return_token_ids:
+            choice["token_ids"] = self.ids
+        if self.req.chat:
+            choice["message"] = {"role": "assistant", "content": text}
+            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage}
+        choice["text"] = text
+        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage}
+
+    def role_chunk(self) -> dict | None:
+        if not self.req.chat:
+            return None
+        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None})
+
+    def chunk(self, item: dict) -> dict | None:
+        """The stream chunk for one item; None when it carries nothing to send."""
+        text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
+        if not text and not lp and finish is None:
+            return None
+        choice = {"index": 0, "logprobs": self._logprobs(lp) if lp else None,
+                  "finish_reason": None if finish is None else str(finish)}
+        if self.req.return_token_ids:
+            choice["token_ids"] = _list(item.get("ids"))
+        if self.req.chat:
+            choice["delta"] = {"content": text} if text or finish is None else {}
+        else:
+            choice["text"] = text
+        return self._chunk(choice)
+
+    def usage_chunk(self) -> dict:
+        return {**self._head("chat.completion.chunk" if self.req.chat else "text_completion"),
+                "choices": [], "usage": self.usage}
+
+    def _chunk(self, choice: dict) -> dict:
+        obj = self._head("chat.completion.chunk" if self.req.chat else "text_completion")
+        obj["choices"] = [choice]
+        if self.req.include_usage:
+            obj["usage"] = None
+        return obj
+
+
+def _str(v) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []

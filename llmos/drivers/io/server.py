@@ -1,0 +1,199 @@
+"""The HTTP side of the io driver: an aiohttp app serving the OpenAI-compatible API and the
+admin API on a Unix socket, translating each request into kernel messages via KernelLink.
+
+Every error reaches the client in OpenAI's shape. A request whose client goes away, or that
+times out waiting for the kernel, is aborted on the kernel so its memory is freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+
+from aiohttp import web
+
+from llmos import protocol
+from llmos.drivers.io import openai_api
+from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
+from llmos.drivers.io.openai_api import ApiError, ParsedRequest, ResponseShaper
+
+log = logging.getLogger(__name__)
+MAX_BODY_BYTES = 32 * 1024 * 1024
+LINK = web.AppKey("link", KernelLink)
+TIMEOUT = web.AppKey("timeout", float)
+# Admin routes: path -> the kernel Query whose data is passed through as JSON.
+ADMIN_QUERIES = {"/llmos/v1/ps": "ps", "/llmos/v1/memory": "memory"}
+
+
+def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
+    """`timeout`: seconds to wait for each answer of the kernel to a generation request
+    (its first answer may wait behind a long queue) before failing it with 504."""
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+    app[LINK], app[TIMEOUT] = link, timeout
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    for path, what in ADMIN_QUERIES.items():
+        app.router.add_get(path, _query_route(what))
+    return app
+
+
+def error_response(err: ApiError) -> web.Response:
+    return web.json_response(err.body(), status=err.status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Turn every failure into OpenAI's error shape with a precise status."""
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except KernelUnavailable as exc:
+        return error_response(ApiError(exc.status, str(exc), code="kernel_unavailable"))
+    except QueryFailed as exc:
+        return error_response(ApiError(500, f"kernel query failed: {exc}", code="query_failed"))
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413...
+        if exc.status < 400:
+            raise
+        return error_response(ApiError(exc.status, exc.reason if exc.status != 413 else
+                                       f"request body larger than {MAX_BODY_BYTES} bytes"))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal error in the io driver", code="internal_error"))
+
+
+# ---------------------------------------------------------------- queries
+
+
+async def health(request: web.Request) -> web.Response:
+    try:
+        data = await request.app[LINK].query("health")
+    except KernelUnavailable as exc:
+        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+    ok = isinstance(data, dict) and data.get("status") == "ok"
+    return web.json_response(data, status=200 if ok else 503)
+
+
+async def models(request: web.Request) -> web.Response:
+    data = await request.app[LINK].query("models")
+    out = [{"id": m.get("id"), "object": "model", "created": m.get("created", 0), "owned_by": "llmos",
+            "max_model_len": m.get("max_model_len")} for m in data or [] if isinstance(m, dict)]
+    return web.json_response({"object": "list", "data": out})
+
+
+def _query_route(what: str):
+    async def route(request: web.Request) -> web.Response:
+        return web.json_response(await request.app[LINK].query(what, dict(request.query)))
+    route.__name__ = f"query_{what}"
+    return route
+
+
+# ---------------------------------------------------------------- generation
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, openai_api.parse_completion(await _json_body(request)))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, openai_api.parse_chat(await _json_body(request)))
+
+
+async def _json_body(request: web.Request):
+    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
+    link, timeout = request.app[LINK], request.app[TIMEOUT]
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    queue = link.submit(protocol.Submit(
+        request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
+        prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant))
+    done, reason = False, "client disconnected"
+    try:
+        first = await _next(queue, timeout)
+        if not isinstance(first, protocol.Accepted):
+            done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it
+            raise _as_error(first)
+        shaper = ResponseShaper(req, rid, first.prompt_tokens)
+        if req.stream:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            done = await _stream(request, resp, queue, shaper, timeout)  # ConnectionError: client gone
+            reason = "timed out waiting for the kernel"
+            return resp
+        while shaper.finish is None:
+            item = await _next(queue, timeout)
+            if not isinstance(item, dict):
+                done = isinstance(item, protocol.Rejected)
+                raise _as_error(item)
+            shaper.add(item)
+        done = True
+        return web.json_response(shaper.response())
+    except ApiError as err:
+        if err.status == 504:
+            reason = "timed out waiting for the kernel"
+        raise
+    finally:  # reached on normal exit, errors, and the cancellation of a disconnect
+        if not done:
+            log.info("aborting %s: %s", rid, reason)
+            link.abort(rid, reason)
+        link.release(rid)
+
+
+async def _next(queue: asyncio.Queue, timeout: float):
+    if not queue.empty():  # the common case under load: skip wait_for's task per token
+        return queue.get_nowait()
+    try:
+        return await asyncio.wait_for(queue.get(), timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(504, f"the kernel did not answer within {timeout:g} s", code="kernel_timeout") from None
+
+
+def _as_error(answer) -> ApiError:
+    """An ApiError for the kernel's answer that ended a request early (normally Rejected)."""
+    if isinstance(answer, protocol.Rejected):
+        return ApiError(answer.status, answer.message, answer.param, answer.code)
+    return ApiError(500, f"unexpected answer from the kernel: {type(answer).__name__}", code="internal_error")
+
+
+async def _stream(request, resp: web.StreamResponse, queue, shaper: ResponseShaper, timeout: float) -> bool:
+    """Serve the request as server-sent events. Returns whether the kernel is done with the
+    request (False: it timed out and must be aborted). Raises ConnectionError when the
+    client goes away."""
+    await resp.prepare(request)
+    if (role := shaper.role_chunk()) is not None:
+        await _event(resp, role)
+    done = True
+    while shaper.finish is None:
+        try:
+            item = await _next(queue, timeout)
+        except ApiError as err:
+            await _event(resp, err.body())
+            done = False
+            break
+        if not isinstance(item, dict):  # failed mid-generation (Rejected: the kernel is done with it)
+            await _event(resp, _as_error(item).body())
+            done = isinstance(item, protocol.Rejected)
+            break
+        shaper.add(item)
+        if (chunk := shaper.chunk(item)) is not None:
+            await _event(resp, chunk)
+    else:
+        if shaper.req.include_usage:
+            await _event(resp, shaper.usage_chunk())
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return done
+
+
+async def _event(resp: web.StreamResponse, obj: dict) -> None:
+    await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")

@@ -1,0 +1,352 @@
+"""The real io driver process against a fake kernel written here (a zmq ROUTER speaking
+llmos.protocol in a thread). test_client_cli.py reuses FakeKernel and io_stack."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import zmq
+
+from llmos import protocol
+from llmos.paths import Paths
+
+MODEL = "smollm2"
+REPLY = ["Hello", " world", ",", " from", " llmos", "."]
+
+
+class FakeKernel:
+    """Answers Query and Submit like the kernel would. Behaviour is chosen by the prompt
+    (or last chat message): "slow" streams 200 pieces 50 ms apart, "fail" fails after one
+    output, "silent" never answers, "stall" is accepted and then never produces output."""
+
+    def __init__(self, endpoint: str):
+        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.received: list[protocol.Message] = []
+        self.cond = threading.Condition()
+        self.health = {"status": "ok", "uptime_s": 1.0}
+        self.ps = {"processes": [{"name": "io", "role": "io", "pid": 123, "state": "RUNNING",
+                                  "uptime_s": 12.5, "restarts": 0}],
+                   "requests": [{"id": "cmpl-abc", "tenant": "local", "state": "RUNNING", "prompt_tokens": 51,
+                                 "output_tokens": 7, "age_s": 0.4, "model": MODEL}]}
+        self._due: list[tuple[float, str, protocol.Message]] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.sock.close(0)
+
+    def wait_for(self, pred, timeout: float = 5.0):
+        """The first received message satisfying pred, waiting up to timeout s (None if none)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for m in self.received:
+                    if pred(m):
+                        return m
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(left)
+
+    def of(self, cls) -> list:
+        with self.cond:
+            return [m for m in self.received if isinstance(m, cls)]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            for item in [d for d in self._due if d[0] <= now]:
+                self._due.remove(item)
+                self.sock.send_multipart([item[1].encode(), *protocol.encode(item[2])])
+            if self.sock.poll(10):
+                frames = self.sock.recv_multipart()
+                peer, msg = frames[0].decode(), protocol.decode(frames[1:])
+                with self.cond:
+                    self.received.append(msg)
+                    self.cond.notify_all()
+                self._answer(peer, msg)
+
+    def _later(self, peer: str, msg, delay: float = 0.0) -> None:
+        self._due.append((time.monotonic() + delay, peer, msg))
+
+    def _answer(self, peer: str, msg) -> None:
+        if isinstance(msg, protocol.Query):
+            data = {"health": self.health, "ps": self.ps, "memory": {"blocks_total": 64, "blocks_free": 60},
+                    "models": [{"id": MODEL, "created": 1700000000, "owned_by": "llmos", "max_model_len": 2048}]}
+            ok = msg.what in data
+            self._later(peer, protocol.QueryReply(query_id=msg.query_id, ok=ok,
+                                                  data=data.get(msg.what, f"unknown query {msg.what}")))
+        elif isinstance(msg, protocol.Submit):
+            self._generate(peer, msg)
+        elif isinstance(msg, protocol.Abort):
+            self._due = [d for d in self._due if getattr(d[2], "items", [{}])[0].get("rid") != msg.request_id]
+
+    def _generate(self, peer: str, msg: protocol.Submit) -> None:
+        rid = msg.request_id
+        if msg.model != MODEL:
+            return self._later(peer, protocol.Rejected(rid, 404, "model_not_found",
+                                                       f"model '{msg.model}' does not exist", "model"))
+        text = msg.prompt if msg.prompt is not None else (msg.messages[-1]["content"] if msg.messages else "")
+        if text == "silent":
+            return
+        self._later(peer, protocol.Accepted(rid, prompt_tokens=7))
+        if text == "stall":
+            return
+        pieces, gap = (["tok"] * 200, 0.05) if text == "slow" else (REPLY, 0.0)
+        max_tokens = msg.params.get("max_tokens") or len(pieces)
+        pieces = pieces[:max_tokens]
+        finish = "length" if len(pieces) < (200 if text == "slow" else len(REPLY)) else "stop"
+        for i, piece in enumerate(pieces):
+            last = i == len(pieces) - 1
+            lp = None
+            if msg.params.get("logprobs") is not None:
+                lp = [{"token": piece, "logprob": -0.5, "bytes": list(piece.encode()),
+                       "top_logprobs": [{"token": piece, "logprob": -0.5, "bytes": list(piece.encode())}]}]
+            item = {"rid": rid, "text": piece, "n": 1, "lp": lp, "finish": finish if last else None,
+                    "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces)} if last else None}
+            if text == "fail" and i == 1:
+                return self._later(peer, protocol.Rejected(rid, 500, "step_failed", "model driver crashed", None),
+                                   gap * i)
+            self._later(peer, protocol.Outputs(items=[item]), gap * i)
+
+
+@contextlib.contextmanager
+def io_stack(home: Path, timeout: float = 2.0):
+    """A FakeKernel plus the real io driver process serving $home/run/llmos.sock."""
+    paths = Paths.from_env(home)
+    paths.ensure()
+    kernel = FakeKernel(paths.kernel_endpoint)
+    proc = subprocess.Popen([sys.executable, "-m", "llmos.drivers.io", "--endpoint", paths.kernel_endpoint,
+                             "--name", "io", "--socket", str(paths.api_socket), "--timeout", str(timeout)])
+    try:
+        assert kernel.wait_for(lambda m: isinstance(m, protocol.Ready), 20), "io driver never became ready"
+        yield kernel, proc, paths.api_socket
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        kernel.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    with io_stack(tmp_path_factory.mktemp("io")) as s:
+        yield s
+
+
+@pytest.fixture
+def http(stack):
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(stack[2])), base_url="http://llmos", timeout=10) as c:
+        yield c
+
+
+@pytest.fixture
+def oai(stack):
+    client = openai.OpenAI(base_url="http://llmos/v1", api_key="x", max_retries=0,
+                           http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(stack[2]))))
+    yield client
+    client.close()
+
+
+def test_socket_is_private_and_ready_reported(stack):
+    kernel, proc, sock = stack
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    hello = kernel.wait_for(lambda m: isinstance(m, protocol.Hello))
+    assert (hello.role, hello.name, hello.pid) == ("io", "io", proc.pid)
+    assert kernel.of(protocol.Ready)[0].info["socket"] == str(sock)
+
+
+def test_health_models_admin(http, stack):
+    assert http.get("/health").json() == {"status": "ok", "uptime_s": 1.0}
+    models = http.get("/v1/models").json()
+    assert models == {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 1700000000,
+                                                  "owned_by": "llmos", "max_model_len": 2048}]}
+    assert http.get("/llmos/v1/ps").json() == stack[0].ps
+    assert http.get("/llmos/v1/memory").json()["blocks_total"] == 64
+    r = http.get("/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    stack[0].health = {"status": "degraded"}
+    try:
+        assert http.get("/health").status_code == 503
+    finally:
+        stack[0].health = {"status": "ok", "uptime_s": 1.0}
+
+
+def test_openai_chat_and_completion(oai, stack):
+    chat = oai.chat.completions.create(model=MODEL, messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "text", "text": "there"}]}],
+        temperature=0, extra_body={"tenant": "alice", "ignore_eos": True, "top_k": 5})
+    assert chat.choices[0].message.content == "".join(REPLY)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].finish_reason == "stop"
+    assert chat.id.startswith("cmpl-") and chat.object == "chat.completion" and chat.model == MODEL
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens, chat.usage.total_tokens) == (7, 6, 13)
+    sub = stack[0].wait_for(lambda m: isinstance(m, protocol.Submit) and m.request_id == chat.id)
+    assert sub.tenant == "alice" and sub.params["top_k"] == 5 and sub.params["ignore_eos"] is True
+    assert sub.messages[1] == {"role": "user", "content": "hi\nthere"}
+
+    cmpl = oai.completions.create(model=MODEL, prompt="Once", max_tokens=3, logprobs=1)
+    assert cmpl.choices[0].text == "Hello world," and cmpl.choices[0].finish_reason == "length"
+    assert cmpl.choices[0].logprobs.tokens == ["Hello", " world", ","]
+    assert cmpl.choices[0].logprobs.text_offset == [0, 5, 11]
+    assert cmpl.choices[0].logprobs.top_logprobs[0] == {"Hello": -0.5}
+    ids = oai.completions.create(model=MODEL, prompt=[1, 2, 3])
+    sub = stack[0].wait_for(lambda m: isinstance(m, protocol.Submit) and m.request_id == ids.id)
+    assert sub.prompt_token_ids == [1, 2, 3] and sub.prompt is None and sub.tenant == "local"
+
+
+def test_openai_streams(oai):
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                              stream=True, stream_options={"include_usage": True},
+                                              logprobs=True, top_logprobs=1))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "".join(REPLY)
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 13
+    assert chunks[1].choices[0].logprobs.content[0].token == "Hello"
+    text = [c.choices[0].text for c in oai.completions.create(model=MODEL, prompt="x", stream=True)]
+    assert "".join(text) == "".join(REPLY)
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"temperature": 5}, "temperature"), ({"temperature": "hot"}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
+    ({"top_p": 0}, "top_p"), ({"stop": 3}, "stop"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"stream": "yes"}, "stream"),
+    ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+    ({"model": 7}, "model"), ({"tools": [{"type": "function"}]}, "tools"), ({"bogus": 1}, "bogus"),
+    ({"tenant": ""}, "tenant"), ({"seed": 1.5}, "seed"),
+])
+def test_chat_bad_params(http, body, param):
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                **body})
+    err = r.json()["error"]
+    assert (r.status_code, err["param"], err["type"]) == (400, param, "invalid_request_error"), err
+    if param == "n":
+        assert "n>1 is not supported yet" in err["message"]
+
+
+@pytest.mark.parametrize("prompt", [None, "", [], ["a", "b"], [1, "a"], [-1], {"a": 1}])
+def test_completion_bad_prompt(http, prompt):
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_invalid_json_and_huge_body(http):
+    r = http.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = http.post("/v1/completions", content=b"[1]")
+    assert r.status_code == 400
+    r = http.post("/v1/completions", content=b"x" * (33 * 1024 * 1024))
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_rejections_pass_through(oai):
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert exc.value.body["code"] == "model_not_found" and exc.value.body["param"] == "model"
+    with pytest.raises(openai.InternalServerError, match="model driver crashed"):
+        oai.completions.create(model=MODEL, prompt="fail")
+    with pytest.raises(openai.APIError, match="model driver crashed"):
+        list(oai.completions.create(model=MODEL, prompt="fail", stream=True))
+
+
+def _aborted(kernel, timeout=2.0):
+    sub = kernel.of(protocol.Submit)[-1]
+    return sub, kernel.wait_for(lambda m: isinstance(m, protocol.Abort) and m.request_id == sub.request_id, timeout)
+
+
+def test_kernel_silence_is_an_error_and_aborts(http, stack):
+    t0 = time.monotonic()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "silent"})
+    assert r.status_code == 504 and time.monotonic() - t0 < 5
+    sub, abort = _aborted(stack[0])
+    assert abort is not None and "timed out" in abort.reason
+    with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "stall", "stream": True}) as r:
+        events = [line for line in r.iter_lines() if line]
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+    assert _aborted(stack[0])[1] is not None
+
+
+def _raw_request(sock: Path, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(sock))
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: llmos\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return s
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts(stack, stream):
+    kernel, _, sock = stack
+    submitted = len(kernel.of(protocol.Submit))
+    s = _raw_request(sock, {"model": MODEL, "prompt": "slow", "stream": stream})
+    if stream:
+        got = b""
+        while b"data: " not in got:
+            got += s.recv(4096)
+    else:
+        assert kernel.wait_for(lambda m: len(kernel.of(protocol.Submit)) > submitted)
+        time.sleep(0.2)
+    s.close()
+    sub, abort = _aborted(kernel)
+    assert abort is not None and abort.reason == "client disconnected"
+
+
+def test_garbage_does_not_crash(stack, http):
+    for junk in (b"\x00\xff garbage\r\n\r\n", b"GET / HTTP/9.9\r\nHost\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\n"
+                 b"Content-Length: -5\r\n\r\n", os.urandom(4096)):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(stack[2]))
+        s.sendall(junk)
+        s.settimeout(2)
+        with contextlib.suppress(OSError):
+            s.recv(1024)
+        s.close()
+    assert stack[1].poll() is None
+    assert http.get("/health").status_code == 200
+
+
+def test_shutdown_message_stops_driver(tmp_path):
+    with io_stack(tmp_path) as (kernel, proc, sock):
+        kernel._later("io", protocol.Shutdown(reason="test"))
+        assert proc.wait(10) == 0
+        assert not sock.exists()
+
+
+def test_kernel_gone_fails_requests_fast(tmp_path):
+    with io_stack(tmp_path, timeout=30) as (kernel, proc, sock):
+        http = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://llmos", timeout=10)
+        result = {}
+
+        def call():
+            result["r"] = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [
+                {"role": "user", "content": "stall"}]})
+        t = threading.Thread(target=call)
+        t.start()
+        assert kernel.wait_for(lambda m: isinstance(m, protocol.Submit))
+        time.sleep(0.1)
+        t0 = time.monotonic()
+        kernel.close()
+        t.join(10)
+        assert result["r"].status_code == 503 and time.monotonic() - t0 < 3
+        assert result["r"].json()["error"]["code"] == "kernel_unavailable"
+        r = http.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "unavailable"
+        assert proc.poll() is None  # the io driver itself survives; the kernel's death is what stops it
