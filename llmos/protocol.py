@@ -334,4 +334,13 @@ class QueryReply(Message):
     data: Any
 
 
+@message(0x37)
+class Command(Message):
+    """io -> kernel: an admin action that changes state ("restart", "jobs.create", ...).
+    Answered with a QueryReply carrying the same id."""
+    query_id: str
+    what: str
+    args: dict
+
+
 ALL_MESSAGES: tuple[type, ...] = tuple(_REGISTRY.values())

@@ -39,9 +39,16 @@ class Kernel:
         self.engines: dict[str, ModelEngine] = {}
         self.supervisor = Supervisor(paths.logs_dir, self._driver_ready, self._driver_down)
         self.front = FrontDoor(self.engines, self.send, self.supervisor.is_running)
+        self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
+        self.commands: dict = {"restart": self._restart_driver}   # Command.what -> handler(args) -> data
 
     def send(self, peer: str, msg) -> None:
-        self.bus.send(peer, msg)
+        """Send to a driver over the bus, or to an in-kernel client (peer names starting with @)."""
+        local = self.local_clients.get(peer)
+        if local is not None:
+            local(msg)
+        else:
+            self.bus.send(peer, msg)
 
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
@@ -146,6 +153,8 @@ class Kernel:
             self.front.abort(m)
         elif isinstance(m, protocol.Query):
             self.send(peer, protocol.QueryReply(query_id=m.query_id, **self._query(m.what, m.args)))
+        elif isinstance(m, protocol.Command):
+            self.send(peer, protocol.QueryReply(query_id=m.query_id, **self._command(m.what, m.args)))
         elif isinstance(m, protocol.Heartbeat):
             self.supervisor.heartbeat(m.name)
         elif isinstance(m, protocol.Ready) and m.name == peer:
@@ -181,6 +190,22 @@ class Kernel:
         if what == "memory":
             return {"ok": True, "data": self.memory()}
         return {"ok": False, "data": f"unknown query {what!r}"}
+
+    def _command(self, what: str, args: dict) -> dict:
+        handler = self.commands.get(what)
+        if handler is None:
+            return {"ok": False, "data": f"unknown command {what!r}"}
+        try:
+            return {"ok": True, "data": handler(args)}
+        except (KeyError, ValueError, TypeError) as exc:
+            return {"ok": False, "data": f"{what}: {exc}"}
+
+    def _restart_driver(self, args: dict) -> dict:
+        name = args.get("name")
+        if name not in self.supervisor.table:
+            raise ValueError(f"no driver named {name!r}; drivers: {', '.join(self.supervisor.order)}")
+        self.supervisor.restart(name)
+        return {"restarting": name}
 
     def health(self) -> dict:
         ready = all(e.driver_ready and self.supervisor.is_running(e.tokenizer) for e in self.engines.values())
