@@ -38,7 +38,7 @@ class Kernel:
         self.bus: KernelBus | None = None
         self.engines: dict[str, ModelEngine] = {}
         self.supervisor = Supervisor(paths.logs_dir, self._driver_ready, self._driver_down)
-        self.front = FrontDoor(self.engines, self.send, self.supervisor.is_running)
+        self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
         self.commands: dict = {"restart": self._restart_driver}   # Command.what -> handler(args) -> data
 
@@ -81,7 +81,7 @@ class Kernel:
 
     def _spec(self, name: str, role: str, module: str, *args: str) -> DriverSpec:
         argv = [sys.executable, "-m", module, "--endpoint", self.paths.kernel_endpoint, "--name", name, *args]
-        return DriverSpec(name=name, role=role, argv=argv)
+        return DriverSpec(name=name, role=role, argv=argv, max_restarts=self.config.max_restarts)
 
     async def shutdown(self) -> None:
         """SIGTERM: stop admitting, drain up to the timeout, stop drivers in reverse order."""
@@ -191,6 +191,15 @@ class Kernel:
             return {"ok": True, "data": self.memory()}
         return {"ok": False, "data": f"unknown query {what!r}"}
 
+    @staticmethod
+    def _integrity(engine) -> str:
+        try:
+            engine.scheduler.check_integrity()
+            return "ok"
+        except AssertionError as exc:
+            log.error("KV pool integrity check failed: %s", exc)
+            return f"broken: {exc}"
+
     def _command(self, what: str, args: dict) -> dict:
         handler = self.commands.get(what)
         if handler is None:
@@ -230,5 +239,6 @@ class Kernel:
                          "blocks_used": pool.num_used, "blocks_free": pool.num_free, "pool_bytes": e.pool.nbytes,
                          "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
                          "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
-                         "steps": e.stats.to_dict()}
+                         "steps": e.stats.to_dict(), "recoveries": e.recoveries,
+                         "integrity": self._integrity(e)}
         return out

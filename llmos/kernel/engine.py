@@ -41,6 +41,10 @@ class ModelEngine:
         self.driver_ready = False
         self.wakeup = asyncio.Event()
         self._pending: tuple[int, asyncio.Future] | None = None
+        self._pending_tokens = 0
+        self._down_at: float | None = None     # when the model driver was lost, until the next step
+        self._recomputed = 0                   # tokens of the steps lost with it
+        self.recoveries: list[dict] = []       # per driver loss: recovery time, recomputed tokens
         self._step_id = 0
         self.stats = StepStats()
 
@@ -80,7 +84,9 @@ class ModelEngine:
 
     def driver_down(self) -> None:
         self.driver_ready = False
+        self._down_at = self._down_at or time.monotonic()
         if self._pending and not self._pending[1].done():
+            self._recomputed += self._pending_tokens  # that step's KV writes are redone by the new driver
             self._pending[1].set_exception(DriverLost())
 
     def step_result(self, msg) -> None:
@@ -106,6 +112,7 @@ class ModelEngine:
             plan = self._plan(batch)
             fut = asyncio.get_running_loop().create_future()
             self._pending = (plan.step_id, fut)
+            self._pending_tokens = len(plan.tokens)
             self._send(self.driver, plan)
             try:
                 result = await fut
@@ -115,6 +122,11 @@ class ModelEngine:
             finally:
                 self._pending = None
             t1 = time.perf_counter()
+            if self._down_at is not None:
+                self.recoveries.append({"recovery_s": round(time.monotonic() - self._down_at, 3),
+                                        "recomputed_tokens": self._recomputed})
+                log.info("model %s recovered: %s", self.name, self.recoveries[-1])
+                self._down_at, self._recomputed = None, 0
             if isinstance(result, protocol.StepFailed):
                 self._fail(batch, result.error)
             else:

@@ -17,10 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class FrontDoor:
-    def __init__(self, engines: dict, send, is_running):
+    def __init__(self, engines: dict, send, driver_state):
         self.engines = engines            # model name -> ModelEngine
         self._send = send                 # (peer, message)
-        self._is_running = is_running     # driver name -> bool
+        self._driver_state = driver_state  # driver name -> (state, last error or None)
         self.table: dict[str, Request] = {}
         self.by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count(1)
@@ -40,8 +40,9 @@ class FrontDoor:
         if engine is None:
             return reject(404, "model_not_found", f"The model '{m.model}' does not exist", "model")
         if engine.info is None or engine.scheduler is None:
-            return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver state: "
-                          f"{'failed' if not self._is_running(engine.driver) else 'starting'})")
+            state, error = self._driver_state(engine.driver)
+            return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver {engine.driver} "
+                          f"is {state}{': ' + error if error else ''})")
         try:
             params = SamplingParams.from_dict(m.params)
         except (InvalidParam, TypeError) as exc:
@@ -119,6 +120,8 @@ class FrontDoor:
     # ------------------------------------------------------------ model tokens -> tokenizer -> io
     def tokens_ready(self, engine, reqs: list[Request]) -> None:
         """Hand new output tokens (and finishes) to the tokenizer driver, in one message."""
+        if self._driver_state(engine.tokenizer)[0] != "running":
+            return  # held: a new incarnation gets everything from text_acked on when it is ready
         epoch = self.tokenizer_epoch.get(engine.tokenizer, 0)
         items = []
         for req in reqs:

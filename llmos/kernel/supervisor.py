@@ -126,6 +126,10 @@ class Supervisor:
         if name in self.table:
             self.table[name].last_error = error
 
+    def state_of(self, name: str) -> tuple[str, str | None]:
+        d = self.table.get(name)
+        return ("not started", None) if d is None else (d.state.value, d.last_error)
+
     def is_running(self, name: str) -> bool:
         d = self.table.get(name)
         return d is not None and d.state is DState.RUNNING

@@ -55,8 +55,12 @@ class TokenizerDriver:
         if rid in self.finished:
             return None
         state = self.states.get(rid)
-        if item["prior"] is not None or state is None:
-            state = self.states[rid] = DetokState(self.tok, list(item["stop"] or []), list(item["prior"] or []))
+        if item["prior"] is not None:
+            state = self.states[rid] = DetokState(self.tok, list(item["stop"] or []), list(item["prior"]))
+        elif state is None:
+            # Sent to our predecessor: we lack its context. The kernel re-sends these tokens
+            # with their prior once we are ready, so dropping them loses nothing.
+            return None
         if finish == "abort":
             self._forget(rid)
             return None
