@@ -1,0 +1,202 @@
+"""Attention over the kernel's paged KV pool, plugged into transformers' own model classes.
+
+We register one function in transformers' AttentionInterface ("llmos_paged"). Every
+attention module of a transformers model (Llama, Qwen2, Mistral, ...) computes q/k/v,
+applies its rotary embedding and then calls us with query [1, H, T, D] and key/value
+[1, KVH, T, D] of the new tokens of a *packed* batch (all sequences back to back).
+We write k/v into the pool, then attend each sequence over its context read back
+from the pool. The per-step metadata (`PagedStep`) arrives as the forward kwarg
+`llmos_step`, which transformers passes untouched down to the attention interface.
+
+No mask function is registered on purpose: for an implementation that AttentionMaskInterface
+does not know, `create_causal_mask` returns None instead of building a dense mask.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from llmos import protocol
+
+ATTN_IMPLEMENTATION = "llmos_paged"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KVPool:
+    """The driver's view of the kernel-owned pool (MapKVPool). The driver maps it and
+    reads/writes the blocks of the plan it executes; it never creates, resizes or unlinks it."""
+
+    def __init__(self, msg: protocol.MapKVPool):
+        if msg.dtype not in _DTYPES:
+            raise ValueError(f"KV pool dtype {msg.dtype!r} not supported")
+        if msg.device.startswith("cuda"):
+            # The kernel will pass a CUDA IPC handle; until the protocol carries one we cannot map it.
+            raise NotImplementedError("CUDA KV pools are not supported yet (needs an IPC handle in MapKVPool)")
+        if msg.device != "cpu":
+            raise ValueError(f"KV pool device {msg.device!r} not supported")
+        self.msg, self.dtype = msg, _DTYPES[msg.dtype]
+        self.num_blocks, self.block_size = msg.num_blocks, msg.block_size
+        shape = (msg.num_layers, 2, msg.num_blocks, msg.block_size, msg.num_kv_heads, msg.head_dim)
+        numel = int(np.prod(shape))
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        size = os.stat(msg.path).st_size  # raises FileNotFoundError: the kernel must create it first
+        if size < numel * itemsize:
+            raise ValueError(f"KV pool file {msg.path} has {size} bytes, layout needs {numel * itemsize}")
+        # shared=True: writes go to the kernel's memory, so a restarted driver finds the KV there.
+        self.kv = torch.from_file(msg.path, shared=True, size=numel, dtype=self.dtype).view(shape)
+        self._slots = self.kv.view(msg.num_layers, 2, -1, msg.num_kv_heads, msg.head_dim)
+        self._blocks = self.kv.view(msg.num_layers, 2, msg.num_blocks, -1)
+        self._ws: dict[str, torch.Tensor] = {}
+
+    def slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of one layer as [num_blocks * block_size, KVH, D] (row = slot)."""
+        return self._slots[layer, 0], self._slots[layer, 1]
+
+    def blocks(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of one layer as [num_blocks, block_size * KVH * D] (row = block)."""
+        return self._blocks[layer, 0], self._blocks[layer, 1]
+
+    def workspace(self, name: str, numel: int) -> torch.Tensor:
+        # Gathers write into reused buffers: a fresh multi-MB tensor per layer costs page faults.
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < numel:
+            buf = self._ws[name] = torch.empty(max(numel, 1 << 16), dtype=self.dtype)
+        return buf[:numel]
+
+
+@dataclass
+class _Prefill:
+    q0: int                          # first packed index of the sequence's new tokens
+    q1: int
+    start: int                       # position of the first new token
+    blocks: torch.Tensor | None      # context blocks to gather (start > 0 only)
+    mask: torch.Tensor | None        # [n, start + n] bool, True = may attend (start > 0 only)
+
+
+@dataclass
+class PagedStep:
+    """Everything the attention function needs for one packed step; built once, used by every layer."""
+    pool: KVPool
+    slots: torch.Tensor                      # [T] pool slot of each new token
+    dec_idx: torch.Tensor | None             # [Nd] packed index of each single-token sequence; None: all are
+    dec_blocks: torch.Tensor | None          # [Nd * MB] blocks of the decode contexts, padded with block 0
+    dec_mask: torch.Tensor | None            # [Nd, 1, 1, MB * block_size] additive: 0 in context, -inf beyond
+    prefills: list[_Prefill] = field(default_factory=list)
+
+    @property
+    def num_decodes(self) -> int:
+        return 0 if self.dec_mask is None else self.dec_mask.shape[0]
+
+
+def plan_step(pool: KVPool, num_new: np.ndarray, start_pos: np.ndarray, block_tables: np.ndarray,
+              device: torch.device | str = "cpu") -> tuple[PagedStep, np.ndarray]:
+    """Turn a StepPlan's geometry into a PagedStep and the packed position of every new token.
+    Inputs are assumed validated (see runner.check_plan)."""
+    bs = pool.block_size
+    num_new = num_new.astype(np.int64)
+    start_pos = start_pos.astype(np.int64)
+    n = len(num_new)
+    cu = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(num_new, out=cu[1:])
+    seq_of = np.repeat(np.arange(n), num_new)
+    pos = start_pos[seq_of] + np.arange(cu[-1]) - cu[seq_of]
+    slots = block_tables[seq_of, pos // bs].astype(np.int64) * bs + pos % bs
+    as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+
+    dec = num_new == 1
+    dec_idx = dec_blocks = dec_mask = None
+    if dec.any():
+        ctx = start_pos[dec] + 1
+        mb = int(-(-ctx.max() // bs))
+        blocks = np.maximum(block_tables[dec, :mb], 0)  # -1 padding -> block 0, masked out below
+        dec_blocks = as_t(blocks.astype(np.int64).reshape(-1))
+        # Additive float mask in the pool dtype: SDPA would convert a bool mask in every layer.
+        outside = as_t((np.arange(mb * bs)[None, :] >= ctx[:, None])[:, None, None, :])
+        dec_mask = torch.zeros(outside.shape, dtype=pool.dtype, device=device).masked_fill_(outside, float("-inf"))
+        if not dec.all():
+            dec_idx = as_t(cu[:-1][dec])
+    prefills = []
+    for i in np.flatnonzero(~dec):
+        s, m = int(start_pos[i]), int(num_new[i])
+        blocks = mask = None
+        if s > 0:  # chunked prefill: earlier KV is in the pool
+            blocks = as_t(block_tables[i, : -(-(s + m) // bs)].astype(np.int64))
+            k = torch.arange(s + m, device=device)
+            mask = k[None, :] <= (s + torch.arange(m, device=device))[:, None]
+        prefills.append(_Prefill(int(cu[i]), int(cu[i + 1]), s, blocks, mask))
+    return PagedStep(pool, as_t(slots), dec_idx, dec_blocks, dec_mask, prefills), pos
+
+
+def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """AttentionInterface entry: query [1, H, T, D], key/value [1, KVH, T, D] -> ([1, T, H, D], None)."""
+    step: PagedStep | None = kwargs.get("llmos_step")
+    if step is None:
+        raise RuntimeError("llmos_paged attention needs the forward kwarg llmos_step (use ModelRunner)")
+    if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
+        raise NotImplementedError("sliding-window and soft-capped attention are not supported")
+    pool, layer = step.pool, module.layer_idx
+    _, H, T, D = query.shape
+    KVH = key.shape[1]
+    G = H // KVH
+    scale = scaling if scaling is not None else D ** -0.5
+    k_slots, v_slots = pool.slots(layer)
+    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
+    k_slots.index_copy_(0, step.slots, k_new.to(pool.dtype))
+    v_slots.index_copy_(0, step.slots, v_new.to(pool.dtype))
+    q = query[0].transpose(0, 1)  # [T, H, D]
+
+    if step.num_decodes and not step.prefills and step.dec_idx is None:
+        return _decode(step, layer, q, scale, KVH, G, D).to(query.dtype).unsqueeze(0), None
+    out = query.new_empty(T, H, D)
+    if step.num_decodes:
+        qd = q if step.dec_idx is None else q.index_select(0, step.dec_idx)
+        out.index_copy_(0, step.dec_idx, _decode(step, layer, qd, scale, KVH, G, D).to(out.dtype))
+    for p in step.prefills:
+        qp = query[:, :, p.q0:p.q1]  # [1, H, m, D]
+        if p.blocks is None:  # a fresh prompt: its whole context is the new tokens
+            kp, vp, mask, causal = key[:, :, p.q0:p.q1], value[:, :, p.q0:p.q1], None, True
+        else:
+            L = p.start + (p.q1 - p.q0)
+            kb, vb = pool.blocks(layer)
+            kp = kb.index_select(0, p.blocks).view(-1, KVH, D)[:L].transpose(0, 1).unsqueeze(0)
+            vp = vb.index_select(0, p.blocks).view(-1, KVH, D)[:L].transpose(0, 1).unsqueeze(0)
+            mask, causal = p.mask, False
+        kp, vp = _repeat_kv(kp.to(query.dtype), G), _repeat_kv(vp.to(query.dtype), G)
+        o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale)
+        out[p.q0:p.q1] = o[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _decode(step: PagedStep, layer: int, q: torch.Tensor, scale: float, KVH: int, G: int, D: int):
+    """All single-token sequences at once: one gather of their context blocks, one SDPA.
+    GQA without repeating k/v: the G query heads sharing a kv head become G query rows."""
+    pool, Nd = step.pool, q.shape[0]
+    kb, vb = pool.blocks(layer)
+    rows = step.dec_blocks.numel()
+    k = torch.index_select(kb, 0, step.dec_blocks, out=pool.workspace("k", rows * kb.shape[1]).view(rows, -1))
+    v = torch.index_select(vb, 0, step.dec_blocks, out=pool.workspace("v", rows * vb.shape[1]).view(rows, -1))
+    k = k.view(Nd, -1, KVH, D).transpose(1, 2)  # [Nd, KVH, L, D]
+    v = v.view(Nd, -1, KVH, D).transpose(1, 2)
+    qg = q.reshape(Nd, KVH, G, D).to(k.dtype)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=step.dec_mask, scale=scale)
+    return o.reshape(Nd, KVH * G, D)
+
+
+def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
+    if n == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+
+
+def register() -> str:
+    """Make "llmos_paged" a valid attn_implementation (idempotent); returns the name."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, paged_attention_forward)
+    return ATTN_IMPLEMENTATION

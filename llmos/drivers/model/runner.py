@@ -1,0 +1,172 @@
+"""The model driver's compute core: one transformers model, the kernel's KV pool, one
+step plan at a time. Holds no per-request state: everything a step needs is in the plan
+and the pool, so a restarted runner continues exactly where a dead one stopped.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmos import protocol
+from llmos.drivers.model import paged_attention
+from llmos.drivers.model.paged_attention import KVPool, plan_step
+from llmos.drivers.model.sampling import sample
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class BadPlan(ValueError):
+    """A step plan this runner cannot execute (inconsistent shapes, blocks out of range, ...).
+    The driver answers StepFailed; nothing was written to the pool."""
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Hyperthreads share the matmul units; more torch threads than cores only adds contention.
+    return max(1, min(n or avail, avail))
+
+
+class PackedLinear(torch.nn.Module):
+    """nn.Linear with its weight pre-packed in oneDNN's blocked layout, the way torch.compile's
+    CPU backend runs linears: 1.3-1.7x faster than MKL on unpacked weights at batch 1-32 here."""
+
+    def __init__(self, linear: torch.nn.Linear, batch_hint: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
+    """Swap every nn.Linear for a PackedLinear (CPU only); returns how many were swapped.
+    A no-op where oneDNN is missing or gets this dtype wrong, so it is always safe to call."""
+    try:
+        probe = torch.nn.Linear(64, 32, dtype=next(model.parameters()).dtype)
+        x = torch.randn(3, 64, dtype=probe.weight.dtype)
+        if not torch.allclose(PackedLinear(probe, batch_hint)(x).float(), probe(x).float(), atol=1e-2):
+            return 0
+    except (AttributeError, RuntimeError):
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                setattr(parent, name, PackedLinear(child, batch_hint))
+                swapped += 1
+    return swapped
+
+
+class ModelRunner:
+    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu",
+                 pack_weights: bool | None = None):
+        from transformers import AutoModelForCausalLM
+
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(DTYPES)}")
+        self.model_dir, self.dtype_name, self.device = Path(model_dir), dtype, torch.device(device)
+        self.dtype = DTYPES[dtype]
+        if self.device.type == "cpu":
+            torch.set_num_threads(physical_cores())
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_dir, dtype=self.dtype, local_files_only=True,
+            attn_implementation=paged_attention.register()).to(self.device).eval()
+        self.config = self.model.config.get_text_config()
+        # Counted before packing (packing drops the Linear parameters): what a step must read.
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if pack_weights is None:
+            pack_weights = os.environ.get("LLMOS_PACK_WEIGHTS", "1") != "0"
+        self.packed = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
+            raise NotImplementedError(f"{self.config.model_type}: sliding-window layers are not supported")
+        self.pool: KVPool | None = None
+
+    def info(self) -> dict:
+        c = self.config
+        eos = []
+        for src in (self.model.generation_config, c):
+            ids = getattr(src, "eos_token_id", None) if src is not None else None
+            for i in ([ids] if isinstance(ids, int) else ids or []):
+                if i not in eos:
+                    eos.append(int(i))
+        return {
+            "num_layers": c.num_hidden_layers,
+            "num_kv_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
+            "dtype": self.dtype_name,
+            "vocab_size": c.vocab_size,
+            "max_model_len": c.max_position_embeddings,
+            "weight_bytes": self.weight_bytes,
+            "eos_token_ids": eos,
+            "model_type": c.model_type,
+        }
+
+    def map_pool(self, msg: protocol.MapKVPool) -> None:
+        """Map the kernel's pool (replacing any earlier one). Raises ValueError on a geometry
+        that does not fit this model, NotImplementedError for pools we cannot map yet."""
+        info = self.info()
+        want = {k: info[k] for k in ("num_layers", "num_kv_heads", "head_dim", "dtype")}
+        got = {k: getattr(msg, k) for k in want}
+        if got != want:
+            raise ValueError(f"KV pool geometry {got} does not fit the model {want}")
+        if torch.device(msg.device).type != self.device.type:
+            raise ValueError(f"KV pool on {msg.device} for a model on {self.device}")
+        if msg.block_size < 1 or msg.num_blocks < 1:
+            raise ValueError(f"KV pool with {msg.num_blocks} blocks of {msg.block_size}")
+        self.pool = KVPool(msg)
+
+    def check_plan(self, plan: protocol.StepPlan) -> None:
+        """Reject anything that would index out of range; the kernel is not trusted blindly."""
+        if self.pool is None:
+            raise BadPlan("no KV pool mapped")
+        n = len(plan.seq_ids)
+        for name in ("num_new", "start_pos", "sample", "temperature", "top_p", "top_k", "seed",
+                     "gen_index", "top_logprobs"):
+            if getattr(plan, name).shape != (n,):
+                raise BadPlan(f"{name} has shape {getattr(plan, name).shape}, expected ({n},)")
+        bt = plan.block_tables
+        if n == 0 or bt.ndim != 2 or bt.shape[0] != n:
+            raise BadPlan(f"block_tables shape {bt.shape} for {n} sequences")
+        if (plan.num_new < 1).any() or (plan.start_pos < 0).any():
+            raise BadPlan("every sequence needs num_new >= 1 and start_pos >= 0")
+        if plan.tokens.shape != (int(plan.num_new.sum()),):
+            raise BadPlan(f"{plan.tokens.shape[0]} tokens for num_new summing to {int(plan.num_new.sum())}")
+        if plan.tokens.size and (plan.tokens.min() < 0 or plan.tokens.max() >= self.config.vocab_size):
+            raise BadPlan("token id out of the vocabulary")
+        end = plan.start_pos.astype(np.int64) + plan.num_new
+        if end.max() > self.config.max_position_embeddings:
+            raise BadPlan(f"position {int(end.max())} beyond max_model_len {self.config.max_position_embeddings}")
+        need = -(-end // self.pool.block_size)
+        if (need > bt.shape[1]).any():
+            raise BadPlan("block table shorter than the sequence")
+        used = bt[np.arange(bt.shape[1])[None, :] < need[:, None]]
+        if used.size and (used.min() < 0 or used.max() >= self.pool.num_blocks):
+            raise BadPlan(f"block id out of range [0, {self.pool.num_blocks})")
+
+    @torch.inference_mode()
+    def execute(self, plan: protocol.StepPlan) -> protocol.StepResult:
+        t0 = time.perf_counter()
+        self.check_plan(plan)
+        step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device)
+        rows = np.flatnonzero(plan.sample != 0)
+        last = np.cumsum(plan.num_new.astype(np.int64))[rows] - 1  # logits only where we sample
+        out = self.model(
+            input_ids=torch.from_numpy(plan.tokens.astype(np.int64))[None].to(self.device),
+            position_ids=torch.from_numpy(pos)[None].to(self.device),
+            use_cache=False, logits_to_keep=torch.from_numpy(last).to(self.device), llmos_step=step)
+        s = sample(out.logits[0], plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
+                   plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows])
+        return protocol.StepResult(
+            step_id=plan.step_id, seq_ids=plan.seq_ids[rows], tokens=s.tokens, logprobs=s.logprobs,
+            top_ids=s.top_ids, top_lps=s.top_lps, forward_ms=(time.perf_counter() - t0) * 1e3)

@@ -1,0 +1,111 @@
+"""Per-sequence sampling from the logits of one step.
+
+Stateless by design: a seeded sequence draws its noise from a generator seeded by
+(seed, gen_index), so the same request gives the same tokens after a driver restart
+or a preemption, whatever else shares its batch. Sampling is the exponential race
+(argmax of p / E with E ~ Exp(1)), which is exact multinomial sampling and lets a
+whole batch be drawn with one argmax.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class Sampled:
+    tokens: np.ndarray      # [n] int32
+    logprobs: np.ndarray    # [n] float32, the chosen tokens' logprobs under log_softmax(logits); NaN if not asked
+    top_ids: np.ndarray     # [n, k] int32, k = the largest top_logprobs asked; rows not asking: 0
+    top_lps: np.ndarray     # [n, k] float32; rows not asking: NaN
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finalizer: spreads (seed, index) pairs over the generator's seed space."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def generator_for(seed: int, gen_index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator that draws token number `gen_index` of a request seeded with `seed`."""
+    g = torch.Generator(device=device)
+    g.manual_seed(_mix(_mix(seed & _MASK64) ^ gen_index) & ((1 << 63) - 1))
+    return g
+
+
+def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
+           seed: np.ndarray, gen_index: np.ndarray, top_logprobs: np.ndarray) -> Sampled:
+    """One token per row of logits [n, vocab] (float32). Per-row parameters as in StepPlan:
+    temperature 0 = greedy, top_k <= 0 or >= vocab = off, top_p >= 1 = off, seed < 0 = unseeded,
+    top_logprobs < 0 = none. Logprobs are of the raw model distribution (before temperature,
+    top-k and top-p), as vLLM and OpenAI report them."""
+    n, vocab = logits.shape
+    logits = logits.float()
+    temperature = np.asarray(temperature, dtype=np.float64)
+    greedy = temperature <= 0.0
+    if greedy.all():
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = torch.empty(n, dtype=torch.long, device=logits.device)
+        if greedy.any():
+            gi = torch.from_numpy(np.flatnonzero(greedy)).to(logits.device)
+            tokens[gi] = logits.index_select(0, gi).argmax(dim=-1)
+        rows = np.flatnonzero(~greedy)
+        tokens[torch.from_numpy(rows).to(logits.device)] = _sample_rows(
+            logits, rows, temperature[rows], np.asarray(top_p)[rows], np.asarray(top_k)[rows],
+            np.asarray(seed)[rows], np.asarray(gen_index)[rows])
+
+    top_logprobs = np.asarray(top_logprobs)
+    chosen = np.full(n, np.nan, dtype=np.float32)  # NaN: this sequence asked for no logprobs
+    k = int(max(0, np.max(top_logprobs, initial=-1)))
+    top_ids = np.zeros((n, k), dtype=np.int32)
+    top_lps = np.full((n, k), np.nan, dtype=np.float32)
+    want = np.flatnonzero(top_logprobs >= 0)
+    if len(want):  # a full-vocabulary log_softmax costs ~1 ms per 32 rows: only when asked
+        w = torch.from_numpy(want).to(logits.device)
+        logp = torch.log_softmax(logits.index_select(0, w), dim=-1)
+        chosen[want] = logp.gather(1, tokens.index_select(0, w)[:, None])[:, 0].cpu().numpy()
+        if k:
+            lps, ids = logp.topk(min(k, vocab), dim=-1)
+            top_ids[want, : ids.shape[1]] = ids.cpu().numpy()
+            top_lps[want, : lps.shape[1]] = lps.cpu().numpy()
+    return Sampled(tokens.to(torch.int32).cpu().numpy(), chosen, top_ids, top_lps)
+
+
+def _sample_rows(logits, rows, temperature, top_p, top_k, seed, gen_index) -> torch.Tensor:
+    """Random draws for the non-greedy rows, all in one exponential race."""
+    dev = logits.device
+    vocab = logits.shape[1]
+    x = logits.index_select(0, torch.from_numpy(rows).to(dev))
+    x = x / torch.from_numpy(temperature).to(dev, torch.float32)[:, None]
+    top_k = np.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
+    order = None
+    if (top_k < vocab).any() or (np.asarray(top_p) < 1.0).any():
+        # Filter in sorted order; the draw happens in that order too (deterministic for given logits).
+        x, order = x.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=dev)[None, :]
+        drop = ranks >= torch.from_numpy(top_k).to(dev)[:, None]
+        probs = torch.softmax(x, dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+        drop |= before >= torch.from_numpy(np.asarray(top_p, dtype=np.float32)).to(dev)[:, None]
+        drop[:, 0] = False  # the most likely token always survives
+        x = x.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    noise = torch.empty_like(probs)
+    unseeded = np.flatnonzero(seed < 0)
+    if len(unseeded):
+        noise[torch.from_numpy(unseeded).to(dev)] = torch.empty(
+            len(unseeded), vocab, device=dev).exponential_()
+    for r in np.flatnonzero(seed >= 0):
+        noise[r].exponential_(generator=generator_for(int(seed[r]), int(gen_index[r]), dev))
+    # Exp(1) can draw exactly 0; 0/0 would be NaN, which argmax would pick.
+    pick = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
+    if order is not None:
+        pick = order.gather(1, pick[:, None])[:, 0]
+    return pick
