@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -71,3 +72,48 @@ class Daemon:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+def stream_text(daemon: Daemon, model: str, prompt: str, max_tokens: int,
+                first_chunk: threading.Event | None = None) -> str:
+    """Greedy streamed completion of exactly max_tokens tokens; returns the concatenated text."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    text = ""
+    with daemon.http(timeout=300) as c, c.stream("POST", "/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(chunk["error"])
+            text += chunk["choices"][0]["text"]
+            if first_chunk is not None:
+                first_chunk.set()
+    return text
+
+
+def stream_many(daemon: Daemon, model: str, prompts: list[str], max_tokens: int, during=None) -> list:
+    """Stream every prompt at once; call `during()` once all streams produce text.
+    Returns each stream's text, or the exception that ended it."""
+    results: list = [None] * len(prompts)
+    started = [threading.Event() for _ in prompts]
+
+    def worker(i):
+        try:
+            results[i] = stream_text(daemon, model, prompts[i], max_tokens, started[i])
+        except Exception as exc:  # the caller decides what a failure means
+            results[i] = exc
+            started[i].set()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    if during:
+        for e in started:
+            e.wait(120)
+        during()
+    for t in threads:
+        t.join(300)
+    return results

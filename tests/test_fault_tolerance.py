@@ -12,48 +12,19 @@ import httpx
 import psutil
 import pytest
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, stream_many
+from daemon_harness import stream_text as harness_stream_text
 
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(16)]
 MAX_TOKENS = 300
 
 
-def stream_text(daemon: Daemon, prompt: str, first_chunk: threading.Event | None = None,
-                max_tokens: int = MAX_TOKENS) -> str:
-    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-    text = ""
-    with daemon.http(timeout=120) as c, c.stream("POST", "/v1/completions", json=body) as r:
-        assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            text += chunk["choices"][0]["text"]
-            if first_chunk is not None:
-                first_chunk.set()
-    return text
+def stream_text(daemon, prompt, first_chunk=None, max_tokens=MAX_TOKENS) -> str:
+    return harness_stream_text(daemon, "tiny", prompt, max_tokens, first_chunk)
 
 
 def run_all(daemon: Daemon, during=None) -> list[str]:
-    """Stream every prompt at once; call `during()` once all streams have produced text."""
-    results: list = [None] * len(PROMPTS)
-    started = [threading.Event() for _ in PROMPTS]
-
-    def worker(i):
-        try:
-            results[i] = stream_text(daemon, PROMPTS[i], started[i])
-        except Exception as exc:  # reported below with the others
-            results[i] = exc
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    if during:
-        assert all(e.wait(60) for e in started)
-        during()
-    for t in threads:
-        t.join(180)
+    results = stream_many(daemon, "tiny", PROMPTS, MAX_TOKENS, during)
     errors = [r for r in results if not isinstance(r, str)]
     assert not errors, errors[:3]
     return results
@@ -126,7 +97,7 @@ def test_io_driver_kill_closes_connections_frees_requests_and_comes_back(daemon)
     def client():
         try:
             stream_text(daemon, "a long one", got_text, max_tokens=500)
-        except (httpx.HTTPError, AssertionError) as exc:
+        except (httpx.HTTPError, RuntimeError) as exc:
             errors.append(exc)
     t = threading.Thread(target=client)
     t.start()
