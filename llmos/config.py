@@ -16,5 +16,6 @@ class DaemonConfig:
     max_model_len: int | None = None  # cap the model's context (default: the model's own)
     drain_timeout: float = 30.0       # SIGTERM: how long in-flight requests may finish
     first_answer_timeout: float = 600.0
+    prefix_caching: bool = True
     max_restarts: int = 5             # a driver restarting more often than this in 60 s is failed
 

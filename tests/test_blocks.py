@@ -26,7 +26,7 @@ def test_freed_blocks_are_reused_after_the_never_used_ones():
     pool = BlockPool(4, 16)
     a = pool.allocate(2)
     pool.free(a)
-    assert pool.allocate(4) == [2, 3, 0, 1]
+    assert pool.allocate(4) == [2, 3, 1, 0]  # a sequence's tail goes first
 
 
 def test_double_free_is_an_error():

@@ -1,5 +1,6 @@
 """Continuous batching decisions, on tiny pools with a fake model (no processes)."""
 from llmos.kernel.blocks import BlockPool
+from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.requests import Request, State
 from llmos.kernel.scheduler import Scheduler
 from llmos.sampling_params import SamplingParams
@@ -22,7 +23,7 @@ def run_step(sched: Scheduler, batch) -> None:
 
 
 def test_new_requests_join_a_running_batch_each_step():
-    sched = Scheduler(BlockPool(64, 4), max_batched_tokens=64)
+    sched = Scheduler(KVCacheManager(BlockPool(64, 4), prefix_caching=False), max_batched_tokens=64)
     a = make(1, 5)
     sched.add(a)
     run_step(sched, sched.schedule())
@@ -34,7 +35,7 @@ def test_new_requests_join_a_running_batch_each_step():
 
 
 def test_long_prompt_is_chunked_under_the_token_budget_and_decodes_keep_going():
-    sched = Scheduler(BlockPool(64, 4), max_batched_tokens=8)
+    sched = Scheduler(KVCacheManager(BlockPool(64, 4), prefix_caching=False), max_batched_tokens=8)
     short = make(1, 2)
     sched.add(short)
     run_step(sched, sched.schedule())
@@ -52,7 +53,7 @@ def test_long_prompt_is_chunked_under_the_token_budget_and_decodes_keep_going():
 
 def test_blocks_grow_on_demand_and_are_freed_on_finish():
     pool = BlockPool(8, 4)
-    sched = Scheduler(pool, max_batched_tokens=64)
+    sched = Scheduler(KVCacheManager(pool, prefix_caching=False), max_batched_tokens=64)
     r = make(1, 4)
     sched.add(r)
     run_step(sched, sched.schedule())
@@ -66,7 +67,7 @@ def test_blocks_grow_on_demand_and_are_freed_on_finish():
 
 def test_memory_pressure_preempts_the_newest_by_recompute():
     pool = BlockPool(4, 4)
-    sched = Scheduler(pool, max_batched_tokens=64)
+    sched = Scheduler(KVCacheManager(pool, prefix_caching=False), max_batched_tokens=64)
     old, new = make(1, 8), make(2, 8)
     sched.add(old)
     sched.add(new)
@@ -85,7 +86,7 @@ def test_memory_pressure_preempts_the_newest_by_recompute():
 
 def test_head_of_line_waits_when_memory_is_short():
     pool = BlockPool(3, 4)
-    sched = Scheduler(pool, max_batched_tokens=64)
+    sched = Scheduler(KVCacheManager(pool, prefix_caching=False), max_batched_tokens=64)
     big, small = make(1, 12), make(2, 2)
     sched.add(big)
     sched.add(small)
@@ -95,7 +96,7 @@ def test_head_of_line_waits_when_memory_is_short():
 
 
 def test_max_num_seqs_limits_the_batch():
-    sched = Scheduler(BlockPool(64, 4), max_num_seqs=2, max_batched_tokens=64)
+    sched = Scheduler(KVCacheManager(BlockPool(64, 4), prefix_caching=False), max_num_seqs=2, max_batched_tokens=64)
     for i in range(3):
         sched.add(make(i, 2))
     assert len(sched.schedule()) == 2

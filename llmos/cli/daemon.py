@@ -47,6 +47,7 @@ def claim_pid_file(paths: Paths) -> None:
 @click.option("--max-batched-tokens", type=int, default=1024, help="token budget per step")
 @click.option("--max-model-len", type=int, default=None, help="cap the context length")
 @click.option("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may finish on SIGTERM")
+@click.option("--prefix-caching/--no-prefix-caching", default=True, help="reuse KV of shared prompt prefixes")
 @click.option("--max-restarts", type=int, default=5, help="restarts of one driver within 60 s before it is failed")
 @click.option("--log-level", default="INFO")
 def main(home, models, log_level, **options) -> None:

@@ -1,13 +1,17 @@
-"""The KV block pool: the one owner of block ids (design.md, rule 1 and 2).
+"""The KV block pool: the one owner of block ids (design.md, rules 1 and 2).
 
-Blocks are fixed-size pages of the KV pool. This module hands out ids and counts
-references; it never touches the memory itself (the model driver writes it).
-Check, then do: `allocate` returns None when the pool cannot satisfy the request,
-which is the one out-of-memory signal the scheduler handles.
+Blocks are fixed-size pages of the KV pool. This module hands out ids, counts
+references and remembers which full blocks hold which tokens (the prefix cache); it
+never touches the memory itself (the model driver writes it).
+
+Free blocks wait in eviction order (least recently freed first). A free block that
+carries a hash is "cached-free": still reusable by a request with the same prefix
+until `allocate` evicts it. Check, then do: `allocate` returns None when the pool
+cannot satisfy the request, which is the one out-of-memory signal the scheduler handles.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 
 class BlockPool:
@@ -16,50 +20,93 @@ class BlockPool:
             raise ValueError("a pool needs at least one block of at least one token")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._refs = [0] * num_blocks
+        self._hash: list[int | None] = [None] * num_blocks
+        self._tokens: list[tuple | None] = [None] * num_blocks
+        self._cached: dict[int, int] = {}       # block hash -> block id
+        self.evictions = 0
 
     @property
     def num_free(self) -> int:
+        """Blocks `allocate` can hand out (cached-free ones included)."""
         return len(self._free)
 
     @property
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached_free(self) -> int:
+        return sum(1 for b in self._free if self._hash[b] is not None)
+
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int] | None:
-        """n fresh blocks with one reference each, or None if fewer than n are free."""
+        """n blocks with one reference each, evicting the least recently freed cached
+        blocks first; None (and no change) if fewer than n are free."""
         if n > len(self._free):
             return None
-        ids = [self._free.popleft() for _ in range(n)]
-        for b in ids:
+        ids = []
+        for _ in range(n):
+            b, _ = self._free.popitem(last=False)
+            self._evict(b)
             self._refs[b] = 1
+            ids.append(b)
         return ids
 
+    def _evict(self, b: int) -> None:
+        h = self._hash[b]
+        if h is not None:
+            if self._cached.get(h) == b:
+                del self._cached[h]
+            self._hash[b] = self._tokens[b] = None
+            self.evictions += 1
+
     def free(self, ids: list[int]) -> None:
-        """Drop one reference from each block; blocks with none left become free."""
-        for b in ids:
+        """Drop one reference from each block. Blocks with none left join the free queue
+        in reverse order, so a sequence's tail is evicted before its (more shared) head."""
+        for b in reversed(ids):
             if self._refs[b] <= 0:
                 raise RuntimeError(f"double free of block {b}")
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
+
+    def share(self, ids: list[int]) -> None:
+        """Take one more reference on blocks (a prefix-cache hit or a fork); a cached-free
+        block leaves the free queue."""
+        for b in ids:
+            if self._refs[b] == 0:
+                del self._free[b]
+            self._refs[b] += 1
 
     def ref_count(self, block: int) -> int:
         return self._refs[block]
 
+    # ------------------------------------------------------------ prefix cache
+    def cache(self, block: int, block_hash: int, tokens: tuple) -> None:
+        """Record that a full, written block holds `tokens` after the prefix `block_hash` chains."""
+        if self._hash[block] is not None:
+            return
+        self._hash[block], self._tokens[block] = block_hash, tokens
+        self._cached.setdefault(block_hash, block)
+
+    def lookup(self, block_hash: int, tokens: tuple) -> int | None:
+        """The cached block for this hash, confirmed against its stored tokens."""
+        b = self._cached.get(block_hash)
+        return b if b is not None and self._tokens[b] == tokens else None
+
     def check_integrity(self, owners: dict[object, list[int]] | None = None) -> None:
         """Raise AssertionError if the pool's books do not balance. With `owners`
         (owner -> its block table) also check that reference counts equal owners."""
-        free = set(self._free)
-        if len(free) != len(self._free):
-            raise AssertionError("a block is on the free list twice")
         for b in range(self.num_blocks):
-            if (b in free) != (self._refs[b] == 0):
-                raise AssertionError(f"block {b}: refs={self._refs[b]} but free={b in free}")
+            if (b in self._free) != (self._refs[b] == 0):
+                raise AssertionError(f"block {b}: refs={self._refs[b]} but free={b in self._free}")
+        for h, b in self._cached.items():
+            if self._hash[b] != h:
+                raise AssertionError(f"cache maps hash {h} to block {b} that carries {self._hash[b]}")
         if owners is not None:
             counted = [0] * self.num_blocks
             for table in owners.values():

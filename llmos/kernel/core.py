@@ -20,6 +20,8 @@ from llmos.bus import KernelBus
 from llmos.config import DaemonConfig
 from llmos.kernel.engine import ModelEngine
 from llmos.kernel.frontdoor import FrontDoor
+from llmos.kernel.jobs import JobManager, JobStore
+from llmos.kernel.jobs.manager import PEER as JOBS_PEER
 from llmos.kernel.mem.device import select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
 from llmos.kernel.supervisor import DriverSpec, Supervisor
@@ -41,6 +43,8 @@ class Kernel:
         self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
         self.commands: dict = {"restart": self._restart_driver}   # Command.what -> handler(args) -> data
+        self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
+        self.jobs: JobManager | None = None
 
     def send(self, peer: str, msg) -> None:
         """Send to a driver over the bus, or to an in-kernel client (peer names starting with @)."""
@@ -61,6 +65,10 @@ class Kernel:
             if name in self.engines:
                 raise ValueError(f"model {name!r} given twice")
             self.engines[name] = ModelEngine(name, spec, self.config, budget, self.send, self.front.tokens_ready)
+        self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running)
+        self.local_clients[JOBS_PEER] = self.jobs.deliver
+        self.commands.update(self.jobs.commands)
+        self.queries.update(self.jobs.queries)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
@@ -72,6 +80,7 @@ class Kernel:
                                        "--timeout", str(self.config.first_answer_timeout)))
         tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self.supervisor.watch())]
         tasks += [asyncio.ensure_future(e.run()) for e in self.engines.values()]
+        tasks.append(asyncio.ensure_future(self.jobs.run()))  # resumes unfinished jobs first
         try:
             await self.stopped.wait()
         finally:
@@ -98,6 +107,8 @@ class Kernel:
         self.stopped.set()
 
     def _release(self) -> None:
+        if self.jobs is not None:
+            self.jobs.close()
         for engine in self.engines.values():
             if engine.pool is not None:
                 engine.pool.release()
@@ -189,6 +200,8 @@ class Kernel:
                 "requests": [r.summary() for r in self.front.table.values()]}}
         if what == "memory":
             return {"ok": True, "data": self.memory()}
+        if what in self.queries:
+            return self._command(what, args, self.queries)
         return {"ok": False, "data": f"unknown query {what!r}"}
 
     @staticmethod
@@ -200,8 +213,8 @@ class Kernel:
             log.error("KV pool integrity check failed: %s", exc)
             return f"broken: {exc}"
 
-    def _command(self, what: str, args: dict) -> dict:
-        handler = self.commands.get(what)
+    def _command(self, what: str, args: dict, table: dict | None = None) -> dict:
+        handler = (self.commands if table is None else table).get(what)
         if handler is None:
             return {"ok": False, "data": f"unknown command {what!r}"}
         try:
@@ -236,7 +249,9 @@ class Kernel:
                 continue
             pool = e.scheduler.pool
             out[name] = {"device": e.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
-                         "blocks_used": pool.num_used, "blocks_free": pool.num_free, "pool_bytes": e.pool.nbytes,
+                         "blocks_used": pool.num_used, "blocks_free": pool.num_free,
+                         "blocks_cached_free": pool.num_cached_free, "prefix_cache": e.scheduler.kv.stats(),
+                         "weight_bytes": e.info.get("weight_bytes"), "pool_bytes": e.pool.nbytes,
                          "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
                          "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
                          "steps": e.stats.to_dict(), "recoveries": e.recoveries,

@@ -15,6 +15,7 @@ import numpy as np
 
 from llmos import protocol
 from llmos.kernel.blocks import BlockPool
+from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.mem.pool import KVGeometry, SharedKVPool
 from llmos.kernel.requests import Request, State
 from llmos.kernel.scheduler import ScheduledSeq, Scheduler
@@ -68,8 +69,8 @@ class ModelEngine:
             if num_blocks < 2:
                 raise RuntimeError(f"KV budget {self.kv_bytes_budget} bytes holds fewer than 2 blocks")
             self.pool = SharedKVPool(self.name, geo, num_blocks)
-            self.scheduler = Scheduler(BlockPool(num_blocks, geo.block_size), self.config.max_num_seqs,
-                                       self.config.max_batched_tokens)
+            kv = KVCacheManager(BlockPool(num_blocks, geo.block_size), self.config.prefix_caching)
+            self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens)
         g = self.pool.geometry
         self._send(self.driver, protocol.MapKVPool(
             path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
@@ -169,6 +170,7 @@ class ModelEngine:
             if req.state is not State.RUNNING:
                 continue  # aborted while the step ran; its blocks are already free
             req.num_computed += s.num_new
+            self.scheduler.kv.commit(req)
             if i is None:
                 continue
             token = int(result.tokens[i])

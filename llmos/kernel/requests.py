@@ -43,6 +43,8 @@ class Request:
     state: State = State.TOKENIZING
     num_computed: int = 0             # tokens whose KV is in the pool
     blocks: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks (memo)
+    cached_blocks: int = 0            # leading blocks of `blocks` registered in the prefix cache
     max_tokens: int = 0               # resolved at admission
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmos.kernel.blocks import BlockPool, blocks_needed
+from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.requests import Request, State
 
 
@@ -34,9 +34,10 @@ class ScheduledSeq:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
                  policy=None):
-        self.pool = pool
+        self.kv = kv
+        self.pool = kv.pool
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.policy = policy or FCFSPolicy()
@@ -74,9 +75,13 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if not req.blocks:
+                self.kv.attach_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow(req, n):
-                break  # head of line waits for memory: FCFS keeps its promise of order
+                self.kv.free(req)  # give the prefix hits back: they stay cached
+                req.num_computed = 0
+                break  # head of line waits for memory: the policy's order is kept
             self.waiting.pop(0)
             req.to(State.RUNNING)
             self.running.append(req)
@@ -85,19 +90,12 @@ class Scheduler:
         return batch
 
     def _grow(self, req: Request, n: int) -> bool:
-        need = blocks_needed(req.num_computed + n, self.pool.block_size) - len(req.blocks)
-        if need <= 0:
-            return True
-        got = self.pool.allocate(need)
-        if got is None:
-            return False
-        req.blocks.extend(got)
-        return True
+        return self.kv.allocate_slots(req, n)
 
     def _preempt(self, req: Request) -> None:
-        """Recompute preemption: drop the KV, keep the tokens, queue at the front."""
-        self.pool.free(req.blocks)
-        req.blocks = []
+        """Recompute preemption: drop the KV (its full blocks stay in the prefix cache), keep
+        the tokens, queue at the front."""
+        self.kv.free(req)
         req.num_computed = 0
         req.preemptions += 1
         self.preemptions += 1
@@ -111,8 +109,7 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.pool.free(req.blocks)
-        req.blocks = []
+        self.kv.free(req)
 
     def owners(self) -> dict[str, list[int]]:
         return {r.id: r.blocks for r in self.running + self.waiting if r.blocks}

@@ -1,0 +1,104 @@
+"""OpenAI's Batch file format, in and out. Pure functions; the kernel imports this (no I/O).
+
+Input: one JSON object per line,
+    {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}
+where body is what that endpoint takes (validated by the io driver's own parsers, so a batch
+line accepts exactly what an interactive request does, except `stream`). Line numbers are
+physical and 1-based; blank lines are skipped but counted, so errors name the line an
+editor shows.
+
+Output: one line per request, {"id", "custom_id", "response": {"status_code", "request_id",
+"body"}, "error"}; a request that never ran (its job was cancelled) has response null and
+error {"code", "message"}.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from llmos import protocol
+from llmos.drivers.io.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
+
+PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
+MAX_CUSTOM_ID = 512
+TENANT = "batch"   # the tag the scheduler's batch class will key on (Submit has no priority field)
+_KEYS = {"custom_id", "method", "url", "body"}
+
+
+class LineError(ValueError):
+    """Line `line_no` of a batch file is not a valid request; str() says why."""
+
+    def __init__(self, line_no: int, message: str):
+        super().__init__(message)
+        self.line_no = line_no
+
+
+@dataclass
+class BatchLine:
+    line_no: int
+    custom_id: str
+    url: str
+    text: str                  # the line as stored (stripped)
+    parsed: ParsedRequest
+
+
+def check_line(line_no: int, raw: bytes | str, models=None) -> BatchLine | None:
+    """Parse and validate one line; None for a blank line. `models`: the served model names
+    (a container), or None to skip that check. Raises LineError."""
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LineError(line_no, f"not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    text = raw.strip()
+    if not text:
+        return None
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise LineError(line_no, f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise LineError(line_no, "must be a JSON object with custom_id, method, url and body")
+    missing, unknown = _KEYS - set(obj), set(obj) - _KEYS
+    if missing or unknown:
+        what = [f"missing {', '.join(sorted(missing))}"] * bool(missing) + [
+            f"unknown field {', '.join(sorted(unknown))}"] * bool(unknown)
+        raise LineError(line_no, "; ".join(what))
+    custom_id, method, url, body = obj["custom_id"], obj["method"], obj["url"], obj["body"]
+    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_CUSTOM_ID:
+        raise LineError(line_no, f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters")
+    if method != "POST":
+        raise LineError(line_no, f"method must be \"POST\", got {method!r}")
+    if url not in PARSERS:
+        raise LineError(line_no, f"url must be one of {', '.join(PARSERS)}, got {url!r}")
+    if not isinstance(body, dict):
+        raise LineError(line_no, "body must be a JSON object")
+    if body.get("stream"):
+        raise LineError(line_no, "body.stream: batch requests cannot stream")
+    try:
+        parsed = PARSERS[url](body)
+    except ApiError as exc:
+        where = f"body.{exc.param}: " if exc.param else "body: "
+        raise LineError(line_no, where + exc.message) from None
+    if models is not None and parsed.model not in models:
+        served = ", ".join(sorted(models)) or "none"
+        raise LineError(line_no, f"body.model: model {parsed.model!r} is not served (served: {served})")
+    return BatchLine(line_no, custom_id, url, text, parsed)
+
+
+def submit_of(line: BatchLine, request_id: str) -> protocol.Submit:
+    p = line.parsed
+    return protocol.Submit(request_id=request_id, model=p.model, prompt=p.prompt, messages=p.messages,
+                           prompt_token_ids=p.prompt_token_ids, params=p.params.to_dict(), tenant=TENANT)
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
+    return ApiError(status, message, param, code).body()
+
+
+def output_line(req_id: str, custom_id: str, request_id: str | None, status: int | None,
+                body: dict | None, error: dict | None = None) -> str:
+    """One line of an output or error file (without the newline)."""
+    response = None if status is None else {"status_code": status, "request_id": request_id, "body": body}
+    return json.dumps({"id": req_id, "custom_id": custom_id, "response": response, "error": error},
+                      ensure_ascii=False)

@@ -1,0 +1,301 @@
+"""JobManager: runs durable batch jobs through the kernel as the in-kernel client "@jobs".
+
+    feed: take the next lines of the oldest active job from the store, mark them running
+          (committed), submit them to the front door -- at most max_in_flight in all
+    deliver: accumulate each request's outputs; at its final item commit the result
+    finish: a job whose every line has a result becomes completed
+
+Exactly once: a line's result is committed once (see store.py); at start, lines that were
+running when the kernel died go back to pending and are sent again, finished ones never.
+Transient refusals (503/504: model loading, daemon draining) put a line back to pending;
+any other error is the line's result (it goes to the error file).
+
+Wiring (kernel/core.py): local_clients["@jobs"] = deliver; `commands` and `queries` join
+the kernel's tables; run() is a task (it resumes unfinished jobs first); close() at exit.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from llmos import protocol
+from llmos.drivers.io.openai_api import ResponseShaper
+from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_line, error_body, submit_of
+from llmos.kernel.jobs.files import ERROR_PREFIX, OUTPUT_PREFIX, Files
+from llmos.kernel.jobs.store import ACTIVE, TERMINAL, JobStore
+
+log = logging.getLogger(__name__)
+PEER = "@jobs"
+TRANSIENT = (503, 504)
+RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long before feeding again
+RATE_WINDOW_S = 30.0
+
+
+@dataclass
+class Flight:
+    job_id: str
+    line: BatchLine
+    shaper: ResponseShaper | None = None
+
+
+class JobManager:
+    def __init__(self, store: JobStore, front, engines: dict, is_running, max_in_flight: int = 64):
+        self.store, self.front, self.engines = store, front, engines
+        self._is_running = is_running       # driver name -> bool
+        self.max_in_flight = max_in_flight
+        self.files = Files(store, engines)
+        self.flights: dict[str, Flight] = {}     # request id -> the line it runs
+        self.active: list[str] = []              # job ids still to feed or finish, oldest first
+        self._paused: dict[str, float] = {}      # job id -> monotonic time feeding may resume
+        self._finished: dict[str, deque] = {}    # job id -> (monotonic, tokens) of recent results
+        self.recent_errors: deque = deque(maxlen=50)
+        self.wakeup = asyncio.Event()
+        self.commands = {"files.begin": self.files.begin, "files.append": self.files.append,
+                         "files.commit": self.files.commit, "files.discard": self.files.discard,
+                         "jobs.create": self.create, "jobs.cancel": self.cancel}
+        self.queries = {"files.get": self.files.get, "files.page": self.files.page, "jobs.list": self.list_jobs,
+                        "jobs.get": self.get_job, "jobs.errors": lambda args: list(self.recent_errors)}
+
+    # ------------------------------------------------------------ lifecycle
+    def resume(self) -> None:
+        requeued = self.store.recover()
+        for job_id in self.store.active_jobs():
+            job = self.store.get_job(job_id)
+            if job["status"] == "cancelling":
+                self._cancel_now(job)
+            elif job["status"] == "finalizing":
+                self.store.set_status(job_id, "completed", int(time.time()))
+            else:
+                self.active.append(job_id)
+        if self.active or requeued:
+            log.info("jobs: resuming %d job(s); %d request(s) were in flight and are sent again",
+                     len(self.active), requeued)
+
+    async def run(self) -> None:
+        self.resume()
+        while True:
+            self.wakeup.clear()
+            try:
+                self.feed()
+                self.files.drop_idle()
+            except Exception:  # the job loop must outlive any one bad job
+                log.exception("jobs: feeding failed")
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    def close(self) -> None:
+        self.store.close()
+
+    # ------------------------------------------------------------ feeding
+    def feed(self) -> None:
+        if self.front.draining:
+            return
+        now = time.monotonic()
+        for job_id in list(self.active):
+            room = self.max_in_flight - len(self.flights)
+            if room <= 0:
+                return
+            job = self.store.get_job(job_id)
+            if job is None or job["status"] != "in_progress":
+                self.active.remove(job_id)
+            elif self._paused.get(job_id, 0.0) <= now:
+                rows = self.store.next_lines(job, room)
+                if rows:
+                    self._start(job, rows)
+                else:
+                    self._maybe_finish(job)
+
+    def _start(self, job: dict, rows: list) -> None:
+        starting, next_line = [], job["next_line"]
+        for line_no, custom_id, text, new in rows:
+            try:
+                line, problem = check_line(line_no, text), None
+            except LineError as exc:  # validated at upload; only a changed llmos gets here
+                line, problem = None, str(exc)
+            if line is not None and not self._ready(line.parsed.model):
+                self._paused[job["id"]] = time.monotonic() + RETRY_PAUSE_S
+                break
+            starting.append((line_no, custom_id, f"job-{job['id']}-{line_no}", line, problem))
+            next_line = line_no + 1 if new else next_line
+        if not starting:
+            return
+        self.store.mark_running(job["id"], [s[:3] for s in starting], next_line)
+        for line_no, custom_id, rid, line, problem in starting:
+            if line is None:
+                self._record([self._result(job["id"], line_no, 400, error_body(400, "invalid_request", problem))])
+            else:  # registered first: the front door may answer before submit returns
+                self.flights[rid] = Flight(job["id"], line)
+                self.front.submit(PEER, submit_of(line, rid))
+
+    def _ready(self, model: str) -> bool:
+        """Whether a request for `model` can be admitted now (unknown models fail at once)."""
+        engine = self.engines.get(model)
+        return engine is None or (engine.driver_ready and self._is_running(engine.tokenizer))
+
+    # ------------------------------------------------------------ answers from the front door
+    def deliver(self, msg) -> None:
+        """Kernel.local_clients["@jobs"]: Accepted / Rejected / Outputs for our requests."""
+        if isinstance(msg, protocol.Outputs):
+            done = []
+            for item in msg.items:
+                rid = item.get("rid") if isinstance(item, dict) else None
+                f = self.flights.get(rid)
+                if f is None:
+                    continue
+                f.shaper = f.shaper or ResponseShaper(f.line.parsed, rid, 0)
+                f.shaper.add(item)
+                if item.get("finish") is not None:
+                    del self.flights[rid]
+                    body = f.shaper.response()
+                    done.append(self._result(f.job_id, f.line.line_no, 200, body, body["usage"]))
+            if done:
+                self._record(done)
+        elif isinstance(msg, protocol.Accepted) and msg.request_id in self.flights:
+            f = self.flights[msg.request_id]
+            f.shaper = ResponseShaper(f.line.parsed, msg.request_id, msg.prompt_tokens)
+        elif isinstance(msg, protocol.Rejected) and msg.request_id in self.flights:
+            f = self.flights.pop(msg.request_id)
+            if msg.status in TRANSIENT:
+                self.store.requeue(f.job_id, [f.line.line_no])
+                self._paused[f.job_id] = time.monotonic() + RETRY_PAUSE_S
+            else:
+                self._record([self._result(f.job_id, f.line.line_no, msg.status,
+                                           error_body(msg.status, msg.code, msg.message, msg.param))])
+        self.wakeup.set()
+
+    @staticmethod
+    def _result(job_id: str, line_no: int, status: int, body: dict, usage: dict | None = None) -> dict:
+        usage = usage or {}
+        return {"job_id": job_id, "line_no": line_no, "state": "completed" if status == 200 else "failed",
+                "status_code": status, "response": json.dumps(body, ensure_ascii=False),
+                "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                "completion_tokens": int(usage.get("completion_tokens") or 0), "finished_at": time.time()}
+
+    def _record(self, results: list[dict]) -> None:
+        now = time.monotonic()
+        for r in self.store.finish(results):
+            self._finished.setdefault(r["job_id"], deque(maxlen=10_000)).append((now, r["completion_tokens"]))
+            if r["state"] == "failed":
+                err = json.loads(r["response"])["error"]
+                self.recent_errors.append({"at": r["finished_at"], "job": r["job_id"], "line": r["line_no"],
+                                           "status": r["status_code"], "code": err["code"], "message": err["message"]})
+        for job_id in {r["job_id"] for r in results}:
+            self._maybe_finish(self.store.get_job(job_id))
+
+    def _maybe_finish(self, job: dict | None) -> None:
+        if (job and job["status"] == "in_progress" and job["completed"] + job["failed"] >= job["total"]
+                and not self._running(job["id"])):
+            now = int(time.time())
+            self.store.set_status(job["id"], "finalizing", now)
+            self.store.set_status(job["id"], "completed", now)
+            if job["id"] in self.active:
+                self.active.remove(job["id"])
+            log.info("job %s completed: %d ok, %d failed", job["id"], job["completed"], job["failed"])
+
+    def _running(self, job_id: str) -> int:
+        return sum(1 for f in self.flights.values() if f.job_id == job_id)
+
+    # ------------------------------------------------------------ commands and queries
+    def create(self, args: dict) -> dict:
+        """jobs.create {input_file_id, endpoint, completion_window, metadata}: the job is
+        committed (fsynced) before this returns."""
+        file_id, endpoint = args.get("input_file_id"), args.get("endpoint")
+        window, metadata = args.get("completion_window") or "24h", args.get("metadata")
+        f = self.store.get_file(file_id) if isinstance(file_id, str) else None
+        if f is None:
+            raise ValueError(f"input_file_id: no file {file_id!r}")
+        if f["purpose"] != "batch":
+            raise ValueError(f"input_file_id: file {file_id} has purpose {f['purpose']!r}, not 'batch'")
+        if endpoint not in PARSERS:
+            raise ValueError(f"endpoint must be one of {', '.join(PARSERS)}, got {endpoint!r}")
+        if endpoint != f["endpoint"]:
+            raise ValueError(f"endpoint {endpoint} does not match the file's requests ({f['endpoint']})")
+        if not isinstance(window, str) or len(window) > 16:
+            raise ValueError("completion_window must be a string such as '24h'")
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
+                for k, v in metadata.items())):
+            raise ValueError("metadata must be an object of at most 16 string keys (64) and values (512)")
+        job_id = f"batch_{uuid.uuid4().hex[:24]}"
+        self.store.create_job(job_id, f, endpoint, window, metadata, int(time.time()))
+        self.active.append(job_id)
+        self.wakeup.set()
+        log.info("job %s accepted: %d request(s) from %s", job_id, f["lines"], file_id)
+        return self.view(self.store.get_job(job_id))
+
+    def cancel(self, args: dict) -> dict | None:
+        """jobs.cancel {id}: stop feeding, abort what runs; idempotent on finished jobs."""
+        job = self.store.get_job(args.get("id")) if isinstance(args.get("id"), str) else None
+        if job is None:
+            return None
+        if job["status"] == "in_progress":
+            self.store.set_status(job["id"], "cancelling", int(time.time()))
+            self._cancel_now(job)
+        return self.view(self.store.get_job(job["id"]))
+
+    def _cancel_now(self, job: dict) -> None:
+        for rid in [rid for rid, f in self.flights.items() if f.job_id == job["id"]]:
+            del self.flights[rid]
+            self.front.abort(protocol.Abort(request_id=rid, reason="batch job cancelled"))
+        self.store.cancel_unfinished(job["id"])
+        self.store.set_status(job["id"], "cancelled", int(time.time()))
+        if job["id"] in self.active:
+            self.active.remove(job["id"])
+        log.info("job %s cancelled", job["id"])
+
+    def get_job(self, args: dict) -> dict | None:
+        job = self.store.get_job(args.get("id")) if isinstance(args.get("id"), str) else None
+        return self.view(job) if job else None
+
+    def list_jobs(self, args: dict) -> list[dict]:
+        limit = args.get("limit", 100)
+        if not isinstance(limit, int) or not 0 < limit <= 1000:
+            raise ValueError("limit must be an integer in 1..1000")
+        after = args.get("after")
+        return [self.view(j) for j in self.store.list_jobs(limit, after if isinstance(after, str) else None)]
+
+    def view(self, job: dict) -> dict:
+        """OpenAI's Batch object, plus an "llmos" map: counts by state, throughput, ETA."""
+        jid, status = job["id"], job["status"]
+        total, done, failed = job["total"], job["completed"], job["failed"]
+        running = self._running(jid) if status in ACTIVE else 0
+        cancelled = total - done - failed if status in ("cancelled", "failed") else 0
+        left = total - done - failed - cancelled
+        rps, tps = self._rates(jid)
+        terminal = status in TERMINAL
+        p, c = job["prompt_tokens"], job["completion_tokens"]
+        return {
+            "id": jid, "object": "batch", "endpoint": job["endpoint"], "errors": job["errors"],
+            "input_file_id": job["input_file_id"], "completion_window": job["completion_window"], "status": status,
+            "output_file_id": OUTPUT_PREFIX + jid if terminal and done else None,
+            "error_file_id": ERROR_PREFIX + jid if terminal and (failed or cancelled) else None,
+            **{k: job[k] for k in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
+                                   "cancelling_at", "cancelled_at")},
+            "expires_at": None, "expired_at": None, "metadata": job["metadata"],
+            "request_counts": {"total": total, "completed": done, "failed": failed},
+            "usage": {"input_tokens": p, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": c,
+                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c},
+            "llmos": {"counts": {"total": total, "pending": left - running, "running": running, "completed": done,
+                                 "failed": failed, "cancelled": cancelled},
+                      "throughput": {"requests_per_s": rps, "tokens_per_s": tps},
+                      "eta_s": 0.0 if not left else round(left / rps, 1) if rps and not terminal else None,
+                      "output_file_id": OUTPUT_PREFIX + jid, "error_file_id": ERROR_PREFIX + jid},
+        }
+
+    def _rates(self, job_id: str) -> tuple[float, float]:
+        """Requests and completion tokens per second over the last RATE_WINDOW_S."""
+        recent = self._finished.get(job_id)
+        now = time.monotonic()
+        while recent and now - recent[0][0] > RATE_WINDOW_S:
+            recent.popleft()
+        if not recent:
+            return 0.0, 0.0
+        span = max(now - recent[0][0], 1.0)
+        return round(len(recent) / span, 2), round(sum(t for _, t in recent) / span, 1)

@@ -1,0 +1,91 @@
+"""Per-request KV bookkeeping above the block pool: block tables, the prefix cache.
+
+The scheduler calls only this layer; this layer calls only the BlockPool. A full
+block is identified by a chained hash of (parent hash, its token ids) and confirmed
+against the stored tokens, so a new request reuses every cached block of its longest
+cached prefix and computes only the rest. Preempted (recomputed) requests benefit
+too: their blocks stay cached until evicted.
+"""
+from __future__ import annotations
+
+from llmos.kernel.blocks import BlockPool, blocks_needed
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, prefix_caching: bool = True):
+        self.pool = pool
+        self.prefix_caching = prefix_caching
+        self.lookups = 0
+        self.queried_tokens = 0
+        self.hit_tokens = 0
+
+    @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    def _hashes(self, req, upto_blocks: int) -> list[int]:
+        """The chained hashes of req's first `upto_blocks` full blocks (memoised on req)."""
+        hashes = req.block_hashes
+        bs = self.block_size
+        while len(hashes) < upto_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else 0
+            hashes.append(hash((parent, tuple(req.token_at(i * bs, (i + 1) * bs)))))
+        return hashes[:upto_blocks]
+
+    def attach_prefix(self, req) -> int:
+        """For a request with no blocks: take every cached block of its longest cached prefix.
+        At least one token is always left to compute (its logits give the next token).
+        Returns the number of tokens reused (req.num_computed is set to it)."""
+        assert not req.blocks and req.num_computed == 0
+        if not self.prefix_caching:
+            return 0
+        bs = self.block_size
+        full = (req.num_tokens - 1) // bs
+        self.lookups += 1
+        self.queried_tokens += req.num_tokens
+        hits = []
+        for i, h in enumerate(self._hashes(req, full)):
+            b = self.pool.lookup(h, tuple(req.token_at(i * bs, (i + 1) * bs)))
+            if b is None:
+                break
+            hits.append(b)
+        self.pool.share(hits)
+        req.blocks = hits
+        req.cached_blocks = len(hits)
+        req.num_computed = len(hits) * bs
+        self.hit_tokens += req.num_computed
+        return req.num_computed
+
+    def allocate_slots(self, req, num_new: int) -> bool:
+        """Make room for num_new more tokens of req; False (nothing changed) if the pool is short."""
+        need = blocks_needed(req.num_computed + num_new, self.block_size) - len(req.blocks)
+        if need <= 0:
+            return True
+        got = self.pool.allocate(need)
+        if got is None:
+            return False
+        req.blocks.extend(got)
+        return True
+
+    def commit(self, req) -> None:
+        """After a step wrote req's KV: register its newly full blocks in the prefix cache."""
+        if not self.prefix_caching:
+            return
+        full = min(req.num_computed // self.block_size, len(req.blocks))
+        bs = self.block_size
+        first_new = req.cached_blocks
+        for i, h in enumerate(self._hashes(req, full)[first_new:], start=first_new):
+            self.pool.cache(req.blocks[i], h, tuple(req.token_at(i * bs, (i + 1) * bs)))
+        req.cached_blocks = max(first_new, full)
+
+    def free(self, req) -> None:
+        self.pool.free(req.blocks)
+        req.blocks = []
+        req.cached_blocks = 0
+
+    def stats(self) -> dict:
+        return {"prefix_caching": self.prefix_caching, "lookups": self.lookups,
+                "queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens,
+                "hit_rate": round(self.hit_tokens / self.queried_tokens, 4) if self.queried_tokens else 0.0,
+                "evictions": self.pool.evictions}
