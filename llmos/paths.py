@@ -1,7 +1,8 @@
 """Where llmos keeps its state: $LLMOS_HOME (default ~/.llmos).
 
 run/ holds the API socket, the bus endpoints and the pid file (mode 0700);
-models/ holds converted model directories; logs/ the daemon and driver logs.
+models/ holds converted model directories; logs/ the daemon and driver logs;
+jobs.db the durable batch jobs (SQLite, WAL).
 """
 from __future__ import annotations
 
@@ -34,6 +35,10 @@ class Paths:
     @property
     def kernel_endpoint(self) -> str:
         return f"ipc://{self.run_dir / 'kernel.bus'}"
+
+    @property
+    def jobs_db(self) -> Path:
+        return self.home / "jobs.db"
 
     @property
     def logs_dir(self) -> Path:
