@@ -59,12 +59,12 @@ class Kernel:
         self.paths.ensure()
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
-        budget = parse_memory(self.config.kv_memory, self.device.available) // max(1, len(self.config.models))
         for spec in self.config.models:
             name = model_name(spec)
             if name in self.engines:
                 raise ValueError(f"model {name!r} given twice")
-            self.engines[name] = ModelEngine(name, spec, self.config, budget, self.send, self.front.tokens_ready)
+            self.engines[name] = ModelEngine(name, spec, self.config, self._kv_budget, self.send,
+                                             self.front.tokens_ready)
         self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running)
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
@@ -87,6 +87,16 @@ class Kernel:
             for t in tasks:
                 t.cancel()
             self._release()
+
+    def _kv_budget(self, info: dict) -> dict:
+        """Size a model's KV pool once its driver has loaded the weights: a fraction applies to
+        the device memory still free now (weights and the driver's working memory already
+        taken), shared evenly between the served models."""
+        device = select_device(self.device.device)
+        budget = parse_memory(self.config.kv_memory, device.available) // max(1, len(self.config.models))
+        return {"device": device.device, "device_total_bytes": device.total,
+                "device_available_bytes": device.available, "weight_bytes": int(info.get("weight_bytes", 0)),
+                "kv_budget_bytes": budget, "kv_memory": self.config.kv_memory}
 
     def _spec(self, name: str, role: str, module: str, *args: str) -> DriverSpec:
         argv = [sys.executable, "-m", module, "--endpoint", self.paths.kernel_endpoint, "--name", name, *args]
@@ -251,7 +261,7 @@ class Kernel:
             out[name] = {"device": e.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
                          "blocks_used": pool.num_used, "blocks_free": pool.num_free,
                          "blocks_cached_free": pool.num_cached_free, "prefix_cache": e.scheduler.kv.stats(),
-                         "weight_bytes": e.info.get("weight_bytes"), "pool_bytes": e.pool.nbytes,
+                         "accounting": e.accounting, "pool_bytes": e.pool.nbytes,
                          "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
                          "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
                          "steps": e.stats.to_dict(), "recoveries": e.recoveries,

@@ -29,11 +29,12 @@ class DriverLost(Exception):
 
 
 class ModelEngine:
-    def __init__(self, name: str, spec: str, config, kv_bytes_budget: int, send, on_tokens):
+    def __init__(self, name: str, spec: str, config, kv_budget, send, on_tokens):
         self.name, self.spec, self.config = name, spec, config
         self.driver = f"model-{name}"
         self.tokenizer = f"tokenizer-{name}"
-        self.kv_bytes_budget = kv_bytes_budget
+        self._kv_budget = kv_budget       # (driver info) -> bytes for this model's pool
+        self.accounting: dict = {}
         self._send = send                 # (peer, message) -> None
         self._on_tokens = on_tokens       # (engine, [Request]) -> None: new tokens to detokenize
         self.info: dict | None = None
@@ -65,9 +66,11 @@ class ModelEngine:
         if self.pool is None:
             geo = KVGeometry(int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]),
                              str(info["dtype"]), self.config.block_size)
-            num_blocks = self.kv_bytes_budget // geo.block_bytes
+            self.accounting = self._kv_budget(info)
+            budget = self.accounting["kv_budget_bytes"]
+            num_blocks = budget // geo.block_bytes
             if num_blocks < 2:
-                raise RuntimeError(f"KV budget {self.kv_bytes_budget} bytes holds fewer than 2 blocks")
+                raise RuntimeError(f"KV budget {budget} bytes holds fewer than 2 blocks of {geo.block_bytes}")
             self.pool = SharedKVPool(self.name, geo, num_blocks)
             kv = KVCacheManager(BlockPool(num_blocks, geo.block_size), self.config.prefix_caching)
             self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens)
