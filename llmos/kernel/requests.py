@@ -45,6 +45,8 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks (memo)
     cached_blocks: int = 0            # leading blocks of `blocks` registered in the prefix cache
+    host_blocks: list[int] = field(default_factory=list)    # KV swapped out to the host pool
+    swapped: bool = False
     max_tokens: int = 0               # resolved at admission
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -73,9 +75,17 @@ class Request:
             raise RuntimeError(f"request {self.id}: illegal transition {self.state.name} -> {new.name}")
         self.state = new
 
+    @property
+    def display_state(self) -> str:
+        if self.state is State.WAITING and self.swapped:
+            return "swapped"
+        if self.state is State.WAITING and self.preemptions:
+            return "preempted"
+        return self.state.value
+
     def summary(self) -> dict:
         return {
-            "id": self.id, "model": self.model, "tenant": self.tenant, "state": self.state.value,
+            "id": self.id, "model": self.model, "tenant": self.tenant, "state": self.display_state,
             "prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids),
             "blocks": len(self.blocks), "preemptions": self.preemptions,
             "age_s": round(time.monotonic() - self.arrival, 3),

@@ -35,8 +35,9 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 policy=None):
+                 policy=None, swap=None):
         self.kv = kv
+        self.swap = swap                  # SwapSpace, or None: preemption always recomputes
         self.pool = kv.pool
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
@@ -75,7 +76,10 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if not req.blocks:
+            if req.host_blocks:
+                if not self.swap.swap_in(req, self.kv):
+                    break
+            elif not req.blocks:
                 self.kv.attach_prefix(req)
             n = min(req.num_tokens - req.num_computed, budget)
             if not self._grow(req, n):
@@ -93,10 +97,13 @@ class Scheduler:
         return self.kv.allocate_slots(req, n)
 
     def _preempt(self, req: Request) -> None:
-        """Recompute preemption: drop the KV (its full blocks stay in the prefix cache), keep
-        the tokens, queue at the front."""
-        self.kv.free(req)
-        req.num_computed = 0
+        """Swap the KV out to host memory, or drop it to recompute later (its full blocks stay
+        in the prefix cache); keep the tokens; queue at the front."""
+        if self.swap is not None and self.swap.should_swap(req):
+            self.swap.swap_out(req, self.kv)
+        else:
+            self.kv.free(req)
+            req.num_computed = 0
         req.preemptions += 1
         self.preemptions += 1
         self.running.remove(req)
@@ -110,6 +117,8 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.kv.free(req)
+        if self.swap is not None:
+            self.swap.drop(req)
 
     def owners(self) -> dict[str, list[int]]:
         return {r.id: r.blocks for r in self.running + self.waiting if r.blocks}
