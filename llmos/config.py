@@ -17,5 +17,7 @@ class DaemonConfig:
     drain_timeout: float = 30.0       # SIGTERM: how long in-flight requests may finish
     first_answer_timeout: float = 600.0
     prefix_caching: bool = True
+    swap_memory: str = "512MiB"       # host swap pool: bytes, '2GiB', or a fraction of free host memory
+    preemption_mode: str = "auto"     # auto (cost estimate) | swap | recompute
     max_restarts: int = 5             # a driver restarting more often than this in 60 s is failed
 

@@ -177,7 +177,8 @@ class DriverError(Message):
 @message(0x10)
 class MapKVPool(Message):
     """kernel -> model driver: map the kernel-owned KV pool. Layout of the pool file:
-    [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim] of `dtype`."""
+    [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim] of `dtype`.
+    The host swap pool (if any) has the same layout with host_blocks blocks, in host memory."""
     path: str
     device: str
     dtype: str
@@ -186,6 +187,8 @@ class MapKVPool(Message):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    host_path: str | None = None
+    host_blocks: int = 0
 
 
 @message(0x11)
@@ -195,7 +198,8 @@ class PoolMapped(Message):
 
 
 @message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
-                       "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs"))
+                       "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs",
+                       "swap_out", "swap_in"))
 class StepPlan(Message):
     """kernel -> model driver: one forward pass over a packed batch.
 
@@ -203,7 +207,8 @@ class StepPlan(Message):
     start_pos[i].. ; its KV lives in block_tables[i] (padded with -1). Sequences with
     sample[i] == 1 get a next token sampled with their parameters. seed[i] < 0 means
     unseeded; gen_index[i] (tokens generated so far) makes seeded sampling stateless.
-    top_logprobs[i] < 0 means no logprobs."""
+    top_logprobs[i] < 0 means no logprobs. Before the forward pass the driver copies
+    swap_out [k, 2] (device block -> host block), then swap_in [k, 2] (host -> device)."""
     step_id: int
     seq_ids: np.ndarray
     num_new: np.ndarray
@@ -217,6 +222,8 @@ class StepPlan(Message):
     seed: np.ndarray
     gen_index: np.ndarray
     top_logprobs: np.ndarray
+    swap_out: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
+    swap_in: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
 
 
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))

@@ -48,6 +48,9 @@ def claim_pid_file(paths: Paths) -> None:
 @click.option("--max-model-len", type=int, default=None, help="cap the context length")
 @click.option("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests may finish on SIGTERM")
 @click.option("--prefix-caching/--no-prefix-caching", default=True, help="reuse KV of shared prompt prefixes")
+@click.option("--swap-memory", default="512MiB", help="host swap pool for preempted sequences (0 disables)")
+@click.option("--preemption-mode", type=click.Choice(["auto", "swap", "recompute"]), default="auto",
+              help="how a preempted sequence gives its memory back")
 @click.option("--max-restarts", type=int, default=5, help="restarts of one driver within 60 s before it is failed")
 @click.option("--log-level", default="INFO")
 def main(home, models, log_level, **options) -> None:

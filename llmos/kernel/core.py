@@ -22,7 +22,7 @@ from llmos.kernel.engine import ModelEngine
 from llmos.kernel.frontdoor import FrontDoor
 from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
-from llmos.kernel.mem.device import select_device
+from llmos.kernel.mem.device import cpu_memory, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
 from llmos.kernel.supervisor import DriverSpec, Supervisor
 from llmos.models.names import model_name
@@ -93,8 +93,11 @@ class Kernel:
         the device memory still free now (weights and the driver's working memory already
         taken), shared evenly between the served models."""
         device = select_device(self.device.device)
-        budget = parse_memory(self.config.kv_memory, device.available) // max(1, len(self.config.models))
-        return {"device": device.device, "device_total_bytes": device.total,
+        share = max(1, len(self.config.models))
+        budget = parse_memory(self.config.kv_memory, device.available) // share
+        swap = 0 if self.config.swap_memory in ("0", "") else \
+            parse_memory(self.config.swap_memory, cpu_memory().available) // share
+        return {"swap_budget_bytes": swap, "device": device.device, "device_total_bytes": device.total,
                 "device_available_bytes": device.available, "weight_bytes": int(info.get("weight_bytes", 0)),
                 "kv_budget_bytes": budget, "kv_memory": self.config.kv_memory}
 
@@ -120,8 +123,9 @@ class Kernel:
         if self.jobs is not None:
             self.jobs.close()
         for engine in self.engines.values():
-            if engine.pool is not None:
-                engine.pool.release()
+            for pool in (engine.pool, engine.host_pool):
+                if pool is not None:
+                    pool.release()
         if self.bus is not None:
             self.bus.close()
 
@@ -262,6 +266,7 @@ class Kernel:
                          "blocks_used": pool.num_used, "blocks_free": pool.num_free,
                          "blocks_cached_free": pool.num_cached_free, "prefix_cache": e.scheduler.kv.stats(),
                          "accounting": e.accounting, "pool_bytes": e.pool.nbytes,
+                         "swap": e.scheduler.swap.stats() if e.scheduler.swap else None,
                          "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
                          "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
                          "steps": e.stats.to_dict(), "recoveries": e.recoveries,

@@ -19,6 +19,7 @@ from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.mem.pool import KVGeometry, SharedKVPool
 from llmos.kernel.requests import Request, State
 from llmos.kernel.scheduler import ScheduledSeq, Scheduler
+from llmos.kernel.swap import SwapSpace
 from llmos.kernel.stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class ModelEngine:
         self._on_tokens = on_tokens       # (engine, [Request]) -> None: new tokens to detokenize
         self.info: dict | None = None
         self.pool: SharedKVPool | None = None
+        self.host_pool: SharedKVPool | None = None
         self.scheduler: Scheduler | None = None
         self.driver_ready = False
         self.wakeup = asyncio.Event()
@@ -73,11 +75,19 @@ class ModelEngine:
                 raise RuntimeError(f"KV budget {budget} bytes holds fewer than 2 blocks of {geo.block_bytes}")
             self.pool = SharedKVPool(self.name, geo, num_blocks)
             kv = KVCacheManager(BlockPool(num_blocks, geo.block_size), self.config.prefix_caching)
-            self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens)
+            swap = None
+            host_blocks = self.accounting.get("swap_budget_bytes", 0) // geo.block_bytes
+            if host_blocks >= 1 and self.config.preemption_mode != "recompute":
+                self.host_pool = SharedKVPool(f"{self.name}.host", geo, host_blocks)
+                swap = SwapSpace(BlockPool(host_blocks, geo.block_size), geo.block_bytes,
+                                 self.config.preemption_mode)
+            self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens, swap=swap)
         g = self.pool.geometry
         self._send(self.driver, protocol.MapKVPool(
             path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
-            block_size=g.block_size, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim))
+            block_size=g.block_size, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
+            host_path=str(self.host_pool.path) if self.host_pool else None,
+            host_blocks=self.host_pool.num_blocks if self.host_pool else 0))
 
     def pool_mapped(self, error: str | None) -> None:
         if error:
@@ -122,6 +132,8 @@ class ModelEngine:
                 result = await fut
             except DriverLost:
                 log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
+                if self.scheduler.swap:
+                    self.scheduler.swap.step_lost()
                 continue
             finally:
                 self._pending = None
@@ -131,12 +143,22 @@ class ModelEngine:
                                         "recomputed_tokens": self._recomputed})
                 log.info("model %s recovered: %s", self.name, self.recoveries[-1])
                 self._down_at, self._recomputed = None, 0
+            if self.scheduler.swap:
+                self.scheduler.swap.step_done()
             if isinstance(result, protocol.StepFailed):
                 self._fail(batch, result.error)
             else:
                 self._apply(batch, result)
+                self._learn_speed(plan, result)
             self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
                               sum(s.num_new for s in batch), t1)
+
+    def _learn_speed(self, plan, result) -> None:
+        """Keep the swap-or-recompute estimate honest: measured tokens per second of the forward."""
+        swap = self.scheduler.swap
+        if swap is not None and result.forward_ms > 0 and len(plan.tokens) >= 16:
+            tps = len(plan.tokens) / (result.forward_ms / 1e3)
+            swap.recompute_tokens_per_s = 0.8 * swap.recompute_tokens_per_s + 0.2 * tps
 
     def _plan(self, batch: list[ScheduledSeq]) -> protocol.StepPlan:
         self._step_id += 1
@@ -161,7 +183,15 @@ class ModelEngine:
             seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
             gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
             top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
+            **self._swap_ops(),
         )
+
+    def _swap_ops(self) -> dict:
+        if self.scheduler.swap is None:
+            return {}
+        out, inn = self.scheduler.swap.ops()
+        return {"swap_out": np.asarray(out, dtype=np.int32).reshape(-1, 2),
+                "swap_in": np.asarray(inn, dtype=np.int32).reshape(-1, 2)}
 
     def _apply(self, batch: list[ScheduledSeq], result) -> None:
         sampled = iter(range(len(result.tokens)))
