@@ -19,5 +19,9 @@ class DaemonConfig:
     prefix_caching: bool = True
     swap_memory: str = "512MiB"       # host swap pool: bytes, '2GiB', or a fraction of free host memory
     preemption_mode: str = "auto"     # auto (cost estimate) | swap | recompute
-    max_restarts: int = 5             # a driver restarting more often than this in 60 s is failed
+    max_restarts: int = 5
+    scheduler: str = "priority"       # priority (classes, tenants, aging) | fcfs
+    tenants: dict = field(default_factory=dict)   # tenant name -> llmos.kernel.tenants.TenantConfig
+    request_timeout_s: float | None = None        # server default total deadline
+    queue_timeout_s: float | None = None          # server default deadline for first admission             # a driver restarting more often than this in 60 s is failed
 

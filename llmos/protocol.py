@@ -293,6 +293,9 @@ class Submit(Message):
     prompt_token_ids: list | None
     params: dict
     tenant: str
+    priority: Any = None               # "batch", "batch:3", an int (level in the tenant's class) or None
+    timeout_s: float | None = None     # total deadline; None: the server default
+    queue_timeout_s: float | None = None
 
 
 @message(0x31)
@@ -310,6 +313,7 @@ class Rejected(Message):
     code: str
     message: str
     param: str | None
+    retry_after: float | None = None   # seconds, for 429 (quota) and 503 answers
 
 
 @message(0x33)

@@ -79,7 +79,7 @@ def test_preempted_request_recomputes_only_what_was_evicted():
     a.num_computed += s.num_new
     sched.kv.commit(a)
     a.output_ids.append(3)
-    sched._preempt(a)
+    sched._preempt(a, "memory", 0.0)
     (s,) = sched.schedule()               # its 2 full blocks are still cached
     assert s.num_new == 1 and a.num_computed == 8
 

@@ -35,6 +35,23 @@ def claim_pid_file(paths: Paths) -> None:
         paths.api_socket.unlink()  # stale: its daemon is gone
 
 
+def parse_tenant(spec: str):
+    """'alice:weight=3,max_concurrent=8' -> ('alice', TenantConfig(weight=3.0, max_concurrent=8))."""
+    from llmos.kernel.tenants import TenantConfig
+    name, _, settings = spec.partition(":")
+    if not name:
+        raise ValueError(f"tenant spec {spec!r} has no name")
+    kinds = {"weight": float, "default_priority": str, "max_concurrent": int, "max_queued": int,
+             "tokens_per_minute": int}
+    values = {}
+    for item in filter(None, settings.split(",")):
+        key, _, value = item.partition("=")
+        if key not in kinds:
+            raise ValueError(f"unknown tenant setting {key!r} (known: {', '.join(kinds)})")
+        values[key] = kinds[key](value)
+    return name, TenantConfig(**values)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--home", envvar="LLMOS_HOME", default=None, help="state directory (default ~/.llmos)")
 @click.option("--model", "models", multiple=True, default=["smollm2"],
@@ -51,9 +68,18 @@ def claim_pid_file(paths: Paths) -> None:
 @click.option("--swap-memory", default="512MiB", help="host swap pool for preempted sequences (0 disables)")
 @click.option("--preemption-mode", type=click.Choice(["auto", "swap", "recompute"]), default="auto",
               help="how a preempted sequence gives its memory back")
+@click.option("--scheduler", type=click.Choice(["priority", "fcfs"]), default="priority",
+              help="priority: classes, tenants with fair shares, aging; fcfs: arrival order")
+@click.option("--tenant", "tenant_specs", multiple=True, metavar="NAME:KEY=VALUE,...",
+              help="tenant settings, e.g. alice:weight=3,max_concurrent=8,max_queued=100,"
+                   "tokens_per_minute=60000,default_priority=batch (repeatable)")
+@click.option("--request-timeout", "request_timeout_s", type=float, default=None,
+              help="default total deadline of a request, seconds")
+@click.option("--queue-timeout", "queue_timeout_s", type=float, default=None,
+              help="default deadline for a request to start running, seconds")
 @click.option("--max-restarts", type=int, default=5, help="restarts of one driver within 60 s before it is failed")
 @click.option("--log-level", default="INFO")
-def main(home, models, log_level, **options) -> None:
+def main(home, models, log_level, tenant_specs, **options) -> None:
     """Run the llmos daemon in the foreground."""
     paths = Paths.from_env(home)
     os.environ["LLMOS_HOME"] = str(paths.home)
@@ -62,7 +88,11 @@ def main(home, models, log_level, **options) -> None:
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s kernel %(levelname)s %(name)s: %(message)s")
     claim_pid_file(paths)
-    config = DaemonConfig(models=list(models), **options)
+    try:
+        tenants = dict(parse_tenant(spec) for spec in tenant_specs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tenant") from None
+    config = DaemonConfig(models=list(models), tenants=tenants, **options)
     import uvloop
 
     from llmos.kernel.core import Kernel

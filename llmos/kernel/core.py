@@ -211,7 +211,9 @@ class Kernel:
         if what == "ps":
             return {"ok": True, "data": {
                 "processes": self.supervisor.processes(),
-                "requests": [r.summary() for r in self.front.table.values()]}}
+                "requests": [r.summary() for r in self.front.table.values()],
+                "scheduler": {n: e.scheduler.policy.snapshot(time.monotonic())
+                              for n, e in self.engines.items() if e.scheduler}}}
         if what == "memory":
             return {"ok": True, "data": self.memory()}
         if what in self.queries:
@@ -267,6 +269,7 @@ class Kernel:
                          "blocks_cached_free": pool.num_cached_free, "prefix_cache": e.scheduler.kv.stats(),
                          "accounting": e.accounting, "pool_bytes": e.pool.nbytes,
                          "swap": e.scheduler.swap.stats() if e.scheduler.swap else None,
+                         "scheduler": e.scheduler.policy.snapshot(time.monotonic()),
                          "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
                          "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
                          "steps": e.stats.to_dict(), "recoveries": e.recoveries,

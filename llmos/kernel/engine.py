@@ -18,11 +18,19 @@ from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.mem.pool import KVGeometry, SharedKVPool
 from llmos.kernel.requests import Request, State
-from llmos.kernel.scheduler import ScheduledSeq, Scheduler
+from llmos.kernel.policy import PriorityPolicy
+from llmos.kernel.scheduler import FCFSPolicy, ScheduledSeq, Scheduler
+from llmos.kernel.tenants import TenantBook
 from llmos.kernel.swap import SwapSpace
 from llmos.kernel.stats import StepStats
 
 log = logging.getLogger(__name__)
+
+
+def make_policy(config):
+    if config.scheduler == "fcfs":
+        return FCFSPolicy()
+    return PriorityPolicy(TenantBook(dict(config.tenants)))
 
 
 class DriverLost(Exception):
@@ -81,7 +89,8 @@ class ModelEngine:
                 self.host_pool = SharedKVPool(f"{self.name}.host", geo, host_blocks)
                 swap = SwapSpace(BlockPool(host_blocks, geo.block_size), geo.block_bytes,
                                  self.config.preemption_mode)
-            self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens, swap=swap)
+            self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens,
+                                       policy=make_policy(self.config), swap=swap)
         g = self.pool.geometry
         self._send(self.driver, protocol.MapKVPool(
             path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
@@ -114,11 +123,15 @@ class ModelEngine:
 
     async def run(self) -> None:
         while True:
-            await self.wakeup.wait()
+            try:  # wake at least every half second: deadlines expire even when nothing moves
+                await asyncio.wait_for(self.wakeup.wait(), 0.5)
+            except asyncio.TimeoutError:
+                pass
             if not (self.driver_ready and self.scheduler.has_work()):
                 self.wakeup.clear()
                 continue
             t0 = time.perf_counter()
+            self._end_expired()
             batch = self.scheduler.schedule()
             if not batch:
                 self.wakeup.clear()  # everything waits for memory; a finish will wake us
@@ -236,6 +249,19 @@ class ModelEngine:
         req.finish_reason = reason
         req.to(State.FINISHING)
         self.wakeup.set()
+
+    def _end_expired(self) -> None:
+        """Requests past their deadline end with a clear error and free their memory."""
+        ended = []
+        for req, reason in self.scheduler.find_expired():
+            if req.state in (State.WAITING, State.RUNNING):
+                req.error, req.error_status, req.error_code = (
+                    f"request {req.id} expired: {reason} (waited {time.monotonic() - req.arrival:.1f} s, "
+                    f"{len(req.output_ids)} tokens generated)", 408, reason.replace(" ", "_"))
+                self.finish(req, "error")
+                ended.append(req)
+        if ended:
+            self._on_tokens(self, ended)
 
     def _fail(self, batch: list[ScheduledSeq], error: str) -> None:
         log.error("step failed: %s", error)

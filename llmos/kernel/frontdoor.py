@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 
 from llmos import protocol
 from llmos.kernel.requests import Request, State
@@ -29,9 +30,9 @@ class FrontDoor:
 
     # ------------------------------------------------------------ io -> kernel
     def submit(self, peer: str, m: protocol.Submit) -> None:
-        def reject(status, code, message, param=None):
+        def reject(status, code, message, param=None, retry_after=None):
             self._send(peer, protocol.Rejected(request_id=m.request_id, status=status, code=code,
-                                               message=message, param=param))
+                                               message=message, param=param, retry_after=retry_after))
         if self.draining:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
         if m.request_id in self.table:
@@ -47,12 +48,28 @@ class FrontDoor:
             params = SamplingParams.from_dict(m.params)
         except (InvalidParam, TypeError) as exc:
             return reject(400, "invalid_parameter", str(exc), getattr(exc, "param", "params"))
+        policy = engine.scheduler.policy
+        quota = policy.check_admission(m.tenant, time.monotonic())
+        if quota is not None:
+            return reject(429, "quota_exceeded", f"tenant '{m.tenant}' is over its {quota.limit} quota: "
+                          f"{quota.reason}", None, retry_after=quota.retry_after_s)
+        try:
+            priority = policy.parse(m.priority, m.tenant)
+        except InvalidParam as exc:
+            return reject(400, "invalid_parameter", str(exc), "priority")
+        for name in ("timeout_s", "queue_timeout_s"):
+            value = getattr(m, name)
+            if value is not None and not value > 0:
+                return reject(400, "invalid_parameter", f"{name} must be positive", name.removesuffix("_s"))
         sources = [x is not None for x in (m.prompt, m.messages, m.prompt_token_ids)]
         if sum(sources) != 1:
             return reject(400, "invalid_prompt", "exactly one of prompt, messages, prompt_token_ids is required",
                           "prompt")
+        cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
-                      params=params, prompt=m.prompt, messages=m.messages, client=peer)
+                      params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
+                      timeout_s=m.timeout_s or cfg.request_timeout_s,
+                      queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s)
         self.table[req.id] = req
         self.by_seq[req.seq_id] = req
         if m.prompt_token_ids is not None:
@@ -126,7 +143,7 @@ class FrontDoor:
         items = []
         for req in reqs:
             if req.error:
-                self._end_with_error(req, 500, "internal_error", req.error)
+                self._end_with_error(req, req.error_status, req.error_code, req.error)
                 continue
             prior = None
             if req.detok_epoch != epoch:   # this tokenizer has no state for us: resend the acked prefix

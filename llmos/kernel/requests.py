@@ -9,6 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from llmos.kernel.policy import Priority
 from llmos.sampling_params import SamplingParams
 
 
@@ -54,7 +55,14 @@ class Request:
     preemptions: int = 0
     logprobs: list = field(default_factory=list)   # per output token: [logprob, [[id, logprob], ...]]
     hidden_tail: int = 0              # trailing output tokens not rendered (a stop token)
-    error: str | None = None          # set when the request ends in an error
+    error: str | None = None          # set when the request ends in an error ...
+    error_status: int = 500           # ... answered with this HTTP status
+    error_code: str = "internal_error"
+    priority: Priority = field(default_factory=lambda: Priority(1, 0))
+    queued_at: float = 0.0            # when it last entered the waiting queue (aging counts from here)
+    started_at: float | None = None   # when it was last admitted to the running batch
+    timeout_s: float | None = None    # total deadline from arrival
+    queue_timeout_s: float | None = None   # deadline for first admission
     client: str = "io"                # the io driver that submitted it
     detok_epoch: int = -1             # tokenizer incarnation that holds our detok state
     detok_sent: int = 0               # output tokens handed to the tokenizer
@@ -87,6 +95,7 @@ class Request:
         return {
             "id": self.id, "model": self.model, "tenant": self.tenant, "state": self.display_state,
             "prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids),
-            "blocks": len(self.blocks), "preemptions": self.preemptions,
+            "blocks": len(self.blocks), "preemptions": self.preemptions, "priority": self.priority.name,
+            "waited_s": round((self.started_at or time.monotonic()) - self.arrival, 3),
             "age_s": round(time.monotonic() - self.arrival, 3),
         }

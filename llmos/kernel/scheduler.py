@@ -1,29 +1,54 @@
 """Continuous batching: every step picks a batch under a token budget.
 
-Running sequences go first (their next token, or the next chunk of a long prompt),
-then waiting ones are admitted while budget, batch slots and blocks last. When a
-running sequence cannot grow, the policy's victim is preempted by recompute (its
-blocks are freed and it re-queues at the front). The ordering is a swappable
-policy; FCFS is the default. No torch here: this is the kernel's core.
+    make room for the waiting head (priority preemption) -> running sequences (a decode
+    token or the next prompt chunk; memory preemption when one cannot grow) -> admit
+    waiting ones in policy order while budget, slots and blocks last
+
+The ordering, victims and tenant accounting are a swappable policy (policy.PriorityPolicy
+by default, FCFSPolicy for comparison); preempted sequences are swapped out or dropped
+for recompute through the memory manager. Time comes from `clock` so tests can fake
+it. No torch here: this is the kernel's core.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
+from llmos.kernel.blocks import blocks_needed
 from llmos.kernel.kv_manager import KVCacheManager
+from llmos.kernel.policy import Priority, expired
 from llmos.kernel.requests import Request, State
 
 
 class FCFSPolicy:
-    """First come, first served: admit in arrival order, preempt the newest."""
+    """First come, first served: admit in arrival order, preempt the newest, no tenants."""
 
     name = "fcfs"
 
-    def admit_key(self, req: Request):
-        return req.arrival
+    def parse(self, value, tenant: str) -> Priority:
+        return Priority(1, 0)
 
-    def pick_victim(self, running: list[Request]) -> Request:
+    def check_admission(self, tenant, now):
+        return None
+
+    def order(self, waiting, now):
+        return sorted(waiting, key=lambda r: r.arrival)
+
+    def pick_victim(self, running, now):
         return max(running, key=lambda r: r.arrival)
+
+    def preemption_candidates(self, head, running, now):
+        return []
+
+    def on_queued(self, req): ...
+    def on_started(self, req, now): ...
+    def on_preempted(self, req, cause): ...
+    def on_finished(self, req, running): ...
+    def charge(self, req, tokens, now): ...
+    def check_integrity(self, waiting, running): ...
+
+    def snapshot(self, now):
+        return {"policy": self.name}
 
 
 @dataclass
@@ -35,26 +60,31 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 policy=None, swap=None):
+                 policy=None, swap=None, clock=time.monotonic):
         self.kv = kv
-        self.swap = swap                  # SwapSpace, or None: preemption always recomputes
         self.pool = kv.pool
+        self.swap = swap                  # SwapSpace, or None: preemption always recomputes
         self.max_num_seqs = max_num_seqs
         self.max_batched_tokens = max_batched_tokens
         self.policy = policy or FCFSPolicy()
+        self.clock = clock
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.preemptions = 0
 
     def add(self, req: Request) -> None:
         req.to(State.WAITING)
+        req.queued_at = self.clock()
+        self.policy.on_queued(req)
         self.waiting.append(req)
-        self.waiting.sort(key=self.policy.admit_key)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledSeq]:
+        now = self.clock()
+        self.waiting = self.policy.order(self.waiting, now)
+        self._make_room_for_head(now)
         budget = self.max_batched_tokens
         batch: list[ScheduledSeq] = []
         scheduled: set[int] = set()
@@ -65,15 +95,15 @@ class Scheduler:
                 continue  # preempted as a victim earlier in this loop
             n = min(req.num_tokens - req.num_computed, budget)
             while not self._grow(req, n):
-                victims = [r for r in self.running if r.seq_id not in scheduled]
-                victim = self.policy.pick_victim(victims)
-                self._preempt(victim)
+                victim = self.policy.pick_victim([r for r in self.running if r.seq_id not in scheduled], now)
+                self._preempt(victim, "memory", now)
                 if victim is req:
                     break
             if req.state is State.RUNNING:
                 batch.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
                 scheduled.add(req.seq_id)
                 budget -= n
+        self.waiting = self.policy.order(self.waiting, now)   # victims re-queued above take their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.host_blocks:
@@ -88,17 +118,48 @@ class Scheduler:
                 break  # head of line waits for memory: the policy's order is kept
             self.waiting.pop(0)
             req.to(State.RUNNING)
+            req.started_at = now
+            self.policy.on_started(req, now)
             self.running.append(req)
             batch.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
             budget -= n
+        for s in batch:
+            self.policy.charge(s.req, s.num_new, now)
         return batch
+
+    def _make_room_for_head(self, now: float) -> None:
+        """Preempt lower-priority running work when the waiting head has no room."""
+        if not self.waiting:
+            return
+        head = self.waiting[0]
+        need = len(head.host_blocks) + 1 if head.host_blocks else \
+            blocks_needed(min(head.num_tokens, self.max_batched_tokens), self.pool.block_size)
+        free, slot_free = self.pool.num_free, len(self.running) < self.max_num_seqs
+        if slot_free and free >= need:
+            return
+        victims = []
+        for v in self.policy.preemption_candidates(head, self.running, now):
+            victims.append(v)
+            free += sum(1 for b in v.blocks if self.pool.ref_count(b) == 1)
+            if free >= need:
+                break
+        if free < need or not victims:
+            return  # preempting would not make room: nobody is disturbed
+        for v in victims:
+            self._preempt(v, "priority", now)
+
+    def find_expired(self) -> list[tuple[Request, str]]:
+        """(request, reason) for every queued or running request past a deadline; the
+        engine ends them (before scheduling the step)."""
+        now = self.clock()
+        return [(r, why) for r in self.waiting + self.running if (why := expired(r, now))]
 
     def _grow(self, req: Request, n: int) -> bool:
         return self.kv.allocate_slots(req, n)
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, cause: str, now: float) -> None:
         """Swap the KV out to host memory, or drop it to recompute later (its full blocks stay
-        in the prefix cache); keep the tokens; queue at the front."""
+        in the prefix cache); keep the tokens; back to the waiting queue."""
         if self.swap is not None and self.swap.should_swap(req):
             self.swap.swap_out(req, self.kv)
         else:
@@ -108,14 +169,21 @@ class Scheduler:
         self.preemptions += 1
         self.running.remove(req)
         req.to(State.WAITING)
+        req.queued_at = now
+        self.policy.on_preempted(req, cause)
         self.waiting.insert(0, req)
 
     def finish(self, req: Request) -> None:
         """Release a request's blocks and its place in either queue."""
-        if req in self.running:
+        was_running = req in self.running
+        if was_running:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
+        else:
+            was_running = None
+        if was_running is not None:
+            self.policy.on_finished(req, was_running)
         self.kv.free(req)
         if self.swap is not None:
             self.swap.drop(req)
@@ -125,3 +193,4 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.owners())
+        self.policy.check_integrity(self.waiting, self.running)

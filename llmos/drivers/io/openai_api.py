@@ -20,6 +20,7 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
              "ignore_eos", "min_tokens")
 _COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "priority", "return_token_ids",
+           "timeout", "queue_timeout",
            *_SAMPLING}
 # OpenAI fields with no effect on a local model's output.
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -45,6 +46,7 @@ class ApiError(Exception):
                  code: str | None = None, type: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after: float | None = None
         self.type = type or error_type(status)
 
     def body(self) -> dict:
@@ -67,6 +69,9 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False    # vLLM's extension: choices[0].token_ids
+    priority: int | str | None = None
+    timeout_s: float | None = None
+    queue_timeout_s: float | None = None
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -146,14 +151,21 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
         tenant = "local"
     elif not isinstance(tenant, str) or not 0 < len(tenant) <= 64:
         raise ApiError(400, "tenant must be a string of 1 to 64 characters", "tenant")
-    priority = body.get("priority")  # accepted for vLLM compatibility; not scheduled on yet
-    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
-        raise ApiError(400, "priority must be an integer", "priority")
+    priority = body.get("priority")  # "batch", "batch:3" or an int (vLLM); the kernel parses it
+    if priority is not None and (not isinstance(priority, (int, str)) or isinstance(priority, bool)):
+        raise ApiError(400, "priority must be a class name, 'class:level' or an integer", "priority")
+    timeouts = {}
+    for name in ("timeout", "queue_timeout"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
+            raise ApiError(400, f"{name} must be a positive number of seconds", name)
+        timeouts[name] = None if value is None else float(value)
     return_ids = body.get("return_token_ids")
     if return_ids is not None and not isinstance(return_ids, bool):
         raise ApiError(400, "return_token_ids must be a boolean", "return_token_ids")
     return ParsedRequest(chat=chat, model=model, params=params, tenant=tenant, stream=bool(stream),
-                         include_usage=include_usage, return_token_ids=bool(return_ids), **inputs)
+                         include_usage=include_usage, return_token_ids=bool(return_ids), priority=priority,
+                         timeout_s=timeouts["timeout"], queue_timeout_s=timeouts["queue_timeout"], **inputs)
 
 
 def _prompt(prompt) -> tuple[str | None, list | None]:

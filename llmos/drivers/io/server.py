@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import logging
 import uuid
 
 from aiohttp import web
 
 from llmos import protocol
-from llmos.drivers.io import openai_api
+from llmos.drivers.io import batches, openai_api
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.drivers.io.openai_api import ApiError, ParsedRequest, ResponseShaper
 
@@ -37,11 +38,13 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     for path, what in ADMIN_QUERIES.items():
         app.router.add_get(path, _query_route(what))
+    batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     return app
 
 
 def error_response(err: ApiError) -> web.Response:
-    return web.json_response(err.body(), status=err.status)
+    headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))} if err.retry_after else None
+    return web.json_response(err.body(), status=err.status, headers=headers)
 
 
 @web.middleware
@@ -117,7 +120,8 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
     rid = f"cmpl-{uuid.uuid4().hex}"
     queue = link.submit(protocol.Submit(
         request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
-        prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant))
+        prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
+        priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s))
     done, reason = False, "client disconnected"
     try:
         first = await _next(queue, timeout)
@@ -161,7 +165,9 @@ async def _next(queue: asyncio.Queue, timeout: float):
 def _as_error(answer) -> ApiError:
     """An ApiError for the kernel's answer that ended a request early (normally Rejected)."""
     if isinstance(answer, protocol.Rejected):
-        return ApiError(answer.status, answer.message, answer.param, answer.code)
+        err = ApiError(answer.status, answer.message, answer.param, answer.code)
+        err.retry_after = answer.retry_after
+        return err
     return ApiError(500, f"unexpected answer from the kernel: {type(answer).__name__}", code="internal_error")
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 import uuid
 from collections import deque
@@ -27,13 +28,27 @@ from llmos import protocol
 from llmos.drivers.io.openai_api import ResponseShaper
 from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_line, error_body, submit_of
 from llmos.kernel.jobs.files import ERROR_PREFIX, OUTPUT_PREFIX, Files
-from llmos.kernel.jobs.store import ACTIVE, TERMINAL, JobStore
+from llmos.kernel.jobs.store import ACTIVE, TERMINAL, JobStore, StoreError
 
 log = logging.getLogger(__name__)
 PEER = "@jobs"
 TRANSIENT = (503, 504)
 RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long before feeding again
 RATE_WINDOW_S = 30.0
+
+
+def _guarded(handlers: dict) -> dict:
+    """The kernel answers ValueError as a refusal; a store failure (disk full, a broken
+    transition) must be answered too, never left to time out."""
+    def guard(name, fn):
+        def handler(args):
+            try:
+                return fn(args)
+            except (sqlite3.Error, StoreError) as exc:
+                log.exception("jobs: %s failed", name)
+                raise ValueError(f"job store error: {exc}") from None
+        return handler
+    return {name: guard(name, fn) for name, fn in handlers.items()}
 
 
 @dataclass
@@ -55,11 +70,12 @@ class JobManager:
         self._finished: dict[str, deque] = {}    # job id -> (monotonic, tokens) of recent results
         self.recent_errors: deque = deque(maxlen=50)
         self.wakeup = asyncio.Event()
-        self.commands = {"files.begin": self.files.begin, "files.append": self.files.append,
-                         "files.commit": self.files.commit, "files.discard": self.files.discard,
-                         "jobs.create": self.create, "jobs.cancel": self.cancel}
-        self.queries = {"files.get": self.files.get, "files.page": self.files.page, "jobs.list": self.list_jobs,
-                        "jobs.get": self.get_job, "jobs.errors": lambda args: list(self.recent_errors)}
+        self.commands = _guarded({"files.begin": self.files.begin, "files.append": self.files.append,
+                                  "files.commit": self.files.commit, "files.discard": self.files.discard,
+                                  "jobs.create": self.create, "jobs.cancel": self.cancel})
+        self.queries = _guarded({"files.get": self.files.get, "files.page": self.files.page,
+                                 "jobs.list": self.list_jobs, "jobs.get": self.get_job,
+                                 "jobs.errors": lambda args: list(self.recent_errors)})
 
     # ------------------------------------------------------------ lifecycle
     def resume(self) -> None:
@@ -141,7 +157,15 @@ class JobManager:
 
     # ------------------------------------------------------------ answers from the front door
     def deliver(self, msg) -> None:
-        """Kernel.local_clients["@jobs"]: Accepted / Rejected / Outputs for our requests."""
+        """Kernel.local_clients["@jobs"]: Accepted / Rejected / Outputs for our requests.
+        Never raises: it runs inside the front door's own loop over other clients' outputs."""
+        try:
+            self._deliver(msg)
+        except Exception:
+            log.exception("jobs: could not handle %s", type(msg).__name__)
+        self.wakeup.set()
+
+    def _deliver(self, msg) -> None:
         if isinstance(msg, protocol.Outputs):
             done = []
             for item in msg.items:
@@ -168,7 +192,6 @@ class JobManager:
             else:
                 self._record([self._result(f.job_id, f.line.line_no, msg.status,
                                            error_body(msg.status, msg.code, msg.message, msg.param))])
-        self.wakeup.set()
 
     @staticmethod
     def _result(job_id: str, line_no: int, status: int, body: dict, usage: dict | None = None) -> dict:
@@ -180,7 +203,13 @@ class JobManager:
 
     def _record(self, results: list[dict]) -> None:
         now = time.monotonic()
-        for r in self.store.finish(results):
+        try:
+            applied = self.store.finish(results)
+        except (sqlite3.Error, StoreError):  # e.g. disk full: run these lines again later
+            for r in results:
+                self.store.requeue(r["job_id"], [r["line_no"]])
+            raise
+        for r in applied:
             self._finished.setdefault(r["job_id"], deque(maxlen=10_000)).append((now, r["completion_tokens"]))
             if r["state"] == "failed":
                 err = json.loads(r["response"])["error"]
