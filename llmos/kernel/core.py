@@ -35,6 +35,12 @@ class Kernel:
     def __init__(self, config: DaemonConfig, paths: Paths):
         self.config, self.paths = config, paths
         self.device = select_device(config.device)
+        if self.device.device != "cpu" and config.device == "auto":
+            # The kernel-owned CUDA pool (an allocation shared by IPC handle) is not built yet;
+            # on auto we serve from the CPU rather than not at all. --device cuda fails loudly.
+            log.warning("found %s (%s) but CUDA KV pools are not supported yet: serving on the CPU",
+                        self.device.device, self.device.name)
+            self.device = select_device("cpu")
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
         self.bus: KernelBus | None = None

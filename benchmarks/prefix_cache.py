@@ -1,0 +1,126 @@
+"""Prefix cache and preemption costs, measured in one run.
+
+    python benchmarks/prefix_cache.py                 # smollm2, float32
+    python benchmarks/prefix_cache.py --model tiny
+
+1. 32 chat requests sharing a ~1,000-token system prompt with different questions,
+   prefix cache on and off: time-to-first-token percentiles, throughput, hit rate.
+2. Preemption by swap against recompute on a workload that forces it (a KV pool far
+   smaller than the batch needs): wall time, preemptions, swap traffic.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from daemon_harness import Daemon  # noqa: E402
+
+SYSTEM = " ".join(
+    f"Rule {i}: answer politely, cite the handbook section {i}, keep answers short and never invent facts."
+    for i in range(60))
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def chat(client, model, question, max_tokens):
+    t0 = time.perf_counter()
+    first, n = None, 0
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]}
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if first is None and chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    n = chunk["usage"]["completion_tokens"]
+    return first, n
+
+
+async def workload(sock, model, n, max_tokens, warm: bool):
+    transport = httpx.AsyncHTTPTransport(uds=str(sock))
+    async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=3600) as client:
+        if warm:   # one request puts the shared prefix in the cache, as a long-running server would have
+            await chat(client, model, "Hello?", 1)
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(chat(client, model, f"Question {i}: what does rule {i} say?", max_tokens)
+                                         for i in range(n)))
+        wall = time.perf_counter() - t0
+        mem = (await client.get("/llmos/v1/memory")).json()[model]
+    return {"ttft": [f for f, _ in results], "tok_s": sum(k for _, k in results) / wall, "wall": wall, "mem": mem}
+
+
+def daemon(model_dir, *extra):
+    d = Daemon(Path(tempfile.mkdtemp(prefix="llmos-pc-")), [f"m={model_dir}"], "--max-model-len", "4096",
+               "--kv-memory", "1GiB", *extra)
+    return d.wait_ready(600)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    from llmos.models.registry import prepare_model_dir
+    from llmos.paths import Paths
+    cache = Paths.from_env().models_dir
+    if args.model == "tiny":
+        from llmos.models.tiny import make_tiny_model
+        model_dir = cache / "tiny-llama"
+        if not (model_dir / "config.json").exists():
+            make_tiny_model("llama", model_dir, prepare_model_dir("smollm2", cache))
+    else:
+        model_dir = prepare_model_dir(args.model, cache)
+    for flag in ("--prefix-caching", "--no-prefix-caching"):
+        d = daemon(model_dir, "--dtype", args.dtype, flag)
+        try:
+            r = asyncio.run(workload(d.socket, "m", args.requests, args.max_tokens, warm=True))
+        finally:
+            d.stop()
+        pc = r["mem"]["prefix_cache"]
+        print(f"{flag:20s}: TTFT p50 {pct(r['ttft'], 50):.2f}s p90 {pct(r['ttft'], 90):.2f}s "
+              f"p99 {pct(r['ttft'], 99):.2f}s; {r['tok_s']:.1f} output tok/s; wall {r['wall']:.1f}s; "
+              f"hit rate {pc['hit_rate']:.2%} ({pc['hit_tokens']} of {pc['queried_tokens']} prompt tokens)")
+    # Preemption: a pool of ~40% of what the batch needs at the end forces it.
+    for mode in ("swap", "recompute"):
+        d = daemon(model_dir, "--dtype", args.dtype, "--preemption-mode", mode, "--no-prefix-caching",
+                   "--kv-memory", str(_pool_bytes(model_dir, args)))
+        try:
+            r = asyncio.run(workload(d.socket, "m", 16, 4 * args.max_tokens, warm=False))
+        finally:
+            d.stop()
+        m = r["mem"]
+        swap = m["swap"] or {}
+        print(f"preemption by {mode:9s}: wall {r['wall']:.1f}s, {r['tok_s']:.1f} tok/s, {m['preemptions']} "
+              f"preemptions, swapped out {swap.get('bytes_out', 0) / 2**20:.1f} MiB, in "
+              f"{swap.get('bytes_in', 0) / 2**20:.1f} MiB")
+
+
+def _pool_bytes(model_dir: Path, args) -> int:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * (4 if args.dtype == "float32" else 2)
+    tokens_needed = 16 * (1100 + 4 * args.max_tokens)
+    return int(0.4 * tokens_needed * per_token)
+
+
+if __name__ == "__main__":
+    main()
