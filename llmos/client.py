@@ -6,8 +6,12 @@
     for delta in c.stream_chat("smollm2", [{"role": "user", "content": "hi"}]):
         print(delta, end="", flush=True)
 
-Errors: `DaemonNotRunning` (no socket / nobody listening), `RequestRejected` (4xx),
-`ServerError` (5xx, or an error event in the middle of a stream); all are `LlmosError`.
+    job = c.submit_batch("prompts.jsonl", model="smollm2")   # durable batch job (OpenAI batch format)
+    c.wait(job["id"]); out = list(c.results(job["id"]))     # see llmos.client_jobs
+
+Errors: `DaemonNotRunning` (no socket / nobody listening), `RequestRejected` (4xx; `NotFound`
+for 404, `InvalidBatchFile` with the bad line numbers), `ServerError` (5xx, or an error event
+in the middle of a stream); all are `LlmosError`.
 `params` are the OpenAI / llmos request fields (max_tokens, temperature, seed, stop, ...).
 """
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 
+from llmos.client_jobs import AsyncJobsMixin, JobsMixin
 from llmos.paths import Paths
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a generation may wait behind a long queue
@@ -26,9 +31,11 @@ DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a generation may wait beh
 class LlmosError(Exception):
     """An error answered by (or about) the daemon. status is the HTTP status (0: no answer)."""
 
-    def __init__(self, message: str, status: int = 0, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, status: int = 0, code: str | None = None, param: str | None = None,
+                 body=None):
         super().__init__(message)
         self.message, self.status, self.code, self.param = message, status, code, param
+        self.body = body   # the decoded answer, when there was one
 
 
 class DaemonNotRunning(LlmosError):
@@ -43,6 +50,20 @@ class ServerError(LlmosError):
     """The daemon failed the request (5xx), e.g. a driver crash or a kernel timeout."""
 
 
+class NotFound(RequestRejected):
+    """404: no such model, file or batch job."""
+
+
+class InvalidBatchFile(RequestRejected):
+    """A batch file was refused; `lines` are the numbers of (the first 50) bad lines and the
+    message says what is wrong with each."""
+
+    @property
+    def lines(self) -> list[int]:
+        err = self.body.get("error") if isinstance(self.body, dict) else None
+        return list(err.get("lines") or []) if isinstance(err, dict) else []
+
+
 def _socket(home) -> Path:
     return Paths.from_env(home).api_socket
 
@@ -51,8 +72,9 @@ def _error(status: int, body) -> LlmosError:
     err = body.get("error") if isinstance(body, dict) else None
     if not isinstance(err, dict):
         err = {"message": str(body) or f"HTTP {status}"}
-    cls = RequestRejected if 400 <= status < 500 else ServerError
-    return cls(str(err.get("message")), status, err.get("code"), err.get("param"))
+    cls = ServerError if not 400 <= status < 500 else (
+        InvalidBatchFile if err.get("code") == "invalid_batch_file" else NotFound if status == 404 else RequestRejected)
+    return cls(str(err.get("message")), status, err.get("code"), err.get("param"), body)
 
 
 def _json(resp: httpx.Response):
@@ -103,7 +125,7 @@ def _delta(chunk: dict, chat: bool) -> str:
     return choices[0].get("text") or ""
 
 
-class Client:
+class Client(JobsMixin):
     """Synchronous client. Each method is one HTTP request; not thread-safe across streams."""
 
     def __init__(self, home: str | Path | None = None, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT):
@@ -120,9 +142,9 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _request(self, method: str, path: str, body: dict | None = None):
+    def _request(self, method: str, path: str, body: dict | None = None, **kw):
         try:
-            resp = self._http.request(method, path, json=body)
+            resp = self._http.request(method, path, json=body, **kw)
         except _CONNECT_ERRORS as exc:
             raise _not_running(self.socket, exc) from None
         except httpx.TransportError as exc:  # e.g. the io driver restarted mid-request
@@ -156,6 +178,19 @@ class Client:
     def stream_completion(self, model: str, prompt: str | list[int], **params) -> Iterator[str]:
         return self._stream("/v1/completions", {"model": model, "prompt": prompt, **params}, False)
 
+    def _lines(self, path: str) -> Iterator[str]:
+        """The lines of a GET answer as they arrive (file contents)."""
+        try:
+            with self._http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    _check(resp, _json(resp))
+                yield from (line for line in resp.iter_lines() if line)
+        except _CONNECT_ERRORS as exc:
+            raise _not_running(self.socket, exc) from None
+        except httpx.TransportError as exc:
+            raise _lost(exc) from None
+
     def _stream(self, path: str, body: dict, chat: bool) -> Iterator[str]:
         body["stream"] = True
         try:
@@ -175,7 +210,7 @@ class Client:
             raise _lost(exc) from None
 
 
-class AsyncClient:
+class AsyncClient(AsyncJobsMixin):
     """The same API as Client, for asyncio code."""
 
     def __init__(self, home: str | Path | None = None, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT):
@@ -192,9 +227,9 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    async def _request(self, method: str, path: str, body: dict | None = None):
+    async def _request(self, method: str, path: str, body: dict | None = None, **kw):
         try:
-            resp = await self._http.request(method, path, json=body)
+            resp = await self._http.request(method, path, json=body, **kw)
         except _CONNECT_ERRORS as exc:
             raise _not_running(self.socket, exc) from None
         except httpx.TransportError as exc:  # e.g. the io driver restarted mid-request
@@ -226,6 +261,20 @@ class AsyncClient:
 
     def stream_completion(self, model: str, prompt: str | list[int], **params) -> AsyncIterator[str]:
         return self._stream("/v1/completions", {"model": model, "prompt": prompt, **params}, False)
+
+    async def _lines(self, path: str) -> AsyncIterator[str]:
+        try:
+            async with self._http.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    _check(resp, _json(resp))
+                async for line in resp.aiter_lines():
+                    if line:
+                        yield line
+        except _CONNECT_ERRORS as exc:
+            raise _not_running(self.socket, exc) from None
+        except httpx.TransportError as exc:
+            raise _lost(exc) from None
 
     async def _stream(self, path: str, body: dict, chat: bool) -> AsyncIterator[str]:
         body["stream"] = True

@@ -276,3 +276,13 @@ def models(paths: Paths):
         data = c.models()
     _table(["MODEL", "MAX_MODEL_LEN", "OWNED_BY"], [[m.get("id"), m.get("max_model_len"), m.get("owned_by")]
                                                    for m in data])
+
+
+# ---------------------------------------------------------------- batch jobs and top (own modules)
+
+from llmos.cli.jobs import jobs as _jobs, submit as _submit  # noqa: E402  (they use the helpers above)
+from llmos.cli.top import top as _top  # noqa: E402
+
+cli.add_command(_submit)
+cli.add_command(_jobs)
+cli.add_command(_top)

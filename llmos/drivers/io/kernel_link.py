@@ -1,11 +1,11 @@
-"""The io driver's side of the bus: sends Submit/Abort/Query to the kernel and routes the
+"""The io driver's side of the bus: sends Submit/Abort/Query/Command to the kernel and routes the
 kernel's answers to the HTTP handler waiting for them.
 
 One reader task owns `bus.arecv()`. Each submitted request gets an asyncio.Queue that
 receives, in order: one `Accepted` or `Rejected`, then (after Accepted) Outputs items
 (dicts) until the item whose "finish" is set, or a late `Rejected` (failure mid-generation).
 When the link drops or the driver stops, every waiting request gets a synthetic Rejected
-(503). Each query gets a future keyed by query_id. Nothing here holds scheduling state.
+(503). Each query or command gets a future keyed by query_id. Nothing here holds scheduling state.
 """
 from __future__ import annotations
 
@@ -93,13 +93,21 @@ class KernelLink:
     async def query(self, what: str, args: dict | None = None, timeout: float = 5.0) -> Any:
         """The kernel's answer to Query(what). Raises KernelUnavailable (503 link down,
         504 no answer in `timeout` s) or QueryFailed (the kernel said ok=False)."""
+        return await self._ask(protocol.Query, what, args, timeout)
+
+    async def command(self, what: str, args: dict | None = None, timeout: float = 30.0) -> Any:
+        """The kernel's answer to Command(what): like `query`, for actions that change state.
+        After a 504 the action may still have happened."""
+        return await self._ask(protocol.Command, what, args, timeout)
+
+    async def _ask(self, cls, what: str, args: dict | None, timeout: float) -> Any:
         if not self.up:
             raise KernelUnavailable("the kernel is not connected (restarting?)")
         qid = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self._queries[qid] = fut
         try:
-            self.bus.send(protocol.Query(query_id=qid, what=what, args=args or {}))
+            self.bus.send(cls(query_id=qid, what=what, args=args or {}))
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise KernelUnavailable(f"the kernel did not answer '{what}' within {timeout:g} s", 504) from None

@@ -21,7 +21,7 @@ from llmos.drivers.io.openai_api import ApiError, ParsedRequest, parse_chat, par
 
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
 MAX_CUSTOM_ID = 512
-TENANT = "batch"   # the tag the scheduler's batch class will key on (Submit has no priority field)
+TENANT = "batch"   # tenant of job lines that name none (its quotas and fair share)
 _KEYS = {"custom_id", "method", "url", "body"}
 
 
@@ -87,9 +87,16 @@ def check_line(line_no: int, raw: bytes | str, models=None) -> BatchLine | None:
 
 
 def submit_of(line: BatchLine, request_id: str) -> protocol.Submit:
+    """The kernel request of a line: always in the batch class (a level the line gives,
+    "batch:3" or 3, is kept); the line's tenant if it names one, else "batch"."""
     p = line.parsed
+    level = p.priority if isinstance(p.priority, int) else (
+        p.priority.partition(":")[2] if isinstance(p.priority, str) and p.priority.startswith("batch:") else "")
     return protocol.Submit(request_id=request_id, model=p.model, prompt=p.prompt, messages=p.messages,
-                           prompt_token_ids=p.prompt_token_ids, params=p.params.to_dict(), tenant=TENANT)
+                           prompt_token_ids=p.prompt_token_ids, params=p.params.to_dict(),
+                           tenant=TENANT if p.tenant == "local" else p.tenant,
+                           priority=f"batch:{level}" if level != "" else "batch",
+                           timeout_s=p.timeout_s, queue_timeout_s=p.queue_timeout_s)
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:

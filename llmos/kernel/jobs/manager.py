@@ -7,8 +7,9 @@
 
 Exactly once: a line's result is committed once (see store.py); at start, lines that were
 running when the kernel died go back to pending and are sent again, finished ones never.
-Transient refusals (503/504: model loading, daemon draining) put a line back to pending;
-any other error is the line's result (it goes to the error file).
+Transient refusals (429/503/504, see _transient) put a line back to pending; any other
+error is the line's result (it goes to the error file). Lines run in the batch priority
+class, tenant "batch" unless the line names one.
 
 Wiring (kernel/core.py): local_clients["@jobs"] = deliver; `commands` and `queries` join
 the kernel's tables; run() is a task (it resumes unfinished jobs first); close() at exit.
@@ -27,14 +28,21 @@ from dataclasses import dataclass
 from llmos import protocol
 from llmos.drivers.io.openai_api import ResponseShaper
 from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_line, error_body, submit_of
-from llmos.kernel.jobs.files import ERROR_PREFIX, OUTPUT_PREFIX, Files
-from llmos.kernel.jobs.store import ACTIVE, TERMINAL, JobStore, StoreError
+from llmos.kernel.jobs.files import Files
+from llmos.kernel.jobs.store import ACTIVE, JobStore, StoreError
+from llmos.kernel.jobs.views import job_view
 
 log = logging.getLogger(__name__)
 PEER = "@jobs"
-TRANSIENT = (503, 504)
-RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long before feeding again
-RATE_WINDOW_S = 30.0
+TRANSIENT = (429, 503, 504)   # over quota, model loading, daemon draining: the line runs again later
+RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long (or Retry-After) to feed again
+
+
+def _transient(msg: protocol.Rejected, line: BatchLine) -> bool:
+    """A refusal that says "not now" rather than "never". A queue deadline the line did not
+    set itself is the server's default for interactive clients: a job waits its turn."""
+    return msg.status in TRANSIENT or (msg.status == 408 and msg.code == "queue_timeout"
+                                       and line.parsed.queue_timeout_s is None)
 
 
 def _guarded(handlers: dict) -> dict:
@@ -120,7 +128,7 @@ class JobManager:
                 return
             job = self.store.get_job(job_id)
             if job is None or job["status"] != "in_progress":
-                self.active.remove(job_id)
+                self._retire(job_id)
             elif self._paused.get(job_id, 0.0) <= now:
                 rows = self.store.next_lines(job, room)
                 if rows:
@@ -186,9 +194,10 @@ class JobManager:
             f.shaper = ResponseShaper(f.line.parsed, msg.request_id, msg.prompt_tokens)
         elif isinstance(msg, protocol.Rejected) and msg.request_id in self.flights:
             f = self.flights.pop(msg.request_id)
-            if msg.status in TRANSIENT:
+            if _transient(msg, f.line):
                 self.store.requeue(f.job_id, [f.line.line_no])
-                self._paused[f.job_id] = time.monotonic() + RETRY_PAUSE_S
+                until = time.monotonic() + (msg.retry_after or RETRY_PAUSE_S)
+                self._paused[f.job_id] = max(self._paused.get(f.job_id, 0.0), until)
             else:
                 self._record([self._result(f.job_id, f.line.line_no, msg.status,
                                            error_body(msg.status, msg.code, msg.message, msg.param))])
@@ -224,9 +233,14 @@ class JobManager:
             now = int(time.time())
             self.store.set_status(job["id"], "finalizing", now)
             self.store.set_status(job["id"], "completed", now)
-            if job["id"] in self.active:
-                self.active.remove(job["id"])
+            self._retire(job["id"])
             log.info("job %s completed: %d ok, %d failed", job["id"], job["completed"], job["failed"])
+
+    def _retire(self, job_id: str) -> None:
+        if job_id in self.active:
+            self.active.remove(job_id)
+        self._paused.pop(job_id, None)
+        self._finished.pop(job_id, None)
 
     def _running(self, job_id: str) -> int:
         return sum(1 for f in self.flights.values() if f.job_id == job_id)
@@ -275,8 +289,7 @@ class JobManager:
             self.front.abort(protocol.Abort(request_id=rid, reason="batch job cancelled"))
         self.store.cancel_unfinished(job["id"])
         self.store.set_status(job["id"], "cancelled", int(time.time()))
-        if job["id"] in self.active:
-            self.active.remove(job["id"])
+        self._retire(job["id"])
         log.info("job %s cancelled", job["id"])
 
     def get_job(self, args: dict) -> dict | None:
@@ -291,40 +304,5 @@ class JobManager:
         return [self.view(j) for j in self.store.list_jobs(limit, after if isinstance(after, str) else None)]
 
     def view(self, job: dict) -> dict:
-        """OpenAI's Batch object, plus an "llmos" map: counts by state, throughput, ETA."""
-        jid, status = job["id"], job["status"]
-        total, done, failed = job["total"], job["completed"], job["failed"]
-        running = self._running(jid) if status in ACTIVE else 0
-        cancelled = total - done - failed if status in ("cancelled", "failed") else 0
-        left = total - done - failed - cancelled
-        rps, tps = self._rates(jid)
-        terminal = status in TERMINAL
-        p, c = job["prompt_tokens"], job["completion_tokens"]
-        return {
-            "id": jid, "object": "batch", "endpoint": job["endpoint"], "errors": job["errors"],
-            "input_file_id": job["input_file_id"], "completion_window": job["completion_window"], "status": status,
-            "output_file_id": OUTPUT_PREFIX + jid if terminal and done else None,
-            "error_file_id": ERROR_PREFIX + jid if terminal and (failed or cancelled) else None,
-            **{k: job[k] for k in ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at",
-                                   "cancelling_at", "cancelled_at")},
-            "expires_at": None, "expired_at": None, "metadata": job["metadata"],
-            "request_counts": {"total": total, "completed": done, "failed": failed},
-            "usage": {"input_tokens": p, "input_tokens_details": {"cached_tokens": 0}, "output_tokens": c,
-                      "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": p + c},
-            "llmos": {"counts": {"total": total, "pending": left - running, "running": running, "completed": done,
-                                 "failed": failed, "cancelled": cancelled},
-                      "throughput": {"requests_per_s": rps, "tokens_per_s": tps},
-                      "eta_s": 0.0 if not left else round(left / rps, 1) if rps and not terminal else None,
-                      "output_file_id": OUTPUT_PREFIX + jid, "error_file_id": ERROR_PREFIX + jid},
-        }
-
-    def _rates(self, job_id: str) -> tuple[float, float]:
-        """Requests and completion tokens per second over the last RATE_WINDOW_S."""
-        recent = self._finished.get(job_id)
-        now = time.monotonic()
-        while recent and now - recent[0][0] > RATE_WINDOW_S:
-            recent.popleft()
-        if not recent:
-            return 0.0, 0.0
-        span = max(now - recent[0][0], 1.0)
-        return round(len(recent) / span, 2), round(sum(t for _, t in recent) / span, 1)
+        jid = job["id"]
+        return job_view(job, self._running(jid) if job["status"] in ACTIVE else 0, self._finished.get(jid))

@@ -1,0 +1,246 @@
+"""The batch API of the io driver: OpenAI's /v1/files and /v1/batches, and the native
+/llmos/v1/jobs. The kernel owns every file and job (its JobManager, design.md rule 1);
+this module only streams an upload to it in bounded chunks of lines and streams file
+contents back page by page, so neither side holds a whole file in memory.
+
+Errors: a malformed batch file is a 400 whose error names the bad lines (code
+"invalid_batch_file", with "lines": their numbers); over MAX_FILE_BYTES is a 413; an
+unknown file or batch is a 404; other refusals of the kernel are 400s.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+
+from aiohttp import web
+
+from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
+from llmos.drivers.io.openai_api import ApiError
+
+MAX_FILE_BYTES = 200 * 1024 * 1024
+MAX_LINE_BYTES = 4 * 1024 * 1024     # one request; a whole context of text is far less
+READ_SIZE = 256 * 1024
+CHUNK_LINES, CHUNK_BYTES = 500, 512 * 1024   # one files.append: ~10-40 ms of the kernel loop
+PAGE_LINES = 1000
+KEPT_ERRORS = 50
+LINK = web.AppKey("batch_link", KernelLink)
+log = logging.getLogger(__name__)
+
+
+def add_routes(app: web.Application, link: KernelLink) -> None:
+    app[LINK] = link
+    r = app.router
+    r.add_post("/v1/files", create_file)
+    r.add_get("/v1/files/{id}", get_file)
+    r.add_get("/v1/files/{id}/content", file_content)
+    r.add_post("/v1/batches", create_batch)
+    r.add_get("/v1/batches", list_batches)
+    r.add_get("/v1/batches/{id}", get_batch)
+    r.add_post("/v1/batches/{id}/cancel", cancel_batch)
+    r.add_get("/llmos/v1/jobs", list_batches)
+    r.add_get("/llmos/v1/jobs/errors", job_errors)   # before {id}: "errors" is never a job id
+    r.add_get("/llmos/v1/jobs/{id}", get_batch)
+    r.add_post("/llmos/v1/jobs/{id}/cancel", cancel_batch)
+
+
+class InvalidBatchFile(ApiError):
+    def __init__(self, errors: list, total: int):
+        parts = [f"line {n}: {msg}" for n, msg in errors[:20]]
+        more = f"; ... and {total - len(parts)} more" if total > len(parts) else ""
+        super().__init__(400, f"the batch file has {total} invalid line{'s' * (total != 1)}: "
+                         + "; ".join(parts) + more, "file", "invalid_batch_file")
+        self.lines = [n for n, _ in errors]
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["lines"] = self.lines
+        return body
+
+
+async def _ask(request: web.Request, kind: str, what: str, args: dict, timeout: float | None = None):
+    """The kernel's answer; its refusals (ok=False) become 400s naming the reason."""
+    link = request.app[LINK]
+    call = link.command if kind == "command" else link.query
+    try:
+        return await (call(what, args) if timeout is None else call(what, args, timeout))
+    except QueryFailed as exc:
+        msg = str(exc)
+        if msg.startswith(("unknown command", "unknown query")):
+            raise ApiError(501, "this daemon's kernel has no batch jobs", code="not_implemented") from None
+        raise ApiError(400, msg.removeprefix(f"{what}: "), code="invalid_request") from None
+
+
+def _found(data, kind: str, ident: str):
+    if data is None:
+        raise ApiError(404, f"No such {kind}: {ident}", "id", f"{kind}_not_found")
+    return data
+
+
+# ---------------------------------------------------------------- files
+
+
+async def create_file(request: web.Request) -> web.Response:
+    """multipart/form-data with `purpose` ("batch") and `file` (JSONL)."""
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(400, "upload the file as multipart/form-data with the fields 'purpose' and 'file'", "file")
+    reader = await request.multipart()
+    purpose, file_id, nbytes = None, None, 0
+    try:
+        while (part := await reader.next()) is not None:
+            if part.name == "purpose":
+                purpose = (await part.text()).strip()
+                if purpose != "batch":
+                    raise ApiError(400, f"purpose {purpose!r} is not supported (only 'batch')", "purpose")
+            elif part.name == "file":
+                if file_id is not None:
+                    raise ApiError(400, "only one file per upload", "file")
+                file_id = (await _ask(request, "command", "files.begin",
+                                      {"filename": part.filename or "batch.jsonl"}))["id"]
+                nbytes = await _send_lines(request, file_id, part)
+            else:
+                await part.release()
+        if file_id is None:
+            raise ApiError(400, "the upload has no 'file' field", "file")
+        if purpose is None:
+            raise ApiError(400, "purpose is required (only 'batch' is supported)", "purpose")
+        obj = await _ask(request, "command", "files.commit", {"id": file_id, "bytes": nbytes, "purpose": purpose})
+        file_id = None  # committed: nothing to discard
+        return web.json_response(obj)
+    finally:
+        if file_id is not None and request.app[LINK].up:
+            with contextlib.suppress(Exception):
+                await request.app[LINK].command("files.discard", {"id": file_id}, timeout=5)
+
+
+class _Uploader:
+    """Feeds one upload to the kernel: lines numbered from 1, sent in chunks; keeps the
+    first KEPT_ERRORS bad lines (the kernel's verdicts and our own) and counts them all."""
+
+    def __init__(self, request: web.Request, file_id: str):
+        self.request, self.file_id = request, file_id
+        self.first, self.batch, self.batch_bytes = 1, [], 0
+        self.errors, self.n_errors = [], 0
+
+    def bad(self, line_no: int, message: str) -> None:
+        self.n_errors += 1
+        if len(self.errors) < KEPT_ERRORS:
+            self.errors.append((line_no, message))
+
+    async def add(self, line: bytes | None) -> None:
+        """One complete line; None stands for a line longer than MAX_LINE_BYTES."""
+        if line is None:  # keep the numbering: the kernel skips the blank stand-in
+            self.bad(self.first + len(self.batch), f"longer than {MAX_LINE_BYTES // 2**20} MiB")
+            line = b""
+        self.batch.append(line)
+        self.batch_bytes += len(line)
+        if len(self.batch) >= CHUNK_LINES or self.batch_bytes >= CHUNK_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if self.batch:
+            reply = await _ask(self.request, "command", "files.append",
+                               {"id": self.file_id, "first_line": self.first, "lines": self.batch})
+            for line_no, message in reply.get("errors") or []:
+                self.bad(line_no, message)
+            self.first, self.batch, self.batch_bytes = self.first + len(self.batch), [], 0
+
+
+async def _send_lines(request: web.Request, file_id: str, part) -> int:
+    """Stream the part to the kernel as chunks of lines; returns its size in bytes.
+    Raises InvalidBatchFile naming the bad lines, after reading the whole file."""
+    up = _Uploader(request, file_id)
+    buf, nbytes, too_long = bytearray(), 0, False
+    while chunk := await part.read_chunk(READ_SIZE):
+        nbytes += len(chunk)
+        if nbytes > MAX_FILE_BYTES:
+            raise ApiError(413, f"the file is larger than {MAX_FILE_BYTES // 2**20} MiB", "file")
+        *ends, tail = chunk.split(b"\n")   # only the new bytes are scanned: linear in the file
+        for piece in ends:
+            too_long = too_long or len(buf) + len(piece) > MAX_LINE_BYTES
+            await up.add(None if too_long else bytes(buf + piece))
+            buf.clear()
+            too_long = False
+        too_long = too_long or len(buf) + len(tail) > MAX_LINE_BYTES
+        if too_long:
+            buf.clear()
+        else:
+            buf += tail
+    if buf or too_long:
+        await up.add(None if too_long else bytes(buf))
+    await up.flush()
+    if up.n_errors:
+        raise InvalidBatchFile(sorted(up.errors), up.n_errors)
+    return nbytes
+
+
+async def get_file(request: web.Request) -> web.Response:
+    fid = request.match_info["id"]
+    return web.json_response(_found(await _ask(request, "query", "files.get", {"id": fid}), "file", fid))
+
+
+async def file_content(request: web.Request) -> web.StreamResponse:
+    """The file as JSONL. Output and error files of a running job hold the results so far."""
+    fid = request.match_info["id"]
+    page = _found(await _ask(request, "query", "files.page", {"id": fid, "after": 0, "limit": PAGE_LINES}),
+                  "file", fid)
+    resp = web.StreamResponse(headers={"Content-Type": "application/jsonl; charset=utf-8"})
+    await resp.prepare(request)
+    try:
+        while page is not None:
+            if page["lines"]:
+                await resp.write(("\n".join(page["lines"]) + "\n").encode())
+            if page["next"] is None:
+                break
+            page = await _ask(request, "query", "files.page", {"id": fid, "after": page["next"],
+                                                               "limit": PAGE_LINES})
+    except (ApiError, KernelUnavailable) as exc:
+        # Headers are gone: cut the connection so the client sees a truncated body, not a short file.
+        log.warning("file %s: content stream failed: %s", fid, exc)
+        if request.transport is not None:
+            request.transport.close()
+        raise ConnectionResetError(str(exc)) from None
+    await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------- batches (jobs)
+
+
+async def create_batch(request: web.Request) -> web.Response:
+    try:
+        body = json.loads(await request.read())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for name in ("input_file_id", "endpoint"):
+        if not isinstance(body.get(name), str):
+            raise ApiError(400, f"{name} is required (a string)", name)
+    args = {k: body.get(k) for k in ("input_file_id", "endpoint", "completion_window", "metadata")}
+    return web.json_response(await _ask(request, "command", "jobs.create", args))
+
+
+async def list_batches(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", 20))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer", "limit") from None
+    args = {"limit": limit, **({"after": request.query["after"]} if "after" in request.query else {})}
+    data = await _ask(request, "query", "jobs.list", args)
+    return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None, "has_more": len(data) == limit})
+
+
+async def get_batch(request: web.Request) -> web.Response:
+    bid = request.match_info["id"]
+    return web.json_response(_found(await _ask(request, "query", "jobs.get", {"id": bid}), "batch", bid))
+
+
+async def cancel_batch(request: web.Request) -> web.Response:
+    bid = request.match_info["id"]
+    return web.json_response(_found(await _ask(request, "command", "jobs.cancel", {"id": bid}), "batch", bid))
+
+
+async def job_errors(request: web.Request) -> web.Response:
+    return web.json_response(await _ask(request, "query", "jobs.errors", {}))
