@@ -12,6 +12,7 @@ every later load (every driver restart) takes a second or two.
 """
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import re
@@ -70,8 +71,8 @@ def parse_model_spec(spec: str) -> ModelSource:
 
 def prepare_model_dir(spec: str | ModelSource, models_dir: Path) -> Path:
     """Return a plain HF directory for `spec`, converting a GGUF into `models_dir/<name>/`
-    the first time. Safe to call from several processes at once: each converts into its
-    own temp dir and renames it into place; the loser of the race discards its copy."""
+    the first time. Safe to call from several processes at once: one converts into a temp
+    dir and renames it into place, the others wait for it on a lock file."""
     src = spec if isinstance(spec, ModelSource) else parse_model_spec(spec)
     if src.gguf_file is None:
         return src.path
@@ -79,17 +80,22 @@ def prepare_model_dir(spec: str | ModelSource, models_dir: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=out.parent))
-    try:
-        convert_gguf(src.path, src.gguf_file, tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users' daemons may share the cache
+    # The lock only saves a second 25 s conversion; correctness comes from the atomic rename.
+    with open(out.parent / f".{src.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (out / "config.json").is_file():
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=out.parent))
         try:
-            os.rename(tmp, out)  # atomic; fails if another process got there first
-        except OSError:
-            if not (out / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            convert_gguf(src.path, src.gguf_file, tmp)
+            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users' daemons may share the cache
+            try:
+                os.rename(tmp, out)  # atomic; fails if `out` appeared meanwhile (a lock-less writer)
+            except OSError:
+                if not (out / "config.json").is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -31,8 +31,9 @@ def make_tiny_model(kind: str, out_dir: Path, tokenizer_dir: Path, seed: int = 0
         config, cls = Qwen2Config(rope_theta=10000.0, use_sliding_window=False, **common), Qwen2ForCausalLM
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}: use 'llama' or 'qwen2'")
-    torch.manual_seed(seed)
-    model = cls(config).eval()
+    with torch.random.fork_rng():  # seed the default init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = cls(config).eval()
     with torch.no_grad():
         # The default init (std 0.02) makes near-uniform logits: greedy ties would make
         # token-exact comparisons flaky. Larger weights give peaked, well separated logits.

@@ -31,24 +31,30 @@ class KVPool:
     """The driver's view of the kernel-owned pool (MapKVPool). The driver maps it and
     reads/writes the blocks of the plan it executes; it never creates, resizes or unlinks it."""
 
-    def __init__(self, msg: protocol.MapKVPool):
+    def __init__(self, msg: protocol.MapKVPool, tensor: torch.Tensor | None = None):
+        """Map `msg.path` (CPU), or adopt `tensor`, a pool already opened by the caller (any
+        device: the path a CUDA IPC handle will take once MapKVPool carries one)."""
         if msg.dtype not in _DTYPES:
             raise ValueError(f"KV pool dtype {msg.dtype!r} not supported")
-        if msg.device.startswith("cuda"):
-            # The kernel will pass a CUDA IPC handle; until the protocol carries one we cannot map it.
-            raise NotImplementedError("CUDA KV pools are not supported yet (needs an IPC handle in MapKVPool)")
-        if msg.device != "cpu":
-            raise ValueError(f"KV pool device {msg.device!r} not supported")
         self.msg, self.dtype = msg, _DTYPES[msg.dtype]
         self.num_blocks, self.block_size = msg.num_blocks, msg.block_size
         shape = (msg.num_layers, 2, msg.num_blocks, msg.block_size, msg.num_kv_heads, msg.head_dim)
         numel = int(np.prod(shape))
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        size = os.stat(msg.path).st_size  # raises FileNotFoundError: the kernel must create it first
-        if size < numel * itemsize:
-            raise ValueError(f"KV pool file {msg.path} has {size} bytes, layout needs {numel * itemsize}")
-        # shared=True: writes go to the kernel's memory, so a restarted driver finds the KV there.
-        self.kv = torch.from_file(msg.path, shared=True, size=numel, dtype=self.dtype).view(shape)
+        if tensor is not None:
+            if tuple(tensor.shape) != shape or tensor.dtype != self.dtype or not tensor.is_contiguous():
+                raise ValueError(f"KV pool tensor {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {self.dtype}")
+            self.kv = tensor
+        elif msg.device.startswith("cuda"):
+            raise NotImplementedError("CUDA KV pools are not supported yet (MapKVPool carries no IPC handle)")
+        elif msg.device != "cpu":
+            raise ValueError(f"KV pool device {msg.device!r} not supported")
+        else:
+            itemsize = torch.empty((), dtype=self.dtype).element_size()
+            size = os.stat(msg.path).st_size  # FileNotFoundError: the kernel must create it first
+            if size < numel * itemsize:
+                raise ValueError(f"KV pool file {msg.path} has {size} bytes, layout needs {numel * itemsize}")
+            # shared=True: writes reach the kernel's memory, so a restarted driver finds the KV there.
+            self.kv = torch.from_file(msg.path, shared=True, size=numel, dtype=self.dtype).view(shape)
         self._slots = self.kv.view(msg.num_layers, 2, -1, msg.num_kv_heads, msg.head_dim)
         self._blocks = self.kv.view(msg.num_layers, 2, msg.num_blocks, -1)
         self._ws: dict[str, torch.Tensor] = {}
@@ -65,7 +71,7 @@ class KVPool:
         # Gathers write into reused buffers: a fresh multi-MB tensor per layer costs page faults.
         buf = self._ws.get(name)
         if buf is None or buf.numel() < numel:
-            buf = self._ws[name] = torch.empty(max(numel, 1 << 16), dtype=self.dtype)
+            buf = self._ws[name] = torch.empty(max(numel, 1 << 16), dtype=self.dtype, device=self.kv.device)
         return buf[:numel]
 
 

@@ -58,7 +58,7 @@ def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top
             tokens[gi] = logits.index_select(0, gi).argmax(dim=-1)
         rows = np.flatnonzero(~greedy)
         tokens[torch.from_numpy(rows).to(logits.device)] = _sample_rows(
-            logits, rows, temperature[rows], np.asarray(top_p)[rows], np.asarray(top_k)[rows],
+            logits, rows, temperature[rows], np.asarray(top_p, dtype=np.float64)[rows], np.asarray(top_k)[rows],
             np.asarray(seed)[rows], np.asarray(gen_index)[rows])
 
     top_logprobs = np.asarray(top_logprobs)
@@ -84,26 +84,29 @@ def _sample_rows(logits, rows, temperature, top_p, top_k, seed, gen_index) -> to
     vocab = logits.shape[1]
     x = logits.index_select(0, torch.from_numpy(rows).to(dev))
     x = x / torch.from_numpy(temperature).to(dev, torch.float32)[:, None]
+    # The noise is drawn per token id, before any reordering, so that a seeded row draws the
+    # same token whatever the other rows of the batch ask for.
+    noise = torch.empty_like(x)
+    unseeded = np.flatnonzero(seed < 0)
+    if len(unseeded):
+        noise[torch.from_numpy(unseeded).to(dev)] = torch.empty(len(unseeded), vocab, device=dev).exponential_()
+    for r in np.flatnonzero(seed >= 0):
+        noise[r].exponential_(generator=generator_for(int(seed[r]), int(gen_index[r]), dev))
     top_k = np.where((top_k <= 0) | (top_k >= vocab), vocab, top_k)
     order = None
-    if (top_k < vocab).any() or (np.asarray(top_p) < 1.0).any():
-        # Filter in sorted order; the draw happens in that order too (deterministic for given logits).
-        x, order = x.sort(dim=-1, descending=True)
-        ranks = torch.arange(vocab, device=dev)[None, :]
-        drop = ranks >= torch.from_numpy(top_k).to(dev)[:, None]
+    if (top_k < vocab).any() or (top_p < 1.0).any():
+        # vLLM's order: keep the top k, renormalize, then keep the smallest prefix of mass >= top_p.
+        width = int(top_k.max()) if (top_p >= 1.0).all() else vocab
+        x, order = x.topk(width, dim=-1) if width < vocab else x.sort(dim=-1, descending=True)
+        noise = noise.gather(1, order)
+        ranks = torch.arange(width, device=dev)[None, :]
+        x = x.masked_fill(ranks >= torch.from_numpy(top_k).to(dev)[:, None], float("-inf"))
         probs = torch.softmax(x, dim=-1)
         before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
-        drop |= before >= torch.from_numpy(np.asarray(top_p, dtype=np.float32)).to(dev)[:, None]
+        drop = before >= torch.from_numpy(top_p.astype(np.float32)).to(dev)[:, None]
         drop[:, 0] = False  # the most likely token always survives
         x = x.masked_fill(drop, float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    noise = torch.empty_like(probs)
-    unseeded = np.flatnonzero(seed < 0)
-    if len(unseeded):
-        noise[torch.from_numpy(unseeded).to(dev)] = torch.empty(
-            len(unseeded), vocab, device=dev).exponential_()
-    for r in np.flatnonzero(seed >= 0):
-        noise[r].exponential_(generator=generator_for(int(seed[r]), int(gen_index[r]), dev))
     # Exp(1) can draw exactly 0; 0/0 would be NaN, which argmax would pick.
     pick = (probs / noise.clamp_min_(1e-30)).argmax(dim=-1)
     if order is not None:

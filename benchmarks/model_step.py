@@ -1,0 +1,142 @@
+"""Microbenchmark of the model driver's compute core: ModelRunner.execute decode steps at
+batch 1/8/32 against Hugging Face generate on the same weights, in one run.
+
+    HF_HUB_OFFLINE=1 python benchmarks/model_step.py --dtype float32 [--model smollm2] [--steps 32]
+
+Prompts: ../shared/bench/prompts.json (chat template applied) when present, else a built-in set.
+Runner: one packed prefill step of the whole batch, then `steps` decode steps.
+HF: generate on a static left-padded batch; its decode rate excludes the prefill.
+End-to-end = batch * (steps + 1) generated tokens / (prefill + decode time).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llmos import protocol  # noqa: E402
+from llmos.drivers.model.runner import ModelRunner  # noqa: E402
+from llmos.models.registry import prepare_model_dir  # noqa: E402
+from llmos.paths import Paths  # noqa: E402
+
+BLOCK = 16
+
+
+def load_prompts(tok, n: int) -> list[list[int]]:
+    path = Path(__file__).resolve().parents[2] / "shared" / "bench" / "prompts.json"
+    texts = json.loads(path.read_text()) if path.is_file() else ["Tell me a story about a robot."] * n
+    texts = (texts * (n // len(texts) + 1))[:n]
+    return [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                    return_dict=False) for t in texts]
+
+
+def make_plan(step_id, seqs, tokens_per_seq, blocks_per_seq):
+    n = len(seqs)
+    width = max(len(b) for b in blocks_per_seq)
+    return protocol.StepPlan(
+        step_id=step_id, seq_ids=protocol.i32(range(n)),
+        num_new=protocol.i32([len(t) for t in tokens_per_seq]),
+        start_pos=protocol.i32([s for s in seqs]),
+        tokens=protocol.i32([x for t in tokens_per_seq for x in t]),
+        block_tables=protocol.i32([b + [-1] * (width - len(b)) for b in blocks_per_seq]),
+        sample=np.ones(n, dtype=np.uint8), temperature=np.zeros(n, dtype=np.float32),
+        top_p=np.ones(n, dtype=np.float32), top_k=protocol.i32([-1] * n),
+        seed=np.full(n, -1, dtype=np.int64), gen_index=protocol.i32([0] * n),
+        top_logprobs=protocol.i32([-1] * n))
+
+
+def bench_runner(runner, prompts, steps, pool_dir) -> dict:
+    """All prompts prefilled in one packed step, then `steps` batched decode steps."""
+    info = runner.info()
+    per_seq = -(-(max(map(len, prompts)) + steps + 2) // BLOCK)
+    nblocks = per_seq * len(prompts)
+    numel = info["num_layers"] * 2 * nblocks * BLOCK * info["num_kv_heads"] * info["head_dim"]
+    path = Path(pool_dir) / "pool"
+    with open(path, "wb") as f:
+        f.truncate(numel * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size())
+    runner.map_pool(protocol.MapKVPool(str(path), "cpu", info["dtype"], nblocks, BLOCK, info["num_layers"],
+                                       info["num_kv_heads"], info["head_dim"]))
+    blocks = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    runner.execute(make_plan(0, [0], [prompts[0][:8]], [blocks[0]]))  # warm-up
+    t0 = time.perf_counter()
+    last = runner.execute(make_plan(1, [0] * len(prompts), prompts, blocks)).tokens.tolist()
+    t1 = time.perf_counter()
+    pos = [len(p) for p in prompts]
+    for k in range(steps):
+        last = runner.execute(make_plan(2 + k, pos, [[x] for x in last], blocks)).tokens.tolist()
+        pos = [x + 1 for x in pos]
+    t2 = time.perf_counter()
+    n = len(prompts)
+    return {"prefill": sum(map(len, prompts)) / (t1 - t0), "decode": n * steps / (t2 - t1),
+            "e2e": n * (steps + 1) / (t2 - t0)}
+
+
+def bench_hf(model, prompts, steps) -> dict:
+    """HF generate, greedy, a static left-padded batch. Decode rate from the difference between
+    generating steps + 1 tokens and 1 token, so that prefill is not counted as decode."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run(new: int) -> float:
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                       pad_token_id=0)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        run(2)  # warm-up
+        first, full = run(1), run(steps + 1)
+    n = len(prompts)
+    return {"decode": n * steps / (full - first), "e2e": n * (steps + 1) / full}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--repeat", type=int, default=2, help="alternate runs, report the best (shared machines are noisy)")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = prepare_model_dir(args.model, Paths.from_env().models_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    runner = ModelRunner(model_dir, dtype=args.dtype)
+    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=getattr(torch, args.dtype), local_files_only=True).eval()
+    print(f"model {args.model} dtype {args.dtype} threads {torch.get_num_threads()} steps {args.steps}")
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        for b in map(int, args.batches.split(",")):
+            prompts = load_prompts(tok, b)
+            best = lambda runs: {k: max(r[k] for r in runs) for k in runs[0]}  # noqa: E731
+            ours, base = [], []
+            for _ in range(args.repeat):
+                ours.append(bench_runner(runner, prompts, args.steps, d))
+                if hf is not None:
+                    base.append(bench_hf(hf, prompts, args.steps))
+            ours = best(ours)
+            line = (f"batch {b:3d}: runner decode {ours['decode']:6.1f} tok/s, prefill {ours['prefill']:6.1f} "
+                    f"tok/s, end-to-end {ours['e2e']:6.1f} tok/s")
+            if hf is not None:
+                base = best(base)
+                line += (f" | HF generate decode {base['decode']:6.1f}, end-to-end {base['e2e']:6.1f} tok/s"
+                         f" | ratio decode {ours['decode'] / base['decode']:4.2f}x,"
+                         f" end-to-end {ours['e2e'] / base['e2e']:4.2f}x")
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
