@@ -165,6 +165,9 @@ class Client(JobsMixin):
     def memory(self) -> dict:
         return self._request("GET", "/llmos/v1/memory")
 
+    def restart_driver(self, name: str) -> dict:
+        return self._request("POST", f"/llmos/v1/drivers/{name}/restart")
+
     def completion(self, model: str, prompt: str | list[int], **params) -> dict:
         return self._request("POST", "/v1/completions", {"model": model, "prompt": prompt, **params})
 

@@ -219,3 +219,19 @@ def _quiet(cond) -> bool:
         return bool(cond())
     except (httpx.HTTPError, json.JSONDecodeError, KeyError, StopIteration):
         return False
+
+
+def test_llmos_restart_and_mem_commands(daemon):
+    from click.testing import CliRunner
+
+    from llmos.cli.main import cli
+    old = pid_of(daemon, "tokenizer-tiny")
+    runner = CliRunner()
+    r = runner.invoke(cli, ["--home", str(daemon.home), "restart", "tokenizer-tiny"])
+    assert r.exit_code == 0, r.output
+    wait_for(lambda: _quiet(lambda: pid_of(daemon, "tokenizer-tiny") not in (None, old)), 60, "new tokenizer pid")
+    wait_running(daemon, "tokenizer-tiny")
+    r = runner.invoke(cli, ["--home", str(daemon.home), "restart", "nope"])
+    assert r.exit_code != 0 and "nope" in r.output
+    r = runner.invoke(cli, ["--home", str(daemon.home), "mem"])
+    assert r.exit_code == 0 and "prefix cache: hit rate" in r.output and "cached-free" in r.output

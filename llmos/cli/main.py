@@ -263,9 +263,54 @@ def ps(paths: Paths):
     if not requests:
         click.echo("no requests in flight")
         return
-    _table(["REQUEST", "MODEL", "TENANT", "STATE", "PROMPT", "GENERATED", "AGE"],
-           [[r.get("id"), r.get("model"), r.get("tenant"), r.get("state"), r.get("prompt_tokens"),
-             r.get("output_tokens"), _dur(r.get("age_s"))] for r in requests])
+    _table(["REQUEST", "MODEL", "TENANT", "CLASS", "STATE", "WAITED", "PROMPT", "GENERATED", "AGE"],
+           [[r.get("id"), r.get("model"), r.get("tenant"), r.get("priority"), r.get("state"),
+             _dur(r.get("waited_s")), r.get("prompt_tokens"), r.get("output_tokens"), _dur(r.get("age_s"))]
+            for r in requests])
+    for model, sched in (data.get("scheduler") or {}).items():
+        pre = sched.get("preemptions")
+        if pre:
+            click.echo(f"{model}: preemptions " + ", ".join(f"{k} {v}" for k, v in pre.items()))
+
+
+@cli.command()
+@click.argument("driver")
+@click.pass_obj
+def restart(paths: Paths, driver: str):
+    """Restart one driver (e.g. model-smollm2, tokenizer-smollm2, io)."""
+    with _client(paths, timeout=30) as c:
+        c.restart_driver(driver)
+    click.echo(f"restarting {driver}")
+
+
+@cli.command()
+@click.pass_obj
+def mem(paths: Paths):
+    """KV memory: pools, blocks by state, per-request blocks, prefix cache, swap traffic."""
+    with _client(paths, timeout=10) as c:
+        data = c.memory()
+    for model, m in data.items():
+        if "blocks_total" not in m:
+            click.echo(f"{model}: {m.get('state', 'loading')}")
+            continue
+        mib = m["block_bytes"] / 2**20
+        click.echo(f"{model} on {m['device']}: {m['blocks_total']} blocks x {m['block_size']} tokens "
+                   f"({m['pool_bytes'] / 2**20:.0f} MiB)")
+        used, cached = m["blocks_used"], m["blocks_cached_free"]
+        free = m["blocks_free"] - cached
+        _table(["STATE", "BLOCKS", "MIB"], [["used", used, f"{used * mib:.1f}"], ["cached-free", cached,
+               f"{cached * mib:.1f}"], ["free", free, f"{free * mib:.1f}"]] + (
+            [["swapped (host)", m["swap"]["host_blocks_used"], f"{m['swap']['host_blocks_used'] * mib:.1f}"]]
+            if m.get("swap") else []))
+        pc = m["prefix_cache"]
+        click.echo(f"prefix cache: hit rate {pc['hit_rate']:.1%} ({pc['hit_tokens']}/{pc['queried_tokens']} tokens), "
+                   f"{pc['evictions']} evictions; preemptions {m['preemptions']}")
+        if m.get("swap"):
+            s = m["swap"]
+            click.echo(f"swap ({s['mode']}): {s['swap_outs']} out / {s['swap_ins']} in, "
+                       f"{s['bytes_out'] / 2**20:.1f} MiB out, {s['bytes_in'] / 2**20:.1f} MiB in")
+        if m["requests"]:
+            _table(["REQUEST", "BLOCKS"], [[rid, n] for rid, n in m["requests"].items()])
 
 
 @cli.command()

@@ -38,6 +38,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     for path, what in ADMIN_QUERIES.items():
         app.router.add_get(path, _query_route(what))
+    app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     return app
 
@@ -87,6 +88,15 @@ async def models(request: web.Request) -> web.Response:
     out = [{"id": m.get("id"), "object": "model", "created": m.get("created", 0), "owned_by": "llmos",
             "max_model_len": m.get("max_model_len")} for m in data or [] if isinstance(m, dict)]
     return web.json_response({"object": "list", "data": out})
+
+
+async def restart_driver(request: web.Request) -> web.Response:
+    """Restart one driver by name (a failed one gets a fresh restart budget)."""
+    try:
+        data = await request.app[LINK].command("restart", {"name": request.match_info["name"]})
+    except QueryFailed as exc:
+        raise ApiError(404, str(exc), "name", code="driver_not_found") from None
+    return web.json_response(data)
 
 
 def _query_route(what: str):
