@@ -75,13 +75,17 @@ async def scenario(sock, model, args) -> dict:
 async def tenants(sock, model, args) -> dict:
     transport = httpx.AsyncHTTPTransport(uds=str(sock))
     async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=3600) as client:
-        jobs = [asyncio.ensure_future(ttft(client, model, f"Tenant {t} request {i}", args.batch_tokens, tenant=t))
-                for i in range(args.batch_requests // 2) for t in ("light", "heavy")]
+        # Many short requests per tenant: shares are decided each time a batch slot frees up.
+        jobs = [asyncio.ensure_future(ttft(client, model, f"Tenant {t} request {i}", args.tenant_tokens, tenant=t))
+                for i in range(args.tenant_requests) for t in ("light", "heavy")]
+        # Skip the first window (the batch fills in arrival order), count the second.
+        await asyncio.sleep(args.tenant_window)
+        before = (await client.get("/llmos/v1/ps")).json()["scheduler"][model]["tenants"]
         await asyncio.sleep(args.tenant_window)   # both tenants still have a backlog here
-        snap = (await client.get("/llmos/v1/ps")).json()["scheduler"][model]["tenants"]
+        after = (await client.get("/llmos/v1/ps")).json()["scheduler"][model]["tenants"]
         for j in jobs:
             j.cancel()
-    return {t: snap[t]["served_tokens"] for t in ("light", "heavy")}
+    return {t: after[t]["served_tokens"] - before[t]["served_tokens"] for t in ("light", "heavy")}
 
 
 def run(model_dir, extra, fn, args):
@@ -102,7 +106,9 @@ def main() -> None:
     ap.add_argument("--interactive", type=int, default=10)
     ap.add_argument("--gap", type=float, default=0.3)
     ap.add_argument("--max-num-seqs", type=int, default=16)
-    ap.add_argument("--tenant-window", type=float, default=8.0)
+    ap.add_argument("--tenant-window", type=float, default=12.0)
+    ap.add_argument("--tenant-requests", type=int, default=80, help="per tenant (more than the run serves)")
+    ap.add_argument("--tenant-tokens", type=int, default=128)
     args = ap.parse_args()
     from llmos.models.registry import prepare_model_dir
     from llmos.paths import Paths
@@ -122,7 +128,7 @@ def main() -> None:
               f"{pct(r['idle'], 95) * 1e3:.0f} ms | under batch load p50 {pct(r['loaded'], 50) * 1e3:.0f} ms "
               f"p95 {pct(r['loaded'], 95) * 1e3:.0f} ms | batch throughput {r['batch_tok_s']:.0f} tok/s")
     served = run(model_dir, ["--tenant", "light:weight=1", "--tenant", "heavy:weight=3"], tenants, args)
-    print(f"tenants 1:3 after {args.tenant_window:.0f}s saturated: light {served['light']} tokens, heavy "
+    print(f"tenants 1:3, tokens served in the second {args.tenant_window:.0f}s of saturation: light {served['light']} tokens, heavy "
           f"{served['heavy']} tokens, ratio {served['heavy'] / max(1, served['light']):.2f}")
 
 

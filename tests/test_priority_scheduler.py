@@ -163,3 +163,12 @@ def test_tenant_quota_refuses_with_retry_after():
     refused = sched.policy.check_admission("q", clock())
     assert refused is not None and refused.limit == "max_concurrent" and refused.retry_after_s > 0
     assert sched.policy.check_admission("other", clock()) is None
+
+
+def test_batch_slots_are_shared_by_weight_when_requests_are_long():
+    sched, clock = scheduler(blocks=400, seqs=8, tenants={"a": TenantConfig(weight=1), "b": TenantConfig(weight=3)})
+    for _ in range(16):
+        sched.add(make(tenant="a", max_tokens=1000))
+        sched.add(make(tenant="b", max_tokens=1000))
+    run_step(sched, clock)
+    assert Counter(r.tenant for r in sched.running) == {"a": 2, "b": 6}

@@ -7,23 +7,22 @@ Priority: a class, realtime (0) < interactive (1, the default) < batch (2), and 
 inside it; lower runs first on both. Clients send "batch", "batch:3", or an int (vLLM's
 extension), which is a level inside their tenant's default class.
 
-Admission order (admit_key): effective class, level, the tenant's virtual time (weighted
-fair share, tenants.py), arrival.
+Admission order (admit_key): effective class, level, the tenant's batch slots per unit
+of weight (running / weight), its virtual time (weighted fair share, tenants.py), arrival.
 
 Aging, and the bound. Waiting time counts from req.queued_at. Waiting max_wait_s[c] in
 class c promotes a request to class c-1 (for realtime: within realtime) and makes it
 *aged*; each further max_wait_s of the class it is then in promotes it again, down to
-realtime. Aged requests rank ahead of every level of their effective class and among
-themselves strictly oldest queued_at first (no levels, no tenant order). So a request of
-class c is an aged realtime request D(c) seconds after queued_at (aging_bound_s):
-D(batch) = W[batch] + W[interactive], D(interactive) = W[interactive], D(realtime) =
-W[realtime], with defaults 40 s, 10 s, never (realtime is not aged unless configured).
-Bound: from queued_at + D(c) on, only aged realtime requests queued before it rank
-ahead of it, so it is admitted at the latest by the (k+1)-th admission after that time,
-where k counts the requests queued before it and still waiting then. An admission needs
+realtime. Aged requests rank ahead of every level of their effective class; among
+themselves they keep the tenant shares (slots per weight, virtual time), then oldest
+queued_at first. So a request of class c is an aged realtime request D(c) seconds after
+queued_at (aging_bound_s): D(batch) = W[batch] + W[interactive], D(interactive) =
+W[interactive], D(realtime) = W[realtime], with defaults 40 s, 10 s, never.
+Bound: from queued_at + D(c) on, only aged realtime requests rank ahead of it, and
+among those its own tenant's earlier ones and other tenants' within their shares, so it
+is admitted within its tenant's fair share of the admissions after that time; per-tenant
+max_queued bounds how many of its own requests can be ahead of it. An admission needs
 room: aging orders admission only, it never justifies a preemption (preemption_candidates).
-Trade-off: under overload long enough for requests to age, order among the aged is FIFO,
-not fair share; per-tenant max_queued caps how much of that tier one tenant can hold.
 
 Request attributes this module reads (never writes):
   priority: Priority          base priority, from parse_priority at submission
@@ -195,9 +194,16 @@ class PriorityPolicy:
     def admit_key(self, req, now: float) -> tuple:
         """Sort key of a waiting request; smaller is admitted first. Valid at `now` only."""
         c, aged = self.rank(req, now)
+        # Batch slots are what a tenant holds while its requests run: share them by weight
+        # first (running / weight), then tokens served (virtual time) among equals. Aged
+        # requests go before every level of their effective class but keep the tenant
+        # shares among themselves: under a deep backlog everything ages, and plain FIFO
+        # there would erase the weights.
+        running = self.tenants.counts(req.tenant)[1]
+        slots = running / self.tenants.config(req.tenant).weight
         if aged:
-            return (c, -1, 0.0, req.queued_at, req.arrival)
-        return (c, req.priority.level, self.tenants.vtime(req.tenant), req.arrival, req.queued_at)
+            return (c, -1, slots, self.tenants.vtime(req.tenant), req.queued_at, req.arrival)
+        return (c, req.priority.level, slots, self.tenants.vtime(req.tenant), req.arrival, req.queued_at)
 
     def order(self, waiting: list, now: float) -> list:
         """The waiting requests in admission order (a new list)."""

@@ -121,6 +121,7 @@ class Scheduler:
             req.started_at = now
             self.policy.on_started(req, now)
             self.running.append(req)
+            self.waiting = self.policy.order(self.waiting, now)   # shares changed: rank again
             batch.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
             budget -= n
         for s in batch:
