@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from daemon_harness import Daemon, stream_many  # noqa: E402
+from daemon_harness import Daemon, bench_model_dir, stream_many  # noqa: E402
 
 
 def pid_of(daemon: Daemon, name: str) -> int:
@@ -52,16 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
 
-    from llmos.models.registry import prepare_model_dir
-    from llmos.paths import Paths
-    cache = Paths.from_env().models_dir
-    if args.model == "tiny":
-        from llmos.models.tiny import make_tiny_model
-        model_dir = cache / "tiny-llama"
-        if not (model_dir / "config.json").exists():
-            make_tiny_model("llama", model_dir, prepare_model_dir("smollm2", cache))
-    else:
-        model_dir = prepare_model_dir(args.model, cache)
+    model_dir = bench_model_dir(args.model)
     name = "m"
     prompts = [f"Chaos request {i}: tell me a story about" for i in range(args.concurrency)]
     daemon = Daemon(Path(tempfile.mkdtemp(prefix="llmos-chaos-")), [f"{name}={model_dir}"],

@@ -23,7 +23,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from daemon_harness import Daemon  # noqa: E402
+from daemon_harness import Daemon, bench_model_dir  # noqa: E402
 
 SYSTEM = " ".join(
     f"Rule {i}: answer politely, cite the handbook section {i}, keep answers short and never invent facts."
@@ -79,16 +79,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
-    from llmos.models.registry import prepare_model_dir
-    from llmos.paths import Paths
-    cache = Paths.from_env().models_dir
-    if args.model == "tiny":
-        from llmos.models.tiny import make_tiny_model
-        model_dir = cache / "tiny-llama"
-        if not (model_dir / "config.json").exists():
-            make_tiny_model("llama", model_dir, prepare_model_dir("smollm2", cache))
-    else:
-        model_dir = prepare_model_dir(args.model, cache)
+    model_dir = bench_model_dir(args.model)
     for flag in ("--prefix-caching", "--no-prefix-caching"):
         d = daemon(model_dir, "--dtype", args.dtype, flag)
         try:

@@ -24,7 +24,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from daemon_harness import Daemon  # noqa: E402
+from daemon_harness import Daemon, bench_model_dir  # noqa: E402
 
 
 def pct(values, q):
@@ -110,16 +110,7 @@ def main() -> None:
     ap.add_argument("--tenant-requests", type=int, default=80, help="per tenant (more than the run serves)")
     ap.add_argument("--tenant-tokens", type=int, default=128)
     args = ap.parse_args()
-    from llmos.models.registry import prepare_model_dir
-    from llmos.paths import Paths
-    cache = Paths.from_env().models_dir
-    if args.model == "tiny":
-        from llmos.models.tiny import make_tiny_model
-        model_dir = cache / "tiny-llama"
-        if not (model_dir / "config.json").exists():
-            make_tiny_model("llama", model_dir, prepare_model_dir("smollm2", cache))
-    else:
-        model_dir = prepare_model_dir(args.model, cache)
+    model_dir = bench_model_dir(args.model)
     print(f"model {args.model}; {args.batch_requests} batch requests x {args.batch_tokens} tokens, "
           f"max {args.max_num_seqs} running; {args.interactive} interactive requests")
     for sched in ("fcfs", "priority"):

@@ -117,3 +117,18 @@ def stream_many(daemon: Daemon, model: str, prompts: list[str], max_tokens: int,
     for t in threads:
         t.join(300)
     return results
+
+
+def bench_model_dir(model: str) -> Path:
+    """A local model directory for benchmarks: 'tiny' (random 2-layer Llama, made once) or a
+    registry spec such as smollm2 (converted once)."""
+    from llmos.models.registry import prepare_model_dir
+    from llmos.paths import Paths
+    cache = Paths.from_env().models_dir
+    if model != "tiny":
+        return prepare_model_dir(model, cache)
+    from llmos.models.tiny import make_tiny_model
+    out = cache / "tiny-llama"
+    if not (out / "config.json").exists():
+        make_tiny_model("llama", out, prepare_model_dir("smollm2", cache))
+    return out
