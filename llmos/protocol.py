@@ -229,7 +229,9 @@ class StepPlan(Message):
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))
 class StepResult(Message):
     """model driver -> kernel: one sampled token per sequence of the plan that had sample == 1,
-    in plan order. top_ids/top_lps are [n, k] with k the largest top_logprobs asked (0 if none)."""
+    in plan order. top_ids/top_lps are [n, k] with k the largest top_logprobs asked (0 if none);
+    rows that asked for no logprobs carry NaN logprobs. forward_ms is the whole execute time
+    (validation, swaps, forward, sampling)."""
     step_id: int
     seq_ids: np.ndarray
     tokens: np.ndarray
