@@ -1,6 +1,7 @@
 """Start a real llmosd (kernel + driver processes) for end-to-end tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -132,3 +133,13 @@ def bench_model_dir(model: str) -> Path:
     if not (out / "config.json").exists():
         make_tiny_model("llama", out, prepare_model_dir("smollm2", cache))
     return out
+
+
+@contextlib.contextmanager
+def serving(home: Path, models: list[str], *extra: str):
+    """A ready daemon for the duration of the block; stopped (SIGTERM) afterwards."""
+    d = Daemon(home, models, *extra)
+    try:
+        yield d.wait_ready()
+    finally:
+        d.stop()

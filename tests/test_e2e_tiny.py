@@ -12,17 +12,14 @@ import httpx
 import pytest
 import zmq
 
-from daemon_harness import Daemon
+from daemon_harness import serving
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir, tiny_qwen2_dir):
-    d = Daemon(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}", f"tinyq={tiny_qwen2_dir}"],
-               "--max-batched-tokens", "256", "--max-model-len", "512")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
+    with serving(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}", f"tinyq={tiny_qwen2_dir}"],
+               "--max-batched-tokens", "256", "--max-model-len", "512") as d:
+        yield d
 
 
 def completion(daemon, **body):

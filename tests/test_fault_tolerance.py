@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from daemon_harness import Daemon, stream_many
+from daemon_harness import Daemon, serving, stream_many
 from daemon_harness import stream_text as harness_stream_text
 
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(16)]
@@ -54,11 +54,8 @@ def wait_running(daemon: Daemon, name: str) -> None:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir):
-    d = Daemon(tmp_path_factory.mktemp("ft"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "512")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
+    with serving(tmp_path_factory.mktemp("ft"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "512") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

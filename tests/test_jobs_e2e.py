@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, serving
 from llmos.cli import main as cli_main
 from llmos.client import AsyncClient, Client, InvalidBatchFile, NotFound, openai_client
 
@@ -53,11 +53,8 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir):
-    d = Daemon(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "256")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
+    with serving(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "256") as d:
+        yield d
 
 
 def llmos(daemon, *args):

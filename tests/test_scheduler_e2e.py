@@ -6,17 +6,14 @@ import time
 
 import pytest
 
-from daemon_harness import Daemon, stream_text
+from daemon_harness import serving, stream_text
 
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir):
-    d = Daemon(tmp_path_factory.mktemp("prio"), [f"tiny={tiny_llama_dir}"], "--max-num-seqs", "2",
-               "--max-model-len", "2048", "--tenant", "q:max_concurrent=1", "--tenant", "slow:default_priority=batch")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
+    with serving(tmp_path_factory.mktemp("prio"), [f"tiny={tiny_llama_dir}"], "--max-num-seqs", "2",
+               "--max-model-len", "2048", "--tenant", "q:max_concurrent=1", "--tenant", "slow:default_priority=batch") as d:
+        yield d
 
 
 def post(daemon, **body):

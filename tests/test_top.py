@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from daemon_harness import Daemon
+from daemon_harness import serving
 from llmos.cli import main as cli_main
 from llmos.cli.top import render, tokens_per_s
 from llmos.client import Client
@@ -54,11 +54,8 @@ def test_a_frame_shows_every_section():
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir):
-    d = Daemon(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "256")
-    try:
-        yield d.wait_ready()
-    finally:
-        d.stop()
+    with serving(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "256") as d:
+        yield d
 
 
 def test_top_once_on_the_real_daemon(daemon):
