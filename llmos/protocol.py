@@ -199,7 +199,7 @@ class PoolMapped(Message):
 
 @message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
                        "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs",
-                       "swap_out", "swap_in"))
+                       "swap_out", "swap_in", "copy"))
 class StepPlan(Message):
     """kernel -> model driver: one forward pass over a packed batch.
 
@@ -208,7 +208,8 @@ class StepPlan(Message):
     sample[i] == 1 get a next token sampled with their parameters. seed[i] < 0 means
     unseeded; gen_index[i] (tokens generated so far) makes seeded sampling stateless.
     top_logprobs[i] < 0 means no logprobs. Before the forward pass the driver copies
-    swap_out [k, 2] (device block -> host block), then swap_in [k, 2] (host -> device)."""
+    swap_out [k, 2] (device block -> host block), then swap_in [k, 2] (host -> device),
+    then copy [k, 2] (device block -> device block: copy-on-write of shared blocks)."""
     step_id: int
     seq_ids: np.ndarray
     num_new: np.ndarray
@@ -224,6 +225,7 @@ class StepPlan(Message):
     top_logprobs: np.ndarray
     swap_out: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
     swap_in: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
+    copy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))   # (src, dst) blocks
 
 
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))
@@ -298,6 +300,7 @@ class Submit(Message):
     priority: Any = None               # "batch", "batch:3", an int (level in the tenant's class) or None
     timeout_s: float | None = None     # total deadline; None: the server default
     queue_timeout_s: float | None = None
+    n: int = 1                         # choices to generate (OpenAI's n); they share the prompt's KV
 
 
 @message(0x31)
@@ -320,8 +323,9 @@ class Rejected(Message):
 
 @message(0x33)
 class Outputs(Message):
-    """kernel -> io, one per step. Items: {"rid", "text", "n", "ids": the token ids covered, "lp", "finish": str | None,
-    "usage": {"prompt_tokens", "completion_tokens"} | None}."""
+    """kernel -> io, one per step. Items: {"rid", "index": the choice (0..n-1), "text", "n", "ids": the token ids
+    covered, "lp", "finish": str | None, "usage": {"prompt_tokens", "completion_tokens"} | None (that choice's)}.
+    A request is done when each of its n choices has had an item with "finish" set."""
     items: list
 
 

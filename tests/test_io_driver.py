@@ -118,12 +118,15 @@ class FakeKernel:
             if msg.params.get("logprobs") is not None:
                 lp = [{"token": piece, "logprob": -0.5, "bytes": list(piece.encode()),
                        "top_logprobs": [{"token": piece, "logprob": -0.5, "bytes": list(piece.encode())}]}]
-            item = {"rid": rid, "text": piece, "n": 1, "lp": lp, "finish": finish if last else None,
-                    "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces)} if last else None}
             if text == "fail" and i == 1:
                 return self._later(peer, protocol.Rejected(rid, 500, "step_failed", "model driver crashed", None),
                                    gap * i)
-            self._later(peer, protocol.Outputs(items=[item]), gap * i)
+            # Choice c of n > 1 says its index in its text; the choices' items interleave.
+            items = [{"rid": rid, "index": c, "text": piece + (f"/{c}" if msg.n > 1 else ""), "n": 1, "lp": lp,
+                      "finish": finish if last else None,
+                      "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces)} if last else None}
+                     for c in reversed(range(msg.n))]
+            self._later(peer, protocol.Outputs(items=items), gap * i)
 
 
 @contextlib.contextmanager
@@ -223,10 +226,28 @@ def test_openai_streams(oai):
     assert "".join(text) == "".join(REPLY)
 
 
+def test_n_choices_are_shaped_by_index_and_usage_counts_each_completion(oai, stack):
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3)
+    assert [c.index for c in chat.choices] == [0, 1, 2]
+    assert [c.message.content for c in chat.choices] == ["".join(f"{p}/{i}" for p in REPLY) for i in range(3)]
+    assert (chat.usage.prompt_tokens, chat.usage.completion_tokens) == (7, 18)
+    assert stack[0].wait_for(lambda m: isinstance(m, protocol.Submit) and m.request_id == chat.id).n == 3
+
+    chunks = list(oai.completions.create(model=MODEL, prompt="x", n=2, stream=True,
+                                         stream_options={"include_usage": True}))
+    text = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        text[c.choices[0].index] += c.choices[0].text
+    assert text == {i: "".join(f"{p}/{i}" for p in REPLY) for i in (0, 1)}
+    assert sorted(c.choices[0].index for c in chunks[:-1] if c.choices[0].finish_reason) == [0, 1]
+    assert chunks[-1].usage.completion_tokens == 12
+
+
 @pytest.mark.parametrize("body,param", [
     ({"temperature": 5}, "temperature"), ({"temperature": "hot"}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
-    ({"top_p": 0}, "top_p"), ({"stop": 3}, "stop"), ({"n": 2}, "n"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"top_p": 0}, "top_p"), ({"stop": 3}, "stop"), ({"n": 0}, "n"), ({"n": 129}, "n"), ({"n": "2"}, "n"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"stream": "yes"}, "stream"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ({"model": 7}, "model"), ({"tools": [{"type": "function"}]}, "tools"), ({"bogus": 1}, "bogus"),
@@ -238,7 +259,7 @@ def test_chat_bad_params(http, body, param):
     err = r.json()["error"]
     assert (r.status_code, err["param"], err["type"]) == (400, param, "invalid_request_error"), err
     if param == "n":
-        assert "n>1 is not supported yet" in err["message"]
+        assert err["message"] == "n must be an integer from 1 to 128"
 
 
 @pytest.mark.parametrize("prompt", [None, "", [], ["a", "b"], [1, "a"], [-1], {"a": 1}])

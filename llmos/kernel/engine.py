@@ -147,6 +147,7 @@ class ModelEngine:
                 log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
                 if self.scheduler.swap:
                     self.scheduler.swap.step_lost()
+                self.scheduler.kv.step_lost()
                 continue
             finally:
                 self._pending = None
@@ -158,6 +159,7 @@ class ModelEngine:
                 self._down_at, self._recomputed = None, 0
             if self.scheduler.swap:
                 self.scheduler.swap.step_done()
+            self.scheduler.kv.step_done()
             if isinstance(result, protocol.StepFailed):
                 self._fail(batch, result.error)
             else:
@@ -196,6 +198,7 @@ class ModelEngine:
             seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
             gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
             top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
+            copy=_pairs(self.scheduler.kv.copy_ops()),
             **self._swap_ops(),
         )
 
@@ -203,8 +206,7 @@ class ModelEngine:
         if self.scheduler.swap is None:
             return {}
         out, inn = self.scheduler.swap.ops()
-        return {"swap_out": np.asarray(out, dtype=np.int32).reshape(-1, 2),
-                "swap_in": np.asarray(inn, dtype=np.int32).reshape(-1, 2)}
+        return {"swap_out": _pairs(out), "swap_in": _pairs(inn)}
 
     def _apply(self, batch: list[ScheduledSeq], result) -> None:
         sampled = iter(range(len(result.tokens)))
@@ -219,6 +221,8 @@ class ModelEngine:
             self.scheduler.kv.commit(req)
             if i is None:
                 continue
+            if req.forks:   # the prompt is in the pool: the other choices share it from here
+                self.scheduler.fork_choices(req)
             token = int(result.tokens[i])
             req.output_ids.append(token)
             if req.params.logprobs is not None:
@@ -270,3 +274,7 @@ class ModelEngine:
                 s.req.error = f"model driver failed the step: {error}"
                 self.finish(s.req, "error")
         self._on_tokens(self, [s.req for s in batch if s.req.finish_reason == "error"])
+
+
+def _pairs(pairs: list) -> np.ndarray:
+    return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)

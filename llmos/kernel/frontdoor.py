@@ -6,6 +6,7 @@ its final output (or error) has been sent: a request is never silently dropped
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -15,6 +16,7 @@ from llmos.kernel.requests import Request, State
 from llmos.sampling_params import InvalidParam, SamplingParams
 
 log = logging.getLogger(__name__)
+MAX_CHOICES = 128   # OpenAI's limit on n
 
 
 class FrontDoor:
@@ -23,6 +25,7 @@ class FrontDoor:
         self._send = send                 # (peer, message)
         self._driver_state = driver_state  # driver name -> (state, last error or None)
         self.table: dict[str, Request] = {}
+        self.groups: dict[str, list[Request]] = {}   # n > 1: client id -> its choices still in the table
         self.by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count(1)
         self.draining = False
@@ -35,7 +38,7 @@ class FrontDoor:
                                                message=message, param=param, retry_after=retry_after))
         if self.draining:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
-        if m.request_id in self.table:
+        if m.request_id in self.table or m.request_id in self.groups:
             return reject(400, "duplicate_request_id", f"request id {m.request_id!r} is already in flight")
         engine = self.engines.get(m.model)
         if engine is None:
@@ -61,6 +64,8 @@ class FrontDoor:
             value = getattr(m, name)
             if value is not None and not value > 0:
                 return reject(400, "invalid_parameter", f"{name} must be positive", name.removesuffix("_s"))
+        if not isinstance(m.n, int) or isinstance(m.n, bool) or not 1 <= m.n <= MAX_CHOICES:
+            return reject(400, "invalid_parameter", f"n must be an integer from 1 to {MAX_CHOICES}", "n")
         sources = [x is not None for x in (m.prompt, m.messages, m.prompt_token_ids)]
         if sum(sources) != 1:
             return reject(400, "invalid_prompt", "exactly one of prompt, messages, prompt_token_ids is required",
@@ -70,8 +75,10 @@ class FrontDoor:
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
                       timeout_s=m.timeout_s or cfg.request_timeout_s,
                       queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s)
-        self.table[req.id] = req
-        self.by_seq[req.seq_id] = req
+        self._enter(req)
+        if m.n > 1:   # the other choices are made once the prompt is tokenized (_admit)
+            req.group, self.groups[req.id] = req.id, [req]
+            req.forks = [None] * (m.n - 1)
         if m.prompt_token_ids is not None:
             ids = m.prompt_token_ids
             vocab = int(engine.info.get("vocab_size", 0))
@@ -118,18 +125,50 @@ class FrontDoor:
                 f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) needs {need} KV blocks but the "
                 f"whole pool has {pool.num_blocks}; lower max_tokens", "max_tokens")
         self._send(req.client, protocol.Accepted(request_id=req.id, prompt_tokens=n))
+        if req.forks:
+            req.forks = [self._choice(req, i) for i in range(1, len(req.forks) + 1)]
         engine.submit(req)
 
+    def _enter(self, req: Request) -> None:
+        self.table[req.id] = req
+        self.by_seq[req.seq_id] = req
+
+    def _choice(self, first: Request, index: int) -> Request:
+        """Choice `index` of an n > 1 request: same prompt and limits, its own seed; it waits
+        (FORKING) until the engine forks it from choice 0 once the prompt's KV exists."""
+        params = first.params
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=(params.seed + index) % 2**63)
+        req = Request(id=f"{first.id}#{index}", seq_id=next(self._seq_ids), model=first.model,
+                      tenant=first.tenant, params=params, client=first.client, priority=first.priority,
+                      timeout_s=first.timeout_s, queue_timeout_s=first.queue_timeout_s, arrival=first.arrival,
+                      prompt_ids=first.prompt_ids, max_tokens=first.max_tokens, state=State.FORKING,
+                      group=first.group, index=index)
+        self._enter(req)
+        self.groups[first.group].append(req)
+        return req
+
     def abort(self, m: protocol.Abort) -> None:
-        req = self.table.get(m.request_id)
-        if req is None:
-            return
-        log.info("abort %s: %s", req.id, m.reason)
+        members = self._members(m.request_id)
+        if members:
+            log.info("abort %s: %s", m.request_id, m.reason)
+        for req in members:
+            self._drop(req)
+
+    def _members(self, client_id: str) -> list[Request]:
+        """Every request still in the table for this client id (n of them for n > 1)."""
+        if client_id in self.groups:
+            return list(self.groups[client_id])
+        req = self.table.get(client_id)
+        return [req] if req is not None else []
+
+    def _drop(self, req: Request) -> None:
+        """End a request without output: free its memory and its tokenizer state."""
         engine = self.engines[req.model]
         if req.state in (State.WAITING, State.RUNNING):
             engine.scheduler.finish(req)
             engine.wakeup.set()
-        if req.detok_epoch == self.tokenizer_epoch.get(engine.tokenizer):
+        if req.detok_epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
             self._send(engine.tokenizer, protocol.Detokenize(items=[{
                 "rid": req.id, "ids": [], "prior": None, "lp": None, "stop": [], "finish": "abort"}]))
         self._forget(req)
@@ -142,6 +181,8 @@ class FrontDoor:
         epoch = self.tokenizer_epoch.get(engine.tokenizer, 0)
         items = []
         for req in reqs:
+            if req.state is State.DONE:
+                continue   # ended with its group (n > 1) earlier in this list
             if req.error:
                 self._end_with_error(req, req.error_status, req.error_code, req.error)
                 continue
@@ -176,8 +217,8 @@ class FrontDoor:
             # The final item also carries the hidden stop token, as transformers' generate returns it.
             ids = req.output_ids[start:] if final and not stop_hit else req.output_ids[start:start + n]
             usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids)} if final else None
-            out.setdefault(req.client, []).append({"rid": rid, "text": text, "n": n, "ids": ids, "lp": item.get("lp"),
-                                                   "finish": final, "usage": usage})
+            out.setdefault(req.client, []).append({"rid": req.client_id, "index": req.index, "text": text, "n": n,
+                                                   "ids": ids, "lp": item.get("lp"), "finish": final, "usage": usage})
             if final:
                 self._forget(req)
         for client, items in out.items():
@@ -185,22 +226,27 @@ class FrontDoor:
 
     # ------------------------------------------------------------ endings
     def _end_with_error(self, req: Request, status: int, code: str, message: str, param: str | None = None):
-        engine = self.engines[req.model]
-        if req.state in (State.WAITING, State.RUNNING):
-            engine.scheduler.finish(req)
-        self._send(req.client, protocol.Rejected(request_id=req.id, status=status, code=code,
+        """One answer for the client; for n > 1 every choice ends with it."""
+        for member in self._members(req.client_id) or [req]:
+            self._drop(member)
+        self._send(req.client, protocol.Rejected(request_id=req.client_id, status=status, code=code,
                                                  message=message, param=param))
-        self._forget(req)
 
     def _forget(self, req: Request) -> None:
         if req.state is not State.DONE:
             req.to(State.DONE)
         self.table.pop(req.id, None)
         self.by_seq.pop(req.seq_id, None)
+        group = self.groups.get(req.group)
+        if group is not None:
+            group[:] = [r for r in group if r is not req]
+            if not group:
+                del self.groups[req.group]
 
     def fail_all(self, status: int, code: str, message: str) -> None:
         for req in list(self.table.values()):
-            self._end_with_error(req, status, code, message)
+            if req.state is not State.DONE:   # an earlier choice of its group may have ended it
+                self._end_with_error(req, status, code, message)
 
     def tokenizer_restarted(self, engine) -> None:
         """A new tokenizer incarnation: re-send pending encodes and rebuild detok state."""

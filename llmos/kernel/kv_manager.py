@@ -5,6 +5,16 @@ block is identified by a chained hash of (parent hash, its token ids) and confir
 against the stored tokens, so a new request reuses every cached block of its longest
 cached prefix and computes only the rest. Preempted (recomputed) requests benefit
 too: their blocks stay cached until evicted.
+
+Copy-on-write: `fork` gives a child every block of its parent (one more reference each).
+A block with more than one owner is read-only: before a step writes into one,
+`allocate_slots` gives the writer a fresh block and queues a copy (src -> dst) that the
+model driver performs before the forward pass. The writer's reference on the source
+moves to the queued copy and is dropped when the step has run (`step_done`), so the
+source cannot be reused while its copy is pending. Copies run before the forward pass,
+so a queued copy's reference does not make its source shared: the last owner writes in
+place (n choices cost n - 1 copies). A lost step makes each writer recompute instead
+(`step_lost`), since its copy may never have happened.
 """
 from __future__ import annotations
 
@@ -18,6 +28,9 @@ class KVCacheManager:
         self.lookups = 0
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.forks = 0
+        self.copies = 0
+        self._copies: list[tuple[object, int, int]] = []   # this step: (writer, src, dst)
 
     @property
     def block_size(self) -> int:
@@ -58,15 +71,59 @@ class KVCacheManager:
         return req.num_computed
 
     def allocate_slots(self, req, num_new: int) -> bool:
-        """Make room for num_new more tokens of req; False (nothing changed) if the pool is short."""
-        need = blocks_needed(req.num_computed + num_new, self.block_size) - len(req.blocks)
-        if need <= 0:
+        """Make room for num_new more tokens of req, copying shared blocks they land in;
+        False (nothing changed) if the pool is short."""
+        first = req.num_computed // self.block_size   # the block the first new token lands in
+        shared = [i for i in range(first, len(req.blocks)) if self._owners(req.blocks[i]) > 1]
+        need = max(0, blocks_needed(req.num_computed + num_new, self.block_size) - len(req.blocks))
+        if need + len(shared) == 0:
             return True
-        got = self.pool.allocate(need)
+        got = self.pool.allocate(need + len(shared))
         if got is None:
             return False
+        for i in shared:
+            src, dst = req.blocks[i], got.pop()
+            req.blocks[i] = dst
+            self._copies.append((req, src, dst))
+            self.copies += 1
+        if shared:   # the copies are not in the prefix cache: commit registers them again
+            req.cached_blocks = min(req.cached_blocks, shared[0])
         req.blocks.extend(got)
         return True
+
+    def fork(self, parent, child) -> None:
+        """Give child (no blocks yet) parent's KV: shared blocks, copied when first written."""
+        assert not child.blocks
+        self.pool.share(parent.blocks)
+        child.blocks = list(parent.blocks)
+        child.block_hashes = list(parent.block_hashes)
+        child.cached_blocks = parent.cached_blocks
+        self.forks += 1
+
+    # ------------------------------------------------------------ copies of the step in flight
+    def _owners(self, block: int) -> int:
+        return self.pool.ref_count(block) - sum(1 for _, src, _ in self._copies if src == block)
+
+    def copy_ops(self) -> list[tuple[int, int]]:
+        """(src, dst) block pairs the model driver copies before this step's forward pass."""
+        return [(src, dst) for _, src, dst in self._copies]
+
+    @property
+    def copy_sources(self) -> list[int]:
+        return [src for _, src, _ in self._copies]
+
+    def step_done(self) -> None:
+        self.pool.free([src for _, src, _ in self._copies])
+        self._copies = []
+
+    def step_lost(self) -> None:
+        """The copies may not have happened: every writer that still holds its copy's
+        destination recomputes (like a preemption by recompute, keeping its tokens)."""
+        for req, src, dst in self._copies:
+            if dst in req.blocks:
+                self.free(req)
+                req.num_computed = 0
+        self.step_done()
 
     def commit(self, req) -> None:
         """After a step wrote req's KV: register its newly full blocks in the prefix cache."""
@@ -88,4 +145,4 @@ class KVCacheManager:
         return {"prefix_caching": self.prefix_caching, "lookups": self.lookups,
                 "queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens,
                 "hit_rate": round(self.hit_tokens / self.queried_tokens, 4) if self.queried_tokens else 0.0,
-                "evictions": self.pool.evictions}
+                "evictions": self.pool.evictions, "forks": self.forks, "cow_copies": self.copies}

@@ -15,6 +15,7 @@ from llmos.sampling_params import SamplingParams
 
 class State(enum.Enum):
     TOKENIZING = "tokenizing"   # waiting for the tokenizer driver
+    FORKING = "forking"         # choice 1..n-1 of an n > 1 request: waits for choice 0's prompt
     WAITING = "waiting"         # queued for the scheduler (also after preemption)
     RUNNING = "running"         # in the running batch, owns blocks
     FINISHING = "finishing"     # done generating, blocks freed, final text in flight
@@ -23,6 +24,7 @@ class State(enum.Enum):
 
 _ALLOWED = {
     State.TOKENIZING: {State.WAITING, State.DONE},
+    State.FORKING: {State.WAITING, State.DONE},
     State.WAITING: {State.RUNNING, State.FINISHING, State.DONE},
     State.RUNNING: {State.WAITING, State.FINISHING, State.DONE},
     State.FINISHING: {State.DONE},
@@ -64,9 +66,17 @@ class Request:
     timeout_s: float | None = None    # total deadline from arrival
     queue_timeout_s: float | None = None   # deadline for first admission
     client: str = "io"                # the io driver that submitted it
+    group: str | None = None          # n > 1: the client's request id (ours is "<group>#<index>")
+    index: int = 0                    # which choice of the group this is
+    forks: list = field(default_factory=list)   # choice 0 only: the FORKING choices it will fork
     detok_epoch: int = -1             # tokenizer incarnation that holds our detok state
     detok_sent: int = 0               # output tokens handed to the tokenizer
     text_acked: int = 0               # output tokens whose text came back
+
+    @property
+    def client_id(self) -> str:
+        """The id the client knows this request by."""
+        return self.group or self.id
 
     @property
     def num_tokens(self) -> int:

@@ -174,6 +174,17 @@ class Scheduler:
         self.policy.on_preempted(req, cause)
         self.waiting.insert(0, req)
 
+    def fork_choices(self, parent: Request) -> None:
+        """After parent's prompt is in the pool: its FORKING choices (n > 1) take the prompt's
+        blocks copy-on-write and queue. Each recomputes the last prompt token itself (writing
+        into its own copy of the last block), for logits and a sample of its own."""
+        for child in parent.forks:
+            if child.state is State.FORKING:   # not aborted meanwhile
+                self.kv.fork(parent, child)
+                child.num_computed = parent.num_computed - 1
+                self.add(child)
+        parent.forks = []
+
     def finish(self, req: Request) -> None:
         """Release a request's blocks and its place in either queue."""
         was_running = req in self.running
@@ -190,7 +201,10 @@ class Scheduler:
             self.swap.drop(req)
 
     def owners(self) -> dict[str, list[int]]:
-        return {r.id: r.blocks for r in self.running + self.waiting if r.blocks}
+        owners = {r.id: r.blocks for r in self.running + self.waiting if r.blocks}
+        if self.kv.copy_sources:   # a copy-on-write source stays referenced until its copy is done
+            owners["(copies in flight)"] = self.kv.copy_sources
+        return owners
 
     def check_integrity(self) -> None:
         self.pool.check_integrity(self.owners())

@@ -3,7 +3,8 @@ kernel's answers to the HTTP handler waiting for them.
 
 One reader task owns `bus.arecv()`. Each submitted request gets an asyncio.Queue that
 receives, in order: one `Accepted` or `Rejected`, then (after Accepted) Outputs items
-(dicts) until the item whose "finish" is set, or a late `Rejected` (failure mid-generation).
+(dicts) until each of its n choices has had an item whose "finish" is set, or a late
+`Rejected` (failure mid-generation).
 When the link drops or the driver stops, every waiting request gets a synthetic Rejected
 (503). Each query or command gets a future keyed by query_id. Nothing here holds scheduling state.
 """
@@ -46,6 +47,7 @@ class KernelLink:
         self.on_shutdown = on_shutdown
         self.up = True  # the DEALER was connected by the runtime before we could watch it
         self._requests: dict[str, asyncio.Queue] = {}
+        self._open: dict[str, set[int]] = {}   # request id -> its choices not finished yet
         self._queries: dict[str, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
 
@@ -76,17 +78,19 @@ class KernelLink:
             raise ValueError(f"duplicate request id {msg.request_id}")
         queue: asyncio.Queue = asyncio.Queue()
         self._requests[msg.request_id] = queue  # before sending: the answer may come fast
+        self._open[msg.request_id] = set(range(msg.n))
         self.bus.send(msg)
         return queue
 
     def abort(self, request_id: str, reason: str) -> None:
         """Tell the kernel to drop the request and stop routing its outputs."""
-        self._requests.pop(request_id, None)
+        self.release(request_id)
         if self.up:
             self.bus.send(protocol.Abort(request_id=request_id, reason=reason))
 
     def release(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
+        self._open.pop(request_id, None)
 
     # ------------------------------------------------------------ queries
 
@@ -135,18 +139,23 @@ class KernelLink:
                 if not (isinstance(item, dict) and isinstance(item.get("rid"), str)):
                     log.warning("dropped malformed Outputs item %.200r", item)
                     continue
-                queue = self._requests.get(item["rid"])
+                queue, open_choices = self._requests.get(item["rid"]), self._open.get(item["rid"], set())
                 if queue is None:
                     continue  # aborted or already finished
+                if item.get("index", 0) not in open_choices:
+                    log.warning("dropped Outputs item for an unknown or finished choice: %.200r", item)
+                    continue
                 queue.put_nowait(item)
                 if item.get("finish") is not None:
-                    self._requests.pop(item["rid"], None)
+                    open_choices.discard(item.get("index", 0))
+                    if not open_choices:
+                        self.release(item["rid"])
         elif isinstance(msg, (protocol.Accepted, protocol.Rejected)):
             queue = self._requests.get(msg.request_id)
             if queue is not None:
                 queue.put_nowait(msg)
                 if isinstance(msg, protocol.Rejected):
-                    self._requests.pop(msg.request_id, None)
+                    self.release(msg.request_id)
         elif isinstance(msg, protocol.QueryReply):
             fut = self._queries.get(msg.query_id)
             if fut is not None and not fut.done():
@@ -182,6 +191,7 @@ class KernelLink:
             if abort:
                 self.abort(rid, message)
         self._requests.clear()
+        self._open.clear()
         for fut in self._queries.values():
             if not fut.done():
                 fut.set_exception(KernelUnavailable(message))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from llmos.sampling_params import MAX_TOP_LOGPROBS, InvalidParam, SamplingParams
 
 ROLES = {"system", "user", "assistant", "tool"}
+MAX_CHOICES = 128   # OpenAI's limit on n
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
@@ -72,6 +73,7 @@ class ParsedRequest:
     priority: int | str | None = None
     timeout_s: float | None = None
     queue_timeout_s: float | None = None
+    n: int = 1                        # choices; they share the prompt's KV copy-on-write
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -119,10 +121,8 @@ def _check_fields(body, own: dict) -> None:
             raise ApiError(400, f"'{name}' is not supported (only {only})" if allowed
                            else f"'{name}' is not supported", name)
     n = body.get("n")
-    if n is not None and n != 1:
-        if not isinstance(n, int) or isinstance(n, bool):
-            raise ApiError(400, "n must be an integer", "n")
-        raise ApiError(400, "n>1 is not supported yet; send n separate requests", "n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_CHOICES):
+        raise ApiError(400, f"n must be an integer from 1 to {MAX_CHOICES}", "n")
 
 
 def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) -> ParsedRequest:
@@ -163,7 +163,7 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
     return_ids = body.get("return_token_ids")
     if return_ids is not None and not isinstance(return_ids, bool):
         raise ApiError(400, "return_token_ids must be a boolean", "return_token_ids")
-    return ParsedRequest(chat=chat, model=model, params=params, tenant=tenant, stream=bool(stream),
+    return ParsedRequest(chat=chat, model=model, params=params, tenant=tenant, stream=bool(stream), n=body.get("n") or 1,
                          include_usage=include_usage, return_token_ids=bool(return_ids), priority=priority,
                          timeout_s=timeouts["timeout"], queue_timeout_s=timeouts["queue_timeout"], **inputs)
 
@@ -208,42 +208,67 @@ def _messages(raw) -> list:
 # ---------------------------------------------------------------- responses
 
 
+class _Choice:
+    """One choice's text, logprobs and token ids as they accumulate."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.lp: list[dict] = []
+        self.ids: list[int] = []
+        self.tokens = 0
+        self.finish: str | None = None
+        self.usage: dict | None = None   # the kernel's, with the finishing item
+        self.offset = 0                  # legacy text_offset runs over the whole completion
+
+
 class ResponseShaper:
-    """Accumulates one request's Outputs items and shapes them as OpenAI objects.
-    Call `add(item)` for every item, in order; `chunk(item)` for its stream chunk."""
+    """Accumulates one request's Outputs items (n choices, told apart by "index") and shapes
+    them as OpenAI objects. Call `add(item)` for every item, in order; `chunk(item)` for its
+    stream chunk; the request is complete when `done`."""
 
     def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
         self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
         self.created = int(time.time())
-        self.text: list[str] = []
-        self.lp: list[dict] = []
-        self.ids: list[int] = []
-        self.completion_tokens = 0
-        self.finish: str | None = None
-        self.usage_from_kernel: dict | None = None
-        self._offset = 0  # legacy text_offset runs over the whole completion
+        self.choices = [_Choice() for _ in range(req.n)]
+
+    def _choice(self, item: dict) -> _Choice:
+        index = item.get("index", 0)
+        if not isinstance(index, int) or not 0 <= index < len(self.choices):
+            raise ValueError(f"output for choice {index!r} of a request with n={len(self.choices)}")
+        return self.choices[index]
 
     def add(self, item: dict) -> None:
-        self.text.append(_str(item.get("text")))
-        self.lp.extend(_list(item.get("lp")))
-        self.ids.extend(_list(item.get("ids")))
-        self.completion_tokens += item.get("n") if isinstance(item.get("n"), int) else 0
+        c = self._choice(item)
+        c.text.append(_str(item.get("text")))
+        c.lp.extend(_list(item.get("lp")))
+        c.ids.extend(_list(item.get("ids")))
+        c.tokens += item.get("n") if isinstance(item.get("n"), int) else 0
         if item.get("finish") is not None:
-            self.finish = str(item["finish"])
+            c.finish = str(item["finish"])
             if isinstance(item.get("usage"), dict):
-                self.usage_from_kernel = item["usage"]
+                c.usage = item["usage"]
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish is not None for c in self.choices)
+
+    @property
+    def finish(self) -> str | None:
+        """Choice 0's finish reason (the one a single-choice request has)."""
+        return self.choices[0].finish
 
     @property
     def usage(self) -> dict:
-        u = self.usage_from_kernel or {}
-        prompt = u.get("prompt_tokens", self.prompt_tokens)
-        completion = u.get("completion_tokens", self.completion_tokens)
+        """The prompt once, the completion tokens of every choice."""
+        prompt = next((c.usage["prompt_tokens"] for c in self.choices if c.usage and "prompt_tokens" in c.usage),
+                      self.prompt_tokens)
+        completion = sum((c.usage or {}).get("completion_tokens", c.tokens) for c in self.choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
 
-    def _logprobs(self, entries: list) -> dict | None:
+    def _logprobs(self, c: _Choice, entries: list) -> dict | None:
         if self.req.params.logprobs is None:
             return None
         if self.req.chat:
@@ -253,34 +278,38 @@ class ResponseShaper:
             out["tokens"].append(e.get("token"))
             out["token_logprobs"].append(e.get("logprob"))
             out["top_logprobs"].append({t.get("token"): t.get("logprob") for t in _list(e.get("top_logprobs"))})
-            out["text_offset"].append(self._offset)
-            self._offset += len(_str(e.get("token")))
+            out["text_offset"].append(c.offset)
+            c.offset += len(_str(e.get("token")))
         return out
 
     def response(self) -> dict:
-        """The complete non-stream answer (after the finishing item was added)."""
-        text = "".join(self.text)
-        choice = {"index": 0, "logprobs": self._logprobs(self.lp), "finish_reason": self.finish}
-        if self.req.return_token_ids:
-            choice["token_ids"] = self.ids
-        if self.req.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage}
-        choice["text"] = text
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage}
+        """The complete non-stream answer (after every finishing item was added)."""
+        choices = []
+        for index, c in enumerate(self.choices):
+            choice = {"index": index, "logprobs": self._logprobs(c, c.lp), "finish_reason": c.finish}
+            if self.req.return_token_ids:
+                choice["token_ids"] = c.ids
+            if self.req.chat:
+                choice["message"] = {"role": "assistant", "content": "".join(c.text)}
+            else:
+                choice["text"] = "".join(c.text)
+            choices.append(choice)
+        obj = "chat.completion" if self.req.chat else "text_completion"
+        return {**self._head(obj), "choices": choices, "usage": self.usage}
 
-    def role_chunk(self) -> dict | None:
+    def role_chunks(self) -> list[dict]:
         if not self.req.chat:
-            return None
-        return self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None})
+            return []
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}) for i in range(len(self.choices))]
 
     def chunk(self, item: dict) -> dict | None:
         """The stream chunk for one item; None when it carries nothing to send."""
         text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
         if not text and not lp and finish is None:
             return None
-        choice = {"index": 0, "logprobs": self._logprobs(lp) if lp else None,
+        c = self._choice(item)
+        choice = {"index": self.choices.index(c), "logprobs": self._logprobs(c, lp) if lp else None,
                   "finish_reason": None if finish is None else str(finish)}
         if self.req.return_token_ids:
             choice["token_ids"] = _list(item.get("ids"))

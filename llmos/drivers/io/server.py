@@ -131,7 +131,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
     queue = link.submit(protocol.Submit(
         request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
         prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
-        priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s))
+        priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n))
     done, reason = False, "client disconnected"
     try:
         first = await _next(queue, timeout)
@@ -144,7 +144,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
             done = await _stream(request, resp, queue, shaper, timeout)  # ConnectionError: client gone
             reason = "timed out waiting for the kernel"
             return resp
-        while shaper.finish is None:
+        while not shaper.done:
             item = await _next(queue, timeout)
             if not isinstance(item, dict):
                 done = isinstance(item, protocol.Rejected)
@@ -186,10 +186,10 @@ async def _stream(request, resp: web.StreamResponse, queue, shaper: ResponseShap
     request (False: it timed out and must be aborted). Raises ConnectionError when the
     client goes away."""
     await resp.prepare(request)
-    if (role := shaper.role_chunk()) is not None:
+    for role in shaper.role_chunks():
         await _event(resp, role)
     done = True
-    while shaper.finish is None:
+    while not shaper.done:
         try:
             item = await _next(queue, timeout)
         except ApiError as err:

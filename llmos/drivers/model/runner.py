@@ -202,11 +202,24 @@ class ModelRunner:
             else:
                 dev[:, :, d] = self.host[:, :, h]
 
+    def _copy(self, pairs: np.ndarray) -> None:
+        """Copy-on-write: whole-block copies inside the device pool (src -> dst)."""
+        if not len(pairs):
+            return
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu":
+            raise BadPlan(f"copy pairs of shape {pairs.shape} and type {pairs.dtype}")
+        if pairs.min() < 0 or pairs.max() >= self.pool.num_blocks:
+            raise BadPlan("copy block id out of range")
+        dev = self.pool.kv.view(self.pool.kv.shape[0], 2, self.pool.num_blocks, -1)
+        src, dst = (torch.from_numpy(pairs[:, k].astype(np.int64)).to(dev.device) for k in (0, 1))
+        dev[:, :, dst] = dev[:, :, src]
+
     @torch.inference_mode()
     def execute(self, plan: protocol.StepPlan) -> protocol.StepResult:
         t0 = time.perf_counter()
         self.check_plan(plan)
         self._swap(plan.swap_out, plan.swap_in)
+        self._copy(plan.copy)
         step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device)
         rows = np.flatnonzero(plan.sample != 0)
         last = np.cumsum(plan.num_new.astype(np.int64))[rows] - 1  # logits only where we sample

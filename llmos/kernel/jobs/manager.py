@@ -183,7 +183,7 @@ class JobManager:
                     continue
                 f.shaper = f.shaper or ResponseShaper(f.line.parsed, rid, 0)
                 f.shaper.add(item)
-                if item.get("finish") is not None:
+                if f.shaper.done:
                     del self.flights[rid]
                     body = f.shaper.response()
                     done.append(self._result(f.job_id, f.line.line_no, 200, body, body["usage"]))
