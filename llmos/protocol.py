@@ -189,6 +189,7 @@ class MapKVPool(Message):
     head_dim: int
     host_path: str | None = None
     host_blocks: int = 0
+    cuda_ipc: list | None = None       # device != "cpu": the kernel allocation's CUDA IPC handle (8 fields)
 
 
 @message(0x11)

@@ -24,8 +24,8 @@ NEAR_TIE = 1e-3
 
 def reference_tokens(model, prompt_ids: list[int]) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=MAX_NEW, do_sample=False)
+        ids = torch.tensor([prompt_ids], device=model.device)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
 
 
@@ -51,7 +51,7 @@ def check_against_reference(model, tokenizer, daemon: Daemon, model_name: str) -
         k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         assert k < min(len(got), len(want)), f"lengths differ without a token difference: {len(got)} vs {len(want)}"
         with torch.inference_mode():
-            logits = model(torch.tensor([ids + want[:k]])).logits[0, -1].float()
+            logits = model(torch.tensor([ids + want[:k]], device=model.device)).logits[0, -1].float()
         top2 = torch.topk(logits, 2)
         gap = float(top2.values[0] - top2.values[1])
         assert gap < NEAR_TIE and got[k] == int(top2.indices[1]), (
@@ -60,12 +60,14 @@ def check_against_reference(model, tokenizer, daemon: Daemon, model_name: str) -
     return near_ties
 
 
-def run_case(home: Path, model_dir: Path, name: str) -> None:
+def run_case(home: Path, model_dir: Path, name: str, device: str = "cpu") -> None:
+    """The reference runs on `device` too: the daemon is started with --device `device`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
+    model = model.to(device).eval()
     daemon = Daemon(home, [f"{name}={model_dir}"], "--dtype", "float32", "--kv-memory", "256MiB",
-                    "--max-batched-tokens", "512")
+                    "--max-batched-tokens", "512", "--device", device)
     try:
         daemon.wait_ready()
         check_against_reference(model, tokenizer, daemon, name)

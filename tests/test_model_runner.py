@@ -148,7 +148,7 @@ def test_map_pool_checks_geometry(tiny, tmp_path):
     cuda = protocol.MapKVPool(**{**msg.__dict__, "device": "cuda:0"})
     with pytest.raises(ValueError):  # a CPU model cannot use a GPU pool
         runner.map_pool(cuda)
-    with pytest.raises(NotImplementedError):  # and GPU pools need an IPC handle we do not get yet
+    with pytest.raises(ValueError, match="cuda_ipc"):  # and a GPU pool comes with the kernel's IPC handle
         KVPool(cuda)
     shape = (msg.num_layers, 2, msg.num_blocks, msg.block_size, msg.num_kv_heads, msg.head_dim)
     assert KVPool(msg, torch.zeros(shape)).blocks(1)[0].shape == (4, 4 * msg.num_kv_heads * msg.head_dim)

@@ -29,18 +29,14 @@ from llmos.models.names import model_name
 from llmos.paths import Paths
 
 log = logging.getLogger(__name__)
+CUDA_CONTEXT_BYTES = 1 << 30   # left free on a GPU for the kernel's CUDA context and allocator slack
 
 
 class Kernel:
     def __init__(self, config: DaemonConfig, paths: Paths):
         self.config, self.paths = config, paths
         self.device = select_device(config.device)
-        if self.device.device != "cpu" and config.device == "auto":
-            # The kernel-owned CUDA pool (an allocation shared by IPC handle) is not built yet;
-            # on auto we serve from the CPU rather than not at all. --device cuda fails loudly.
-            log.warning("found %s (%s) but CUDA KV pools are not supported yet: serving on the CPU",
-                        self.device.device, self.device.name)
-            self.device = select_device("cpu")
+        log.info("serving on %s (%s)", self.device.device, self.device.name)
         self.started = time.monotonic()
         self.stopped = asyncio.Event()
         self.bus: KernelBus | None = None
@@ -101,6 +97,8 @@ class Kernel:
         device = select_device(self.device.device)
         share = max(1, len(self.config.models))
         budget = parse_memory(self.config.kv_memory, device.available) // share
+        if device.device != "cpu":   # the kernel's own CUDA context comes with its first pool
+            budget = min(budget, max(0, device.available - CUDA_CONTEXT_BYTES) // share)
         swap = 0 if self.config.swap_memory in ("0", "") else \
             parse_memory(self.config.swap_memory, cpu_memory().available) // share
         return {"swap_budget_bytes": swap, "device": device.device, "device_total_bytes": device.total,

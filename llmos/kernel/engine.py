@@ -16,7 +16,7 @@ import numpy as np
 from llmos import protocol
 from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
-from llmos.kernel.mem.pool import KVGeometry, SharedKVPool
+from llmos.kernel.mem.pool import KVGeometry, SharedKVPool, make_pool
 from llmos.kernel.requests import Request, State
 from llmos.kernel.policy import PriorityPolicy
 from llmos.kernel.scheduler import FCFSPolicy, ScheduledSeq, Scheduler
@@ -81,7 +81,7 @@ class ModelEngine:
             num_blocks = budget // geo.block_bytes
             if num_blocks < 2:
                 raise RuntimeError(f"KV budget {budget} bytes holds fewer than 2 blocks of {geo.block_bytes}")
-            self.pool = SharedKVPool(self.name, geo, num_blocks)
+            self.pool = make_pool(self.name, geo, num_blocks, self.accounting.get("device", "cpu"))
             kv = KVCacheManager(BlockPool(num_blocks, geo.block_size), self.config.prefix_caching)
             swap = None
             host_blocks = self.accounting.get("swap_budget_bytes", 0) // geo.block_bytes
@@ -96,7 +96,7 @@ class ModelEngine:
             path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
             block_size=g.block_size, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
             host_path=str(self.host_pool.path) if self.host_pool else None,
-            host_blocks=self.host_pool.num_blocks if self.host_pool else 0))
+            host_blocks=self.host_pool.num_blocks if self.host_pool else 0, cuda_ipc=self.pool.ipc_handle()))
 
     def pool_mapped(self, error: str | None) -> None:
         if error:

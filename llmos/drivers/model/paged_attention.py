@@ -32,8 +32,8 @@ class KVPool:
     reads/writes the blocks of the plan it executes; it never creates, resizes or unlinks it."""
 
     def __init__(self, msg: protocol.MapKVPool, tensor: torch.Tensor | None = None):
-        """Map `msg.path` (CPU), or adopt `tensor`, a pool already opened by the caller (any
-        device: the path a CUDA IPC handle will take once MapKVPool carries one)."""
+        """Map `msg.path` (CPU) or the kernel's CUDA allocation by its IPC handle (GPU), or
+        adopt `tensor`, a pool already opened by the caller (tests)."""
         if msg.dtype not in _DTYPES:
             raise ValueError(f"KV pool dtype {msg.dtype!r} not supported")
         self.msg, self.dtype = msg, _DTYPES[msg.dtype]
@@ -45,7 +45,9 @@ class KVPool:
                 raise ValueError(f"KV pool tensor {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {self.dtype}")
             self.kv = tensor
         elif msg.device.startswith("cuda"):
-            raise NotImplementedError("CUDA KV pools are not supported yet (MapKVPool carries no IPC handle)")
+            if not msg.cuda_ipc:
+                raise ValueError("a CUDA KV pool needs MapKVPool.cuda_ipc (the kernel's IPC handle)")
+            self.kv = open_cuda_ipc(msg.cuda_ipc, shape, self.dtype)
         elif msg.device != "cpu":
             raise ValueError(f"KV pool device {msg.device!r} not supported")
         else:
@@ -73,6 +75,22 @@ class KVPool:
         if buf is None or buf.numel() < numel:
             buf = self._ws[name] = torch.empty(max(numel, 1 << 16), dtype=self.dtype, device=self.kv.device)
         return buf[:numel]
+
+
+def open_cuda_ipc(handle: list, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """The kernel's pool tensor from its CUDA IPC handle: the 8 fields of
+    torch.UntypedStorage._share_cuda_ (kernel/mem/cuda_pool.py), rebuilt the way
+    torch.multiprocessing rebuilds a shared CUDA tensor. The memory stays the kernel's."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    if not isinstance(handle, (list, tuple)) or len(handle) != 8:
+        raise ValueError("MapKVPool.cuda_ipc must hold the 8 fields of a CUDA IPC handle")
+    strides = tuple(int(np.prod(shape[i + 1:])) for i in range(len(shape)))
+    t = rebuild_cuda_tensor(torch.Tensor, torch.Size(shape), strides, 0, torch.storage.TypedStorage, dtype,
+                            *handle[:4], False, *handle[4:])
+    if t.untyped_storage().nbytes() < t.numel() * t.element_size():
+        raise ValueError("the CUDA pool is smaller than its layout")
+    return t
 
 
 @dataclass

@@ -197,10 +197,11 @@ class ModelRunner:
             h = torch.from_numpy(pairs[:, host_side].astype(np.int64))
             if d.min() < 0 or d.max() >= self.pool.num_blocks or h.min() < 0 or h.max() >= self.host.shape[2]:
                 raise BadPlan("swap block id out of range")
+            d = d.to(dev.device)   # a GPU pool: gather there, cross the bus once
             if host_side == 1:
-                self.host[:, :, h] = dev[:, :, d]
+                self.host[:, :, h] = dev[:, :, d].to("cpu")
             else:
-                dev[:, :, d] = self.host[:, :, h]
+                dev[:, :, d] = self.host[:, :, h].to(dev.device, non_blocking=False)
 
     def _copy(self, pairs: np.ndarray) -> None:
         """Copy-on-write: whole-block copies inside the device pool (src -> dst)."""

@@ -1,7 +1,8 @@
 """Physical KV memory, created and owned by the kernel (design.md, rule 2).
 
 On CPU the pool is a file in /dev/shm that the kernel creates and sizes; model drivers
-map it (torch.from_file, shared) so the KV outlives any driver. The kernel never maps
+map it (torch.from_file, shared) so the KV outlives any driver. On a GPU it is an
+allocation the kernel holds (cuda_pool.py). The host swap pool is always a file here. The kernel never maps
 the tensor itself: it only decides who may write which block. Files are named
 llmos-<kernel pid>-<model>.kv so a later kernel can remove what a killed one left.
 """
@@ -56,11 +57,22 @@ class SharedKVPool:
     def device(self) -> str:
         return "cpu"
 
+    def ipc_handle(self) -> None:
+        return None   # drivers map the file at self.path
+
     def release(self) -> None:
         try:
             self.path.unlink()
         except FileNotFoundError:
             pass
+
+
+def make_pool(model: str, geometry: KVGeometry, num_blocks: int, device: str):
+    """The pool for `device`: a /dev/shm file on the CPU, a kernel-held allocation on a GPU."""
+    if device == "cpu":
+        return SharedKVPool(model, geometry, num_blocks)
+    from llmos.kernel.mem.cuda_pool import CudaKVPool   # imports torch: GPU daemons only
+    return CudaKVPool(model, geometry, num_blocks, device)
 
 
 def remove_stale_pools() -> list[Path]:
