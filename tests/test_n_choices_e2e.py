@@ -6,8 +6,10 @@ import json
 import time
 
 import pytest
+from click.testing import CliRunner
 
 from daemon_harness import serving
+from llmos.cli.main import cli
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +49,8 @@ def test_greedy_choices_equal_a_single_request(daemon, prompt_len):
     assert after["forks"] - before["forks"] == 2
     assert after["cow_copies"] - before["cow_copies"] == 2    # n - 1: the last owner writes in place
     assert_pool_clean(daemon)
+    shown = CliRunner().invoke(cli, ["--home", str(daemon.home), "mem"])
+    assert shown.exit_code == 0 and f"{after['forks']} forks (n > 1), {after['cow_copies']} copy-on-write" in shown.output
 
 
 def test_seeded_choice_i_is_the_request_with_seed_plus_i(daemon):

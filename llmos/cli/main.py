@@ -305,6 +305,8 @@ def mem(paths: Paths):
         pc = m["prefix_cache"]
         click.echo(f"prefix cache: hit rate {pc['hit_rate']:.1%} ({pc['hit_tokens']}/{pc['queried_tokens']} tokens), "
                    f"{pc['evictions']} evictions; preemptions {m['preemptions']}")
+        click.echo(f"sharing: {m['blocks_shared']} blocks shared now; {pc['forks']} forks (n > 1), "
+                   f"{pc['cow_copies']} copy-on-write copies")
         if m.get("swap"):
             s = m["swap"]
             click.echo(f"swap ({s['mode']}): {s['swap_outs']} out / {s['swap_ins']} in, "

@@ -40,6 +40,11 @@ class BlockPool:
     def num_cached_free(self) -> int:
         return sum(1 for b in self._free if self._hash[b] is not None)
 
+    @property
+    def num_shared(self) -> int:
+        """Blocks with more than one reference (prefix-cache hits, forked choices)."""
+        return sum(1 for r in self._refs if r > 1)
+
     def can_allocate(self, n: int) -> bool:
         return n <= len(self._free)
 

@@ -270,7 +270,8 @@ class Kernel:
             pool = e.scheduler.pool
             out[name] = {"device": e.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
                          "blocks_used": pool.num_used, "blocks_free": pool.num_free,
-                         "blocks_cached_free": pool.num_cached_free, "prefix_cache": e.scheduler.kv.stats(),
+                         "blocks_cached_free": pool.num_cached_free, "blocks_shared": pool.num_shared,
+                         "prefix_cache": e.scheduler.kv.stats(),
                          "accounting": e.accounting, "pool_bytes": e.pool.nbytes,
                          "swap": e.scheduler.swap.stats() if e.scheduler.swap else None,
                          "scheduler": e.scheduler.policy.snapshot(time.monotonic()),
