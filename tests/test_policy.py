@@ -26,6 +26,7 @@ class Req:
     timeout_s: float | None = None
     queue_timeout_s: float | None = None
     tokens: int = 100   # what serving it costs, in the simulations
+    num_computed: int = 0
 
     def __post_init__(self):
         if self.queued_at is None:
@@ -188,7 +189,7 @@ def test_preemption_counters_and_books():
     pol.on_preempted(a, "priority")
     pol.on_started(a, now=1)
     pol.on_preempted(a, "memory")
-    assert pol.stats.preemptions == {"priority": 1, "memory": 1}
+    assert pol.stats.preemptions == {"priority": 1, "memory": 1, "fairness": 0}
     assert pol.tenants.counts("t") == (1, 0)
     pol.check_integrity([a], [])
     with pytest.raises(AssertionError):
@@ -227,6 +228,25 @@ def test_aged_requests_go_first_and_oldest_first():
     for r in reqs:
         pol.on_queued(r)
     assert names(pol.order(reqs, now=50)) == ["old-batch", "old-inter", "fresh-rt", "mid-batch", "fresh-inter"]
+
+
+def test_aging_promotes_a_queue_and_the_weights_decide_inside_it():
+    book = TenantBook({"a": TenantConfig(weight=1), "b": TenantConfig(weight=3)})
+    pol = PriorityPolicy(book)
+    old_a = Req("old-a", P("interactive"), tenant="a", arrival=0)       # aged realtime at 10
+    fresh_b = Req("fresh-b", P("interactive"), tenant="b", arrival=20)
+    fresh_rt = Req("fresh-rt", P("realtime"), tenant="c", arrival=20)
+    other = Req("other-level", P("interactive:1"), tenant="b", arrival=19)
+    reqs = [old_a, fresh_b, fresh_rt, other]
+    running(pol, *[Req(f"a{i}", P("batch"), tenant="a") for i in range(2)],
+            *[Req(f"b{i}", P("batch"), tenant="b") for i in range(3)])     # slots per weight a 2, b 1
+    for r in reqs:
+        pol.on_queued(r)
+    assert pol.rank(fresh_b, now=20) == (INTERACTIVE, False)
+    assert pol.queue_ranks(reqs, now=20)[P("interactive")] == (REALTIME, True)
+    # The interactive:0 queue is aged: it goes before fresh realtime work, and inside it b,
+    # under its share, before a's older request; interactive:1 is another queue, not aged.
+    assert names(pol.order(reqs, now=20)) == ["fresh-b", "old-a", "fresh-rt", "other-level"]
 
 
 def test_aging_bound_under_a_sustained_realtime_stream():
@@ -287,6 +307,60 @@ def test_aging_bound_counts_older_waiting_requests():
             break
     assert order[-4:] == ["old0", "old1", "old2", "victim"]
     assert k == 2 and after == k + 1   # old0 went at 10 s; old1, old2, then the victim
+
+
+# ------------------------------------------------------------------ fairness preemption
+def weighted(**weights) -> PriorityPolicy:
+    return PriorityPolicy(TenantBook({t: TenantConfig(weight=w) for t, w in weights.items()}), min_run_s=1.0)
+
+
+def test_fairness_takes_whole_slots_from_the_most_over_share_tenant_cheapest_first():
+    pol = weighted(a=1, b=3)
+    run = running(pol, *[Req(f"a{i}", P("interactive"), tenant="a", arrival=i, num_computed=50 - i) for i in range(8)])
+    head = Req("b0", P("interactive"), tenant="b", arrival=10)
+    # b gains one slot per head, so a gives while it keeps (running - 1) / 1 >= 1/3, the
+    # cheapest first (fewest tokens in KV). The scheduler takes only what makes room.
+    assert names(pol.fairness_candidates(head, run, now=20)) == ["a7", "a6", "a5", "a4", "a3", "a2", "a1"]
+    for r in run[3:]:       # 3:5, then 2:6 (the share)
+        pol.on_preempted(r, "fairness")
+        pol.on_finished(r, running=False)
+    bs = running(pol, *[Req(f"b{i}", P("interactive"), tenant="b", arrival=10 + i) for i in range(1, 6)])
+    assert names(pol.fairness_candidates(head, run[:3] + bs, now=20)) == ["a2"]    # 3 - 1 >= (5 + 1) / 3
+    pol.on_preempted(run[2], "fairness")
+    bs += running(pol, Req("b6", P("interactive"), tenant="b", arrival=16))
+    assert pol.fairness_candidates(head, run[:2] + bs, now=20) == []             # 2 - 1 < (6 + 1) / 3
+    # a below its share does not take back from b: (6 - 1) / 3 < (2 + 1) / 1.
+    assert pol.fairness_candidates(Req("a9", P("interactive"), tenant="a"), run[:2] + bs, now=20) == []
+
+
+def test_fairness_with_three_tenants_stops_within_one_slot_of_the_share():
+    pol = weighted(a=1, b=1, c=1)
+    run = running(pol, *[Req(f"a{i}", P("batch"), tenant="a", arrival=i) for i in range(4)])
+    assert names(pol.fairness_candidates(Req("b0", P("batch"), tenant="b"), run, now=5)) == ["a3", "a2", "a1"]
+    pol.on_preempted(run[3], "fairness")
+    run = run[:3] + running(pol, Req("b1", P("batch"), tenant="b", arrival=5))
+    # 3:1:0: c takes from a only (b would keep 0 < c's 1); then 2:1:1 is stable.
+    assert names(pol.fairness_candidates(Req("c0", P("batch"), tenant="c"), run, now=5)) == ["a2", "a1"]
+    pol.on_preempted(run[2], "fairness")
+    run = run[:2] + run[3:] + running(pol, Req("c1", P("batch"), tenant="c", arrival=6))
+    for t in "abc":
+        assert pol.fairness_candidates(Req(f"{t}9", P("batch"), tenant=t), run, now=5) == []
+
+
+def test_fairness_never_takes_higher_priority_or_protected_work():
+    pol = weighted(a=1, b=3)
+    run = running(pol, Req("rt", P("realtime"), tenant="a", arrival=0),
+                  Req("i0", P("interactive"), tenant="a", arrival=1),
+                  Req("b5", P("batch:5"), tenant="a", arrival=2),
+                  Req("fresh", P("batch:5"), tenant="a", arrival=3))
+    run[3].started_at = 4.5   # admitted 0.5 s ago: protected (min_run_s 1)
+    # An interactive head of b: only a's interactive and lower; the fresh one is protected,
+    # and a keeps (4 - 2) / 1 >= 1/3 after two moves, so both unprotected ones go, lowest first.
+    assert names(pol.fairness_candidates(Req("h", P("interactive"), tenant="b"), run, now=5)) == ["b5", "i0"]
+    assert names(pol.fairness_candidates(Req("h", P("batch:5"), tenant="b"), run, now=5)) == ["b5"]
+    assert names(pol.fairness_candidates(Req("h", P("batch:5"), tenant="b"), run, now=6)) == ["fresh", "b5"]
+    assert pol.fairness_candidates(Req("h", P("batch:6"), tenant="b"), run, now=6) == []
+    assert pol.fairness_candidates(Req("h", P("interactive"), tenant="a"), run, now=6) == []   # own tenant
 
 
 # ------------------------------------------------------------------ weighted fair share
@@ -414,12 +488,13 @@ def test_order_is_a_total_order_consistent_with_class_then_level(items, charges,
     shuffled = reqs[:]
     random.Random(seed).shuffle(shuffled)
     assert names(pol.order(shuffled, now)) == names(order)            # independent of input order
-    keys = [pol.admit_key(r, now) for r in order]
+    queues = pol.queue_ranks(reqs, now)
+    keys = [pol.admit_key(r, now, queues) for r in order]
     assert len(set(keys)) == len(keys)                                 # no ties: a total order
-    ranks = [pol.rank(r, now) for r in order]
+    ranks = [queues[r.priority] for r in order]
     assert [c for c, _ in ranks] == sorted(c for c, _ in ranks)        # effective class first
     for a, b in zip(order, order[1:]):
-        ra, rb = pol.rank(a, now), pol.rank(b, now)
+        ra, rb = queues[a.priority], queues[b.priority]
         if ra[0] == rb[0] and not ra[1] and not rb[1]:
             assert a.priority <= b.priority                            # then level (same class)
         if ra[0] == rb[0] and ra[1] != rb[1]:

@@ -12,7 +12,8 @@ from daemon_harness import serving, stream_text
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory, tiny_llama_dir):
     with serving(tmp_path_factory.mktemp("prio"), [f"tiny={tiny_llama_dir}"], "--max-num-seqs", "2",
-               "--max-model-len", "2048", "--tenant", "q:max_concurrent=1", "--tenant", "slow:default_priority=batch") as d:
+               "--max-model-len", "2048", "--tenant", "q:max_concurrent=1", "--tenant", "slow:default_priority=batch",
+                 "--tenant", "heavy:weight=3") as d:
         yield d
 
 
@@ -21,9 +22,9 @@ def post(daemon, **body):
         return c.post("/v1/completions", json={"model": "tiny", "prompt": "hello", **body})
 
 
-def background(daemon, n, **body):
+def background(daemon, n, tokens=400):
     started = [threading.Event() for _ in range(n)]
-    threads = [threading.Thread(target=lambda e=e: _quiet(stream_text, daemon, "tiny", "batch work", 400, e))
+    threads = [threading.Thread(target=lambda e=e: _quiet(stream_text, daemon, "tiny", "batch work", tokens, e))
                for e in started]
     for t in threads:
         t.start()
@@ -86,3 +87,30 @@ def test_deadline_ends_the_request_with_a_clear_error_and_frees_memory(daemon):
     while daemon.ps()["requests"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert daemon.memory("tiny")["blocks_used"] == 0
+
+
+def test_a_heavier_tenant_gets_its_share_by_fairness_preemption(daemon):
+    """Both batch slots run long requests of the default tenant (weight 1); a request of
+    `heavy` (weight 3) of the same priority takes one of them (2:0 -> 1:1) instead of
+    waiting for them to finish, and the victim still finishes whole."""
+    with daemon.http() as c:
+        before = c.get("/llmos/v1/ps").json()["scheduler"]["tiny"]["preemptions"]
+    texts, started = [None, None], [threading.Event(), threading.Event()]
+
+    def light(i):
+        texts[i] = stream_text(daemon, "tiny", f"long work {i}", 800, started[i])
+    threads = [threading.Thread(target=light, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for e in started:
+        assert e.wait(60)
+    time.sleep(0.6)          # past min_run_s protection
+    r = post(daemon, max_tokens=8, tenant="heavy")
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    running = [t.is_alive() for t in threads]
+    after = daemon.ps()["scheduler"]["tiny"]["preemptions"]
+    assert all(running)      # it did not wait for a slot to free up
+    assert after["fairness"] == before["fairness"] + 1 and after["priority"] == before["priority"]
+    for t in threads:
+        t.join(120)
+    assert all(isinstance(t, str) and t for t in texts)   # both light requests finished

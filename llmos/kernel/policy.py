@@ -7,22 +7,52 @@ Priority: a class, realtime (0) < interactive (1, the default) < batch (2), and 
 inside it; lower runs first on both. Clients send "batch", "batch:3", or an int (vLLM's
 extension), which is a level inside their tenant's default class.
 
-Admission order (admit_key): effective class, level, the tenant's batch slots per unit
-of weight (running / weight), its virtual time (weighted fair share, tenants.py), arrival.
+Admission order (order, admit_key): effective class, level, the tenant's batch slots per
+unit of weight (running / weight), its virtual time (weighted fair share, tenants.py),
+arrival.
 
 Aging, and the bound. Waiting time counts from req.queued_at. Waiting max_wait_s[c] in
 class c promotes a request to class c-1 (for realtime: within realtime) and makes it
-*aged*; each further max_wait_s of the class it is then in promotes it again, down to
-realtime. Aged requests rank ahead of every level of their effective class; among
-themselves they keep the tenant shares (slots per weight, virtual time), then oldest
-queued_at first. So a request of class c is an aged realtime request D(c) seconds after
-queued_at (aging_bound_s): D(batch) = W[batch] + W[interactive], D(interactive) =
-W[interactive], D(realtime) = W[realtime], with defaults 40 s, 10 s, never.
+*aged* (rank); each further max_wait_s of the class it is then in promotes it again, down
+to realtime. Aging promotes a queue, not a request: the waiting requests of one base
+priority (class and level) all take the rank of the oldest among them (queue_ranks).
+Aged requests rank ahead of every level of their effective class; among themselves they
+keep the tenant shares (slots per weight, virtual time), then oldest queued_at first.
+Why a queue: a tenant with a small weight waits longer by design, so its requests age
+first; aged one by one they would jump the other tenants' requests of the same priority
+and undo the weights (1:3 fell to 1:2.6 in tests/test_fairness.py), and fairness
+preemption would then take the slot back, again and again. Aging is there so that a
+priority that is not served gets served; inside a priority the weights decide who. With
+one tenant this is the same as aging each request (its oldest goes first, and the order
+is recomputed after every admission); the price with several is that, while a queue is
+aged, other tenants' fresh requests in it that are under their share go ahead of higher
+classes too, as many as the shares put before the old request.
+So a request of class c is an aged realtime request D(c) seconds after queued_at
+(aging_bound_s): D(batch) = W[batch] + W[interactive], D(interactive) = W[interactive],
+D(realtime) = W[realtime], with defaults 40 s, 10 s, never.
 Bound: from queued_at + D(c) on, only aged realtime requests rank ahead of it, and
 among those its own tenant's earlier ones and other tenants' within their shares, so it
 is admitted within its tenant's fair share of the admissions after that time; per-tenant
 max_queued bounds how many of its own requests can be ahead of it. An admission needs
 room: aging orders admission only, it never justifies a preemption (preemption_candidates).
+
+Fair shares of the batch (fairness_candidates). Under contention, decode tokens are what
+a tenant receives, one per running sequence per step, so a tenant's share of the batch
+slots is its share of the tokens. Admission already gives a free slot to the tenant with
+the fewest running requests per unit of weight; fairness preemption makes the running set
+converge to those shares when it was filled otherwise (arrival order, a tenant arriving
+late, a weight change). When the head has no room and no lower-priority work can give it,
+it may preempt a running request of another tenant, of the head's priority or lower and
+not protected, if that tenant keeps at least as many slots per weight as the head's tenant
+will have: (running_v - 1) / w_v >= (running_h + 1) / w_h. A move is one whole slot each
+way and never inverts the two tenants' order, so the victim cannot take it back (its
+re-queued request ranks behind the head: admit_key sorts by running / weight), and every
+move lowers sum(running_t**2 / w_t) by at least 1/w_v + 1/w_h: the preemptions between two
+changes of the running set are bounded, with no ping-pong. The stable state is the
+weighted share to within one slot (1:3 over 16 slots: 4:12). Counts are running requests
+of every class, as in admit_key. When everything fits, nobody is preempted: the shares
+apply only while someone waits (work-conserving: a tenant is never slowed down to leave
+slots idle).
 
 Request attributes this module reads (never writes):
   priority: Priority          base priority, from parse_priority at submission
@@ -34,6 +64,7 @@ Request attributes this module reads (never writes):
                               None until first admitted (kept on preemption)
   preemptions: int            times preempted so far, any cause
   timeout_s, queue_timeout_s: float | None   only for expired()/deadline(); None = no limit
+  num_computed: int           tokens in KV now: the cost of preempting it (fairness victims)
 (.num_tokens and .output_ids are not used.)
 
 Scheduler contract (who calls what, when; `policy` is a PriorityPolicy):
@@ -44,7 +75,9 @@ Scheduler contract (who calls what, when; `policy` is a PriorityPolicy):
              every step). Admitting one: req.started_at = now, policy.on_started(req, now).
              If the head does not fit and nothing can grow: for victim in
              policy.preemption_candidates(head, running, now) until it fits (check the
-             candidates' blocks suffice before preempting any), cause "priority". Memory
+             candidates' blocks suffice before preempting any), cause "priority"; if that
+             finds no room, policy.fairness_candidates(head, running, now) the same way,
+             cause "fairness". Memory
              pressure while running: v = policy.pick_victim(candidates, now), cause "memory".
              Each victim v: v.queued_at = now, policy.on_preempted(v, cause).
   each step: policy.charge(req, num_new, now) per scheduled sequence (prefer not to charge
@@ -70,7 +103,7 @@ __all__ = ["Priority", "parse_priority", "PriorityPolicy", "PolicyStats", "expir
 REALTIME, INTERACTIVE, BATCH = 0, 1, 2
 MAX_LEVEL = 2**31 - 1     # levels are 0..MAX_LEVEL (an int32 on the bus)
 DEFAULT_MAX_WAIT_S = {"realtime": None, "interactive": 10.0, "batch": 30.0}
-PREEMPTION_CAUSES = ("priority", "memory")
+PREEMPTION_CAUSES = ("priority", "memory", "fairness")
 
 
 @dataclass(frozen=True, order=True)
@@ -142,9 +175,9 @@ class PriorityPolicy:
     """Ordering, aging, preemption and tenant accounting for one scheduler.
 
     max_wait_s: class name -> seconds before aging promotes (None: never); unnamed classes
-    keep DEFAULT_MAX_WAIT_S. min_run_s: a running request is protected from priority
-    preemption for min_run_s * 2**preemptions after its admission, so it always makes
-    progress and a request preempted again and again is eventually left to finish."""
+    keep DEFAULT_MAX_WAIT_S. min_run_s: a running request is protected from priority and
+    fairness preemption for min_run_s * 2**preemptions after its admission, so it always
+    makes progress and a request preempted again and again is eventually left to finish."""
 
     name = "priority"
 
@@ -172,7 +205,7 @@ class PriorityPolicy:
 
     # ------------------------------------------------------------ ordering and aging
     def rank(self, req, now: float) -> tuple[int, bool]:
-        """(effective class, aged) of a waiting request at `now`."""
+        """(effective class, aged) of a waiting request at `now`, by its own wait."""
         c = req.priority.klass
         waited = now - req.queued_at
         if not waited >= self._wait[c]:
@@ -191,9 +224,20 @@ class PriorityPolicy:
             return self._wait[REALTIME]
         return sum(self._wait[1:klass + 1])
 
-    def admit_key(self, req, now: float) -> tuple:
-        """Sort key of a waiting request; smaller is admitted first. Valid at `now` only."""
-        c, aged = self.rank(req, now)
+    def queue_ranks(self, waiting: list, now: float) -> dict:
+        """Base priority -> (effective class, aged) of its queue: the rank of its oldest
+        waiting request (smallest queued_at)."""
+        oldest: dict = {}
+        for r in waiting:
+            o = oldest.get(r.priority)
+            if o is None or r.queued_at < o.queued_at:
+                oldest[r.priority] = r
+        return {p: self.rank(r, now) for p, r in oldest.items()}
+
+    def admit_key(self, req, now: float, ranks: dict | None = None) -> tuple:
+        """Sort key of a waiting request; smaller is admitted first. Valid at `now` and for
+        the waiting queue `ranks` came from (queue_ranks; None: the request's own rank)."""
+        c, aged = ranks[req.priority] if ranks is not None else self.rank(req, now)
         # Batch slots are what a tenant holds while its requests run: share them by weight
         # first (running / weight), then tokens served (virtual time) among equals. Aged
         # requests go before every level of their effective class but keep the tenant
@@ -207,7 +251,8 @@ class PriorityPolicy:
 
     def order(self, waiting: list, now: float) -> list:
         """The waiting requests in admission order (a new list)."""
-        return sorted(waiting, key=lambda r: self.admit_key(r, now))
+        ranks = self.queue_ranks(waiting, now)
+        return sorted(waiting, key=lambda r: self.admit_key(r, now, ranks))
 
     # ------------------------------------------------------------ preemption
     def _victim_key(self, req) -> tuple:
@@ -221,7 +266,7 @@ class PriorityPolicy:
         return max(running, key=self._victim_key)
 
     def protected(self, req, now: float) -> bool:
-        """Too recently admitted to be preempted for priority."""
+        """Too recently admitted to be preempted for priority or fairness."""
         if req.started_at is None:
             return False
         return now - req.started_at < self.min_run_s * 2 ** min(req.preemptions, 20)
@@ -232,6 +277,35 @@ class PriorityPolicy:
         a re-queued victim must not age its way into preempting back."""
         found = [r for r in running if r.priority > head.priority and not self.protected(r, now)]
         return sorted(found, key=self._victim_key, reverse=True)
+
+    def fairness_candidates(self, head, running: list, now: float) -> list:
+        """Running requests the waiting `head` may preempt to move its tenant toward its
+        weighted share of the batch slots, first victim first (see "Fair shares" above):
+        other tenants' requests of the head's base priority or lower, not protected, taken
+        one at a time from the tenant holding the most slots per weight while it would keep
+        (running - 1) / weight >= the head tenant's (running + 1) / weight; within a tenant
+        the cheapest first (lowest priority, fewest tokens in KV, newest). Empty when the
+        head's tenant already has its share."""
+        book = self.tenants
+        weight = {t: book.config(t).weight for t in {r.tenant for r in running} | {head.tenant}}
+        after = (book.counts(head.tenant)[1] + 1) / weight[head.tenant]
+        pools: dict[str, list] = {}
+        for r in running:
+            if r.tenant != head.tenant and r.priority >= head.priority and not self.protected(r, now):
+                pools.setdefault(r.tenant, []).append(r)
+        for reqs in pools.values():
+            reqs.sort(key=lambda r: (r.priority, -r.num_computed, r.arrival))   # pop() = cheapest
+        held = {t: book.counts(t)[1] for t in pools}
+        found = []
+        while pools:
+            t = max(pools, key=lambda t: ((held[t] - 1) / weight[t], book.vtime(t), t))
+            if (held[t] - 1) / weight[t] < after:
+                break
+            found.append(pools[t].pop())
+            held[t] -= 1
+            if not pools[t]:
+                del pools[t]
+        return found
 
     def should_preempt(self, head, running: list, now: float):
         """The one victim to preempt for `head` when it does not fit, or None."""

@@ -1,8 +1,8 @@
 """Continuous batching: every step picks a batch under a token budget.
 
-    make room for the waiting head (priority preemption) -> running sequences (a decode
-    token or the next prompt chunk; memory preemption when one cannot grow) -> admit
-    waiting ones in policy order while budget, slots and blocks last
+    make room for the waiting head (priority, then fairness preemption) -> running
+    sequences (a decode token or the next prompt chunk; memory preemption when one cannot
+    grow) -> admit waiting ones in policy order while budget, slots and blocks last
 
 The ordering, victims and tenant accounting are a swappable policy (policy.PriorityPolicy
 by default, FCFSPolicy for comparison); preempted sequences are swapped out or dropped
@@ -38,6 +38,9 @@ class FCFSPolicy:
         return max(running, key=lambda r: r.arrival)
 
     def preemption_candidates(self, head, running, now):
+        return []
+
+    def fairness_candidates(self, head, running, now):
         return []
 
     def on_queued(self, req): ...
@@ -129,7 +132,11 @@ class Scheduler:
         return batch
 
     def _make_room_for_head(self, now: float) -> None:
-        """Preempt lower-priority running work when the waiting head has no room."""
+        """When the waiting head has no room (no free batch slot, or too few free blocks),
+        preempt for it: lower-priority running work (cause "priority"), else running work
+        of tenants over their weighted share (cause "fairness", policy.fairness_candidates).
+        When everything fits, or the victims together would not make the room, nobody is
+        disturbed."""
         if not self.waiting:
             return
         head = self.waiting[0]
@@ -138,16 +145,25 @@ class Scheduler:
         free, slot_free = self.pool.num_free, len(self.running) < self.max_num_seqs
         if slot_free and free >= need:
             return
+        for cause, candidates in (("priority", self.policy.preemption_candidates),
+                                  ("fairness", self.policy.fairness_candidates)):
+            victims = self._room_from(candidates(head, self.running, now), free, need)
+            if victims:
+                for v in victims:
+                    self._preempt(v, cause, now)
+                return
+
+    def _room_from(self, candidates: list[Request], free: int, need: int) -> list[Request]:
+        """The shortest prefix of `candidates` whose blocks (those only they hold) bring
+        `free` up to `need`; any one victim also frees a batch slot. [] if all of them
+        together would not."""
         victims = []
-        for v in self.policy.preemption_candidates(head, self.running, now):
+        for v in candidates:
             victims.append(v)
             free += sum(1 for b in v.blocks if self.pool.ref_count(b) == 1)
             if free >= need:
-                break
-        if free < need or not victims:
-            return  # preempting would not make room: nobody is disturbed
-        for v in victims:
-            self._preempt(v, "priority", now)
+                return victims
+        return []
 
     def find_expired(self) -> list[tuple[Request, str]]:
         """(request, reason) for every queued or running request past a deadline; the

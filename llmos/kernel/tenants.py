@@ -7,7 +7,10 @@ The scheduler, through the policy, is the only writer: it reports each request's
 
 Weighted fair share: a tenant's virtual time grows by tokens / weight for every token it
 is served, and among requests of equal priority the tenant with the lowest virtual time
-goes first, so saturating tenants are served tokens in the ratio of their weights.
+goes first, so saturating tenants are served tokens in the ratio of their weights. The
+policy ranks batch slots per weight (counts(): running / weight) before virtual time,
+and preempts for fairness on the same measure (policy.py, "Fair shares of the batch"):
+a decode step gives each running sequence one token, so slots are the tokens' share.
 A tenant that becomes active (its first request in flight, after none) starts no lower
 than the system virtual time, the minimum virtual time of the tenants active at that
 moment; a latecomer, or a tenant back from idle, cannot claim a backlog of credit
