@@ -306,13 +306,14 @@ class ResponseShaper:
     def chunk(self, item: dict) -> dict | None:
         """The stream chunk for one item; None when it carries nothing to send."""
         text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
-        if not text and not lp and finish is None:
-            return None
+        ids = _list(item.get("ids")) if self.req.return_token_ids else []
+        if not text and not lp and not ids and finish is None:
+            return None   # (text held back, e.g. a possible stop string: it comes with a later item)
         c = self._choice(item)
         choice = {"index": self.choices.index(c), "logprobs": self._logprobs(c, lp) if lp else None,
                   "finish_reason": None if finish is None else str(finish)}
         if self.req.return_token_ids:
-            choice["token_ids"] = _list(item.get("ids"))
+            choice["token_ids"] = ids
         if self.req.chat:
             choice["delta"] = {"content": text} if text or finish is None else {}
         else:
