@@ -1,8 +1,10 @@
 """n > 1 end to end: the choices share the prompt's KV copy-on-write and each produces
-exactly what a request of its own would have; nothing leaks."""
+exactly what a request of its own would have; nothing leaks. And the client's abort call
+(cancel), which stops every choice of a request within a step."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import pytest
@@ -88,3 +90,58 @@ def test_n_out_of_range_is_a_precise_400(daemon):
     with daemon.http() as c:
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "n": 500})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+def test_cancel_stops_every_choice_and_the_stream_ends_with_what_it_has(daemon):
+    body = {"model": "tiny", "prompt": "Cancel me", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "n": 2, "stream": True}
+    finish, tokens, asked = {}, {0: 0, 1: 0}, False
+    with daemon.http() as c, c.stream("POST", "/v1/completions", json=body,
+                                      headers={"X-Request-Id": "mine-1"}) as r:
+        assert r.headers["X-Request-Id"] == "mine-1"
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            tokens[choice["index"]] += 1
+            if choice["finish_reason"]:
+                finish[choice["index"]] = choice["finish_reason"]
+            if sum(tokens.values()) >= 10 and not asked:
+                asked = True
+                with daemon.http() as other:
+                    dup = other.post("/v1/completions", json={"model": "tiny", "prompt": "x"},
+                                     headers={"X-Request-Id": "mine-1"})
+                    assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_request_id"
+                    answer = other.post("/llmos/v1/requests/mine-1/cancel")
+                assert answer.status_code == 200 and answer.json() == {"id": "mine-1", "cancelled": 2}
+    assert finish == {0: "cancelled", 1: "cancelled"} and max(tokens.values()) < 100
+    assert_pool_clean(daemon)
+
+
+def test_cancel_from_the_cli_ends_a_waiting_client_with_partial_output(daemon):
+    result = {}
+
+    def ask():
+        with daemon.http() as c:
+            result["r"] = c.post("/v1/completions", headers={"X-Request-Id": "cli-cancel"}, json={
+                "model": "tiny", "prompt": "Long answer", "max_tokens": 2000, "temperature": 0, "ignore_eos": True})
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not any(r["id"] == "cli-cancel" and r["output_tokens"] for r in daemon.ps()["requests"]):
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
+    shown = CliRunner().invoke(cli, ["--home", str(daemon.home), "cancel", "cli-cancel"])
+    assert shown.exit_code == 0 and "cancelled cli-cancel" in shown.output, shown.output
+    t.join(30)
+    answer = result["r"].json()
+    assert answer["choices"][0]["finish_reason"] == "cancelled"
+    assert 0 < answer["usage"]["completion_tokens"] < 2000
+    assert CliRunner().invoke(cli, ["--home", str(daemon.home), "cancel", "cli-cancel"]).exit_code != 0
+    with daemon.http() as c:
+        gone = c.post("/llmos/v1/requests/nope/cancel")
+        bad = c.post("/v1/completions", json={"model": "tiny", "prompt": "x"}, headers={"X-Request-Id": "a b"})
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "request_not_found"
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "X-Request-Id"
+    assert_pool_clean(daemon)

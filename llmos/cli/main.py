@@ -284,6 +284,16 @@ def restart(paths: Paths, driver: str):
 
 
 @cli.command()
+@click.argument("request_id")
+@click.pass_obj
+def cancel(paths: Paths, request_id: str):
+    """Stop a request in flight (the id `llmos ps` shows); it ends with what it has."""
+    with _client(paths, timeout=10) as c:
+        data = c.cancel(request_id)
+    click.echo(f"cancelled {data['id']} ({data['cancelled']} choice(s) stopped)")
+
+
+@cli.command()
 @click.pass_obj
 def mem(paths: Paths):
     """KV memory: pools, blocks by state, per-request blocks, prefix cache, swap traffic."""

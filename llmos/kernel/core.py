@@ -44,7 +44,8 @@ class Kernel:
         self.supervisor = Supervisor(paths.logs_dir, self._driver_ready, self._driver_down)
         self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
-        self.commands: dict = {"restart": self._restart_driver}   # Command.what -> handler(args) -> data
+        # Command.what -> handler(args) -> data
+        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"])}
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
 

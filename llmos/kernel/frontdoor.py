@@ -155,6 +155,30 @@ class FrontDoor:
         for req in members:
             self._drop(req)
 
+    def cancel(self, client_id: str) -> dict:
+        """The client's abort call: generation stops now (the next step no longer has it) and
+        the request ends normally with what it has, finish_reason "cancelled". Unlike Abort
+        (the client is gone) an answer is still owed. Raises KeyError for an unknown id."""
+        members = self._members(client_id)
+        if not members:
+            raise KeyError(f"no request {client_id!r} in flight")
+        first = members[0]
+        if first.state is State.TOKENIZING:   # not accepted yet: it ends as an error
+            self._end_with_error(first, 409, "cancelled", f"request {client_id} was cancelled before it started")
+            return {"id": client_id, "cancelled": len(members)}
+        engine = self.engines[first.model]
+        ended = []
+        for req in members:
+            if req.state in (State.FORKING, State.WAITING, State.RUNNING):
+                if req.state is not State.FORKING:   # (a choice still FORKING finishes empty)
+                    engine.scheduler.finish(req)
+                req.finish_reason = "cancelled"
+                req.to(State.FINISHING)
+                ended.append(req)
+        engine.wakeup.set()
+        self.tokens_ready(engine, ended)
+        return {"id": client_id, "cancelled": len(ended)}
+
     def _members(self, client_id: str) -> list[Request]:
         """Every request still in the table for this client id (n of them for n > 1)."""
         if client_id in self.groups:

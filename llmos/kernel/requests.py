@@ -24,7 +24,7 @@ class State(enum.Enum):
 
 _ALLOWED = {
     State.TOKENIZING: {State.WAITING, State.DONE},
-    State.FORKING: {State.WAITING, State.DONE},
+    State.FORKING: {State.WAITING, State.FINISHING, State.DONE},
     State.WAITING: {State.RUNNING, State.FINISHING, State.DONE},
     State.RUNNING: {State.WAITING, State.FINISHING, State.DONE},
     State.FINISHING: {State.DONE},

@@ -10,6 +10,7 @@ import asyncio
 import json
 import math
 import logging
+import re
 import uuid
 
 from aiohttp import web
@@ -25,6 +26,7 @@ LINK = web.AppKey("link", KernelLink)
 TIMEOUT = web.AppKey("timeout", float)
 # Admin routes: path -> the kernel Query whose data is passed through as JSON.
 ADMIN_QUERIES = {"/llmos/v1/ps": "ps", "/llmos/v1/memory": "memory"}
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")   # a client's own X-Request-Id
 
 
 def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
@@ -39,6 +41,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     for path, what in ADMIN_QUERIES.items():
         app.router.add_get(path, _query_route(what))
     app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
+    app.router.add_post("/llmos/v1/requests/{id}/cancel", cancel_request)
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     return app
 
@@ -99,6 +102,16 @@ async def restart_driver(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
+async def cancel_request(request: web.Request) -> web.Response:
+    """The abort call: stop generating now; the request's own answer ends with what it has
+    (finish_reason "cancelled"). The id is the response id, or the client's X-Request-Id."""
+    try:
+        data = await request.app[LINK].command("cancel", {"id": request.match_info["id"]})
+    except QueryFailed as exc:
+        raise ApiError(404, str(exc), "id", code="request_not_found") from None
+    return web.json_response(data)
+
+
 def _query_route(what: str):
     async def route(request: web.Request) -> web.Response:
         return web.json_response(await request.app[LINK].query(what, dict(request.query)))
@@ -127,7 +140,11 @@ async def _json_body(request: web.Request):
 
 async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     link, timeout = request.app[LINK], request.app[TIMEOUT]
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    rid = request.headers.get("X-Request-Id") or f"cmpl-{uuid.uuid4().hex}"
+    if not REQUEST_ID.match(rid):
+        raise ApiError(400, "X-Request-Id must be 1 to 128 characters of letters, digits and ._:-", "X-Request-Id")
+    if rid in link.in_flight:
+        raise ApiError(409, f"request id {rid!r} is already in flight", "X-Request-Id", code="duplicate_request_id")
     queue = link.submit(protocol.Submit(
         request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
         prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
@@ -140,7 +157,8 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
             raise _as_error(first)
         shaper = ResponseShaper(req, rid, first.prompt_tokens)
         if req.stream:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                               "X-Request-Id": rid})
             done = await _stream(request, resp, queue, shaper, timeout)  # ConnectionError: client gone
             reason = "timed out waiting for the kernel"
             return resp
@@ -151,7 +169,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
                 raise _as_error(item)
             shaper.add(item)
         done = True
-        return web.json_response(shaper.response())
+        return web.json_response(shaper.response(), headers={"X-Request-Id": rid})
     except ApiError as err:
         if err.status == 504:
             reason = "timed out waiting for the kernel"
