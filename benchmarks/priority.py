@@ -3,6 +3,7 @@
     python benchmarks/priority.py                       # tiny random model: minutes
     python benchmarks/priority.py --model smollm2 --batch-tokens 128
     python benchmarks/priority.py --scenarios tenants   # only the tenant shares
+    python benchmarks/priority.py --scenarios chunked   # only chunked prefill
 
 Scenario `priority`: a saturating batch-class load (--batch-requests long requests) and,
 once it runs, a stream of interactive requests. Reports interactive time-to-first-token
@@ -19,12 +20,25 @@ token, except that a token whose text the detokenizer holds back, a partial char
 arrives with the next; per-token logprobs would count exactly but cost the tiny model 4x
 its throughput), and the tokens the kernel served each tenant (/llmos/v1/ps, prompt and
 recomputed tokens included); samples the running requests per tenant; reports the ratios.
+
+Scenario `chunked`: --chunked-streams greedy streams decode; once each has streamed for a
+second, a --chunked-prompt-token prompt is admitted (token ids, so its length is exact; a
+new random one each repeat, so the prefix cache holds none of it). One daemon per
+per-step token budget of --chunked-budgets (the default pair: 256, which cuts the prompt
+into chunks, and 4096, which prefills it in one step), all up at once and used in turn,
+--chunked-repeats times each with fresh streams, so that a shared machine's load falls on
+every budget alike. Reports the streams' inter-token latency p50/p99/max in the admission
+window (the gaps between two tokens of a stream that overlap the time from the prompt's
+submission to its first token) against their steady p50 (the second before), and the
+long prompt's time to first token, loaded and on the idle daemon (p50 of 3). Tokens are
+counted by `return_token_ids`, so a token whose text the detokenizer holds back counts.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import random
 import sys
 import tempfile
 import time
@@ -148,6 +162,90 @@ async def tenants(sock, model, args) -> dict:
             "running": {t: sum(s[t] for s in samples) / max(1, len(samples)) for t in ("light", "heavy")}}
 
 
+async def token_stream(client, model, prompt, max_tokens, arrivals: list, stop=None) -> None:
+    """Greedy streamed completion; appends (perf_counter, number of tokens) per chunk to
+    `arrivals`, until it ends or `stop` is set (closing the stream aborts the request)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if stop is not None and stop.is_set():
+                return
+            if line.startswith("data: {") and (n := len(json.loads(line[6:])["choices"][0].get("token_ids") or [])):
+                arrivals.append((time.perf_counter(), n))
+
+
+def gaps(arrivals, window=None) -> list[float]:
+    """Inter-token latencies of one stream (a chunk of n tokens: its gap, then n - 1 zeros);
+    with `window` (start, end), only the gaps that overlap it."""
+    out = []
+    for (t_prev, _), (t, n) in zip(arrivals, arrivals[1:]):
+        if window is None or (t > window[0] and t_prev < window[1]):
+            out += [t - t_prev] + [0.0] * (n - 1)
+    return out
+
+
+async def admission(client, model, prompt, args, out) -> None:
+    """Fresh streams decode; once each has streamed for a second, `prompt` is admitted.
+    Adds to `out` its time to first token and the streams' gaps, in the window and before."""
+    arrivals, stop = [[] for _ in range(args.chunked_streams)], asyncio.Event()
+    streams = [asyncio.ensure_future(token_stream(client, model, f"Story {i}: once upon a time", 1500, a, stop))
+               for i, a in enumerate(arrivals)]
+    while not all(arrivals):
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(1.0)
+    long, t0 = [], time.perf_counter()
+    await token_stream(client, model, prompt, 1, long)
+    t1 = long[0][0]
+    await asyncio.sleep(0.2)
+    stop.set()
+    await asyncio.gather(*streams)
+    assert all(a[-1][0] > t1 for a in arrivals), "a stream ended inside the admission window"
+    out["ttft"].append(t1 - t0)
+    out["window"] += [g for a in arrivals for g in gaps(a, (t0, t1))]
+    out["steady"] += [g for a in arrivals for g in gaps([x for x in a if t0 - 1.0 < x[0] < t0])]
+
+
+async def chunked(socks: dict, model, args) -> dict:
+    """The same workload on one daemon per budget (`socks`: budget -> socket), alternating
+    between them, so that the load of a shared machine falls on every budget alike."""
+    rng = random.Random(0)
+    prompts = [[rng.randrange(100, 40000) for _ in range(args.chunked_prompt)] for _ in range(args.chunked_repeats + 4)]
+    clients = {b: httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(s)), base_url="http://llmos",
+                                    timeout=3600) for b, s in socks.items()}
+    out = {b: {"ttft": [], "steady": [], "window": []} for b in socks}
+    try:
+        for b, c in clients.items():
+            await token_stream(c, model, prompts[-1], 1, [])     # warm-up
+            out[b]["alone"] = []
+            for prompt in prompts[-4:-1]:
+                first, t = [], time.perf_counter()
+                await token_stream(c, model, prompt, 1, first)
+                out[b]["alone"].append(first[0][0] - t)
+        for prompt in prompts[:args.chunked_repeats]:
+            for b, c in clients.items():
+                await admission(c, model, prompt, args, out[b])
+                await asyncio.sleep(0.5)
+    finally:
+        for c in clients.values():
+            await c.aclose()
+    return out
+
+
+def run_chunked(model_dir, budgets, args) -> dict:
+    daemons = {b: Daemon(Path(tempfile.mkdtemp(prefix="llmos-chunk-")), [f"m={model_dir}"], "--max-num-seqs",
+                         str(args.max_num_seqs), "--max-model-len", "2048", "--max-batched-tokens", str(b))
+               for b in budgets}
+    try:
+        for d in daemons.values():
+            d.wait_ready(600)
+        return asyncio.run(chunked({b: d.socket for b, d in daemons.items()}, "m", args))
+    finally:
+        for d in daemons.values():
+            d.stop()
+
+
 def run(model_dir, extra, fn, args):
     d = Daemon(Path(tempfile.mkdtemp(prefix="llmos-prio-")), [f"m={model_dir}"], "--max-num-seqs",
                str(args.max_num_seqs), "--max-model-len", "2048", *extra)
@@ -161,7 +259,8 @@ def run(model_dir, extra, fn, args):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--scenarios", default="priority,tenants", help="comma-separated: priority, tenants")
+    ap.add_argument("--scenarios", default="priority,tenants,chunked",
+                    help="comma-separated: priority, tenants, chunked")
     ap.add_argument("--batch-requests", type=int, default=64)
     ap.add_argument("--batch-tokens", type=int, default=512)
     ap.add_argument("--interactive", type=int, default=10)
@@ -172,10 +271,14 @@ def main() -> None:
     ap.add_argument("--tenant-head-start", type=float, default=2.0, help="seconds light runs alone")
     ap.add_argument("--tenant-warmup", type=float, default=5.0, help="seconds after heavy joins, not counted")
     ap.add_argument("--tenant-window", type=float, default=30.0, help="seconds counted")
+    ap.add_argument("--chunked-streams", type=int, default=8, help="streams decoding while the long prompt enters")
+    ap.add_argument("--chunked-prompt", type=int, default=2000, help="tokens of the long prompt")
+    ap.add_argument("--chunked-budgets", default="256,4096", help="comma-separated --max-batched-tokens to compare")
+    ap.add_argument("--chunked-repeats", type=int, default=5, help="long prompts admitted per budget")
     args = ap.parse_args()
-    scenarios = set(args.scenarios.split(","))
-    if not scenarios <= {"priority", "tenants"}:
-        ap.error(f"unknown scenarios: {', '.join(sorted(scenarios - {'priority', 'tenants'}))}")
+    scenarios, known = set(args.scenarios.split(",")), {"priority", "tenants", "chunked"}
+    if not scenarios <= known:
+        ap.error(f"unknown scenarios: {', '.join(sorted(scenarios - known))}")
     model_dir = bench_model_dir(args.model)
     print(f"model {args.model}; max {args.max_num_seqs} running")
     if "priority" in scenarios:
@@ -202,6 +305,18 @@ def main() -> None:
                 print(f"          served by the kernel (prompt and recompute included): light {sv['light']}, "
                       f"heavy {sv['heavy']}, ratio {sv['heavy'] / max(1, sv['light']):.2f}; "
                       f"preemptions {r['preemptions']}")
+
+    if "chunked" in scenarios:
+        budgets = [int(b) for b in args.chunked_budgets.split(",")]
+        print(f"chunked prefill: {args.chunked_streams} streams decoding, a {args.chunked_prompt}-token prompt "
+              f"admitted {args.chunked_repeats} times per budget (fresh streams each time; budgets alternate)")
+        for budget, r in run_chunked(model_dir, budgets, args).items():
+            w, steps = r["window"], -(-args.chunked_prompt // max(1, budget - args.chunked_streams))
+            print(f"budget {budget:5d} ({steps} prefill steps): stream inter-token latency steady p50 "
+                  f"{pct(r['steady'], 50) * 1e3:.0f} ms | during admission p50 {pct(w, 50) * 1e3:.0f} ms "
+                  f"p99 {pct(w, 99) * 1e3:.0f} ms max {max(w) * 1e3:.0f} ms ({len(w)} gaps) | long prompt TTFT "
+                  f"p50 {pct(r['ttft'], 50) * 1e3:.0f} ms max {max(r['ttft']) * 1e3:.0f} ms "
+                  f"(alone p50 {pct(r['alone'], 50) * 1e3:.0f} ms)")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
-"""The priority scheduler in the real daemon: classes, preemption, quotas, deadlines, visibility."""
+"""The priority scheduler in the real daemon: classes, preemption, quotas, deadlines, visibility,
+chunked prefill."""
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
 import time
 
+import httpx
 import pytest
 
 from daemon_harness import serving, stream_text
@@ -114,3 +118,86 @@ def test_a_heavier_tenant_gets_its_share_by_fairness_preemption(daemon):
     for t in threads:
         t.join(120)
     assert all(isinstance(t, str) and t for t in texts)   # both light requests finished
+
+
+# Chunked prefill: a small per-step token budget, a slot for each stream and the long prompt,
+# and no prefix cache, so that running the same prompt again computes it again.
+BUDGET, STREAMS, LONG_PROMPT, LONG_OUT = 128, 3, 2000, 8
+
+
+@pytest.fixture(scope="module")
+def chunking(tmp_path_factory, tiny_llama_dir):
+    with serving(tmp_path_factory.mktemp("chunked"), [f"tiny={tiny_llama_dir}"], "--max-num-seqs", str(STREAMS + 1),
+                 "--max-batched-tokens", str(BUDGET), "--max-model-len", "2048", "--no-prefix-caching") as d:
+        yield d
+
+
+def async_http(daemon) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(daemon.socket)), base_url="http://llmos",
+                             timeout=300)
+
+
+async def stream_ids(client, prompt, max_tokens, arrivals: list, stop: asyncio.Event | None = None):
+    """Greedy streamed completion; appends (perf_counter at arrival, token ids) per chunk.
+    Returns the finish reason, or None when `stop` cut it first (closing the stream aborts it)."""
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if stop is not None and stop.is_set():
+                return None
+            if line.startswith("data: {"):
+                choice = json.loads(line[6:])["choices"][0]
+                if choice["token_ids"]:
+                    arrivals.append((time.perf_counter(), choice["token_ids"]))
+                if choice["finish_reason"]:
+                    return choice["finish_reason"]
+    return None
+
+
+def test_long_prompt_is_prefilled_in_budget_chunks_while_streams_keep_decoding(chunking):
+    """While a 2,000-token prompt is prefilled under a 128-token budget, every running stream
+    gets its decode token in each of the ceil(2000 / (128 - 3)) = 16 steps: no stream stalls
+    until the prompt is in. The prompt's output equals its output alone, where it is cut into
+    other chunks (ceil(2000 / 128) = 16, counted by the kernel's step statistics)."""
+    prompt = [100 + (i * 7919) % 40000 for i in range(LONG_PROMPT)]   # exact length, no tokenizer
+    chunks = -(-LONG_PROMPT // (BUDGET - STREAMS))
+
+    async def contended():
+        # One event loop reads every stream: an arrival time is when the chunk was read,
+        # with no thread of this test waiting for the GIL in between.
+        async with async_http(chunking) as c:
+            streams, stop = [[] for _ in range(STREAMS)], asyncio.Event()
+            tasks = [asyncio.create_task(stream_ids(c, f"stream {i}", 1500, streams[i], stop))
+                     for i in range(STREAMS)]
+            deadline = time.monotonic() + 60
+            while not all(streams) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert all(streams) and not any(t.done() for t in tasks)
+            long, t0 = [], time.perf_counter()
+            assert await stream_ids(c, prompt, LONG_OUT, long) == "length"
+            stop.set()
+            return t0, long, streams, await asyncio.gather(*tasks)
+
+    t0, long, streams, ends = asyncio.run(contended())
+    assert ends == [None] * STREAMS            # all still running when the long request ended
+    t1 = long[0][0]                            # its first token: the prompt is in
+    received = [sum(len(ids) for t, ids in s if t0 <= t < t1) for s in streams]
+    # one token per prefill step; the last step's may be read just after the long one's
+    assert min(received) >= chunks - 1, (received, chunks)
+
+    deadline = time.monotonic() + 30           # the streams' aborts take effect
+    while chunking.ps()["requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert chunking.memory("tiny")["blocks_used"] == 0
+
+    async def alone(arrivals):
+        async with async_http(chunking) as c:
+            return await stream_ids(c, prompt, LONG_OUT, arrivals)
+    before, arrivals = chunking.memory("tiny")["steps"], []
+    assert asyncio.run(alone(arrivals)) == "length"
+    after = chunking.memory("tiny")["steps"]
+    assert [i for _, ids in arrivals for i in ids] == [i for _, ids in long for i in ids]
+    assert after["steps"] - before["steps"] == -(-LONG_PROMPT // BUDGET) + LONG_OUT - 1
+    assert after["tokens_computed"] - before["tokens_computed"] == LONG_PROMPT + LONG_OUT - 1
