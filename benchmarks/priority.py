@@ -235,7 +235,8 @@ async def chunked(socks: dict, model, args) -> dict:
 
 def run_chunked(model_dir, budgets, args) -> dict:
     daemons = {b: Daemon(Path(tempfile.mkdtemp(prefix="llmos-chunk-")), [f"m={model_dir}"], "--max-num-seqs",
-                         str(args.max_num_seqs), "--max-model-len", "2048", "--max-batched-tokens", str(b))
+                         str(args.max_num_seqs), "--max-model-len", "2048", "--max-batched-tokens", str(b),
+                         "--kv-memory", "1GiB")   # smollm2: 64MiB would not hold the 2,000-token prompt
                for b in budgets}
     try:
         for d in daemons.values():
