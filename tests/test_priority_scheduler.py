@@ -172,3 +172,27 @@ def test_batch_slots_are_shared_by_weight_when_requests_are_long():
         sched.add(make(tenant="b", max_tokens=1000))
     run_step(sched, clock)
     assert Counter(r.tenant for r in sched.running) == {"a": 2, "b": 6}
+
+
+def test_a_higher_priority_prompt_is_admitted_while_a_long_lower_priority_prompt_is_chunked():
+    sched, clock = scheduler(blocks=1024)
+    long = make("batch", prompt=2000, max_tokens=4)
+    sched.add(long)
+    assert [(s.req, s.num_new) for s in run_step(sched, clock)] == [(long, 256)]
+    urgent = make("interactive", prompt=100, max_tokens=4)
+    sched.add(urgent)
+    # The long prompt yields the head its 100 tokens instead of taking all 256 again.
+    step = run_step(sched, clock)
+    assert [(s.req, s.num_new, s.sample) for s in step] == [(long, 156, False), (urgent, 100, True)]
+    assert urgent.output_ids == [7]
+    # A long head gets at most half the budget; the long prompt keeps the rest.
+    other = make("interactive", prompt=1000, max_tokens=4)
+    sched.add(other)
+    assert [(s.req, s.num_new) for s in run_step(sched, clock)] == [(long, 128), (urgent, 1), (other, 127)]
+    # Equal priorities: no reserve, first come first served within the budget.
+    fcfs, clock2 = scheduler(blocks=1024)
+    a, b = make("batch", prompt=2000), make("batch", prompt=100)
+    fcfs.add(a)
+    run_step(fcfs, clock2)
+    fcfs.add(b)
+    assert [(s.req, s.num_new) for s in run_step(fcfs, clock2)] == [(a, 256)]

@@ -91,12 +91,17 @@ class Scheduler:
         budget = self.max_batched_tokens
         batch: list[ScheduledSeq] = []
         scheduled: set[int] = set()
+        head, reserve = self._head_reserve()
         for req in list(self.running):
             if budget == 0:
                 break
             if req.state is not State.RUNNING:
                 continue  # preempted as a victim earlier in this loop
             n = min(req.num_tokens - req.num_computed, budget)
+            if n > 1 and reserve and head.priority < req.priority:
+                n = max(0, min(n, budget - reserve))   # a lower-priority prompt chunk leaves the head room
+                if n == 0:
+                    continue
             while not self._grow(req, n):
                 victim = self.policy.pick_victim([r for r in self.running if r.seq_id not in scheduled], now)
                 self._preempt(victim, "memory", now)
@@ -130,6 +135,16 @@ class Scheduler:
         for s in batch:
             self.policy.charge(s.req, s.num_new, now)
         return batch
+
+    def _head_reserve(self) -> tuple[Request | None, int]:
+        """Tokens of this step's budget kept for the waiting head's prompt, if it has a batch
+        slot: without them a higher-priority request arriving while a long lower-priority
+        prompt is prefilled would wait for every chunk of it (chunked prefill takes the whole
+        budget each step). At most half the budget, so the long prompt still progresses."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return None, 0
+        head = self.waiting[0]
+        return head, min(head.num_tokens - head.num_computed, self.max_batched_tokens // 2)
 
     def _make_room_for_head(self, now: float) -> None:
         """When the waiting head has no room (no free batch slot, or too few free blocks),
