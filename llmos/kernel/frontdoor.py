@@ -169,13 +169,14 @@ class FrontDoor:
         engine = self.engines[first.model]
         ended = []
         for req in members:
-            if req.state in (State.FORKING, State.WAITING, State.RUNNING):
-                if req.state is not State.FORKING:   # (a choice still FORKING finishes empty)
-                    engine.scheduler.finish(req)
+            if req.state in (State.WAITING, State.RUNNING):
+                engine.finish(req, "cancelled")
+            elif req.state is State.FORKING:   # never ran: it finishes empty
                 req.finish_reason = "cancelled"
                 req.to(State.FINISHING)
-                ended.append(req)
-        engine.wakeup.set()
+            else:
+                continue
+            ended.append(req)
         self.tokens_ready(engine, ended)
         return {"id": client_id, "cancelled": len(ended)}
 
@@ -282,7 +283,7 @@ class FrontDoor:
             if req.state is State.TOKENIZING:
                 self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=req.prompt,
                                                              messages=req.messages))
-            elif req.output_ids:
+            elif req.output_ids or req.state is State.FINISHING:   # (a cancelled choice may have none)
                 pending.append(req)
         if pending:
             self.tokens_ready(engine, pending)
