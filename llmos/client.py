@@ -168,7 +168,7 @@ class Client(JobsMixin):
     def restart_driver(self, name: str) -> dict:
         return self._request("POST", f"/llmos/v1/drivers/{name}/restart")
 
-    def cancel(self, request_id: str) -> dict:
+    def cancel_request(self, request_id: str) -> dict:
         """Stop a request in flight (its response id or the X-Request-Id it was sent with);
         it answers with what it generated so far, finish_reason "cancelled"."""
         return self._request("POST", f"/llmos/v1/requests/{request_id}/cancel")
@@ -258,7 +258,7 @@ class AsyncClient(AsyncJobsMixin):
     async def memory(self) -> dict:
         return await self._request("GET", "/llmos/v1/memory")
 
-    async def cancel(self, request_id: str) -> dict:
+    async def cancel_request(self, request_id: str) -> dict:
         return await self._request("POST", f"/llmos/v1/requests/{request_id}/cancel")
 
     async def completion(self, model: str, prompt: str | list[int], **params) -> dict:

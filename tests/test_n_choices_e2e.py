@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from daemon_harness import serving
 from llmos.cli.main import cli
+from llmos.client import Client
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +113,8 @@ def test_cancel_stops_every_choice_and_the_stream_ends_with_what_it_has(daemon):
                     dup = other.post("/v1/completions", json={"model": "tiny", "prompt": "x"},
                                      headers={"X-Request-Id": "mine-1"})
                     assert dup.status_code == 409 and dup.json()["error"]["code"] == "duplicate_request_id"
-                    answer = other.post("/llmos/v1/requests/mine-1/cancel")
-                assert answer.status_code == 200 and answer.json() == {"id": "mine-1", "cancelled": 2}
+                with Client(daemon.home) as sdk:
+                    assert sdk.cancel_request("mine-1") == {"id": "mine-1", "cancelled": 2}
     assert finish == {0: "cancelled", 1: "cancelled"} and max(tokens.values()) < 100
     assert_pool_clean(daemon)
 

@@ -289,7 +289,7 @@ def restart(paths: Paths, driver: str):
 def cancel(paths: Paths, request_id: str):
     """Stop a request in flight (the id `llmos ps` shows); it ends with what it has."""
     with _client(paths, timeout=10) as c:
-        data = c.cancel(request_id)
+        data = c.cancel_request(request_id)
     click.echo(f"cancelled {data['id']} ({data['cancelled']} choice(s) stopped)")
 
 
