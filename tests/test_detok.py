@@ -53,6 +53,22 @@ def test_rebuilt_state_continues_without_gap_or_repeat(tok):
     assert first + rest == tok.decode(ids)
 
 
+def test_a_successor_picks_up_a_character_its_predecessor_held_back(tok):
+    """The kernel re-sends as prior every token the old tokenizer answered for, including
+    the bytes of an unfinished character whose text it held back: none may be lost."""
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    emoji = tok("🙂", add_special_tokens=False)["input_ids"]
+    assert len(emoji) > 1   # byte tokens: a split inside them is the case under test
+    broken = ids + emoji[:-1] + tok(" after", add_special_tokens=False)["input_ids"]   # never completed
+    for seq in (ids, broken):
+        want = tok.decode(seq, skip_special_tokens=True)
+        for k in range(1, len(seq)):
+            old = DetokState(tok, [], [])
+            first = "".join(old.feed([t], final=False)[0] for t in seq[:k])
+            rest, _ = stream(DetokState(tok, [], seq[:k]), seq[k:])
+            assert first + rest == want, f"split after token {k}"
+
+
 def test_driver_encodes_chat_and_streams_deltas_with_logprobs(tok):
     drv = TokenizerDriver(tok)
     enc = drv.encode(protocol.Encode(request_id="r", prompt=None,

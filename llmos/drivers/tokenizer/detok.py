@@ -14,9 +14,14 @@ class DetokState:
         self.tok = tokenizer
         self.stop = stop
         self.ids = list(prior)
+        # A predecessor holds back the tokens of an unfinished character (their text is not
+        # out yet, though the kernel counts them as answered): start reading before them.
         self.read = len(self.ids)
-        self.prefix = max(0, self.read - LOOKBACK)
         self.text = self._decode(self.ids) if prior else ""   # all text produced so far
+        while self.read and self.text.endswith("\ufffd") and len(self.ids) - self.read < LOOKBACK:
+            self.read -= 1
+            self.text = self._decode(self.ids[: self.read])
+        self.prefix = max(0, self.read - LOOKBACK)
         self.emitted = len(self.text)                            # chars handed out so far
 
     def _decode(self, ids) -> str:
