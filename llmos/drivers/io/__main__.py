@@ -2,6 +2,7 @@
 
 Serves the HTTP API on a Unix socket (mode 0600) and reports Ready once it listens. Exits
 on SIGTERM/SIGINT, on the kernel's Shutdown, or when the kernel dies (DriverRuntime).
+Connection limits (cap, header and send deadlines, keep-alive, header sizes): limits.py.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from llmos.drivers.io.kernel_link import KernelLink
+from llmos.drivers.io.limits import GuardedUnixSite, Limits
 from llmos.drivers.io.server import make_app
 from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
 
@@ -30,7 +32,27 @@ def parse_args(argv=None):
                         help="seconds to wait for each kernel answer to a generation request")
     parser.add_argument("--shutdown-timeout", type=float, default=5.0,
                         help="seconds in-flight HTTP requests get to finish at exit")
-    return parser.parse_args(argv)
+    d = Limits()
+    parser.add_argument("--max-connections", type=int, default=d.max_connections,
+                        help="connections served at once; more are answered 503 and closed")
+    parser.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                        help="seconds a client gets to send a request's headers (0: no limit)")
+    parser.add_argument("--keepalive-timeout", type=float, default=d.keepalive_timeout,
+                        help="seconds an idle keep-alive connection stays open (0: no keep-alive)")
+    parser.add_argument("--send-timeout", type=float, default=d.send_timeout,
+                        help="seconds a client may read none of its response before it is cut off (0: no limit)")
+    parser.add_argument("--max-header-line", type=int, default=d.max_field_size,
+                        help="bytes in the request line or in one header line")
+    parser.add_argument("--max-headers", type=int, default=d.max_headers, help="header lines in one request")
+    args = parser.parse_args(argv)
+    try:
+        args.limits = Limits(max_connections=args.max_connections, header_timeout=args.header_timeout,
+                             keepalive_timeout=args.keepalive_timeout, send_timeout=args.send_timeout,
+                             max_line_size=args.max_header_line, max_field_size=args.max_header_line,
+                             max_headers=args.max_headers)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
 
 
 async def serve(args) -> None:
@@ -45,13 +67,14 @@ async def serve(args) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup
     # sends Abort so the kernel frees the request's memory.
     runner = web.AppRunner(make_app(link, args.timeout), handler_cancellation=True,
-                           shutdown_timeout=args.shutdown_timeout, access_log=None)
+                           shutdown_timeout=args.shutdown_timeout, access_log=None,
+                           **args.limits.handler_kwargs())
     await runner.setup()
     sock = Path(args.socket)
     old_umask = os.umask(0o177)  # never world-accessible, not even between bind and chmod
     try:
         _remove_stale(sock)
-        await web.UnixSite(runner, str(sock)).start()
+        await GuardedUnixSite(runner, str(sock), args.limits).start()
     except OSError as exc:
         runtime.fatal(f"cannot listen on {sock}: {exc}")
     finally:
