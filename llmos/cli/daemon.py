@@ -1,6 +1,7 @@
 """llmosd: the daemon in the foreground (for systemd, or `llmos start` in the background)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -8,6 +9,7 @@ import sys
 import click
 
 from llmos.config import DaemonConfig
+from llmos.kernel.tenants import ALL, DEFAULT_TENANT, TenantConfig
 from llmos.paths import Paths
 
 
@@ -36,20 +38,24 @@ def claim_pid_file(paths: Paths) -> None:
 
 
 def parse_tenant(spec: str):
-    """'alice:weight=3,max_concurrent=8' -> ('alice', TenantConfig(weight=3.0, max_concurrent=8))."""
-    from llmos.kernel.tenants import TenantConfig
+    """'alice:weight=3,max_concurrent=8' -> ('alice', TenantConfig(weight=3.0, max_concurrent=8)).
+    The name '*' sets the config of the tenants nobody configured: its unset keys keep
+    DEFAULT_TENANT's values (a named tenant's unset quotas are unlimited). A quota given
+    as 'none' is unlimited."""
+    def limit(value: str):
+        return None if value.lower() in ("none", "unlimited") else int(value)
     name, _, settings = spec.partition(":")
     if not name:
         raise ValueError(f"tenant spec {spec!r} has no name")
-    kinds = {"weight": float, "default_priority": str, "max_concurrent": int, "max_queued": int,
-             "tokens_per_minute": int}
+    kinds = {"weight": float, "default_priority": str, "max_concurrent": limit, "max_queued": limit,
+             "tokens_per_minute": limit}
     values = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
         if key not in kinds:
             raise ValueError(f"unknown tenant setting {key!r} (known: {', '.join(kinds)})")
         values[key] = kinds[key](value)
-    return name, TenantConfig(**values)
+    return name, dataclasses.replace(DEFAULT_TENANT, **values) if name == ALL else TenantConfig(**values)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -72,7 +78,9 @@ def parse_tenant(spec: str):
               help="priority: classes, tenants with fair shares, aging; fcfs: arrival order")
 @click.option("--tenant", "tenant_specs", multiple=True, metavar="NAME:KEY=VALUE,...",
               help="tenant settings, e.g. alice:weight=3,max_concurrent=8,max_queued=100,"
-                   "tokens_per_minute=60000,default_priority=batch (repeatable)")
+                   "tokens_per_minute=60000,default_priority=batch (repeatable); a quota 'none' is "
+                   f"unlimited. '{ALL}' sets the others' (default max_concurrent={DEFAULT_TENANT.max_concurrent},"
+                   f"max_queued={DEFAULT_TENANT.max_queued})")
 @click.option("--request-timeout", "request_timeout_s", type=float, default=None,
               help="default total deadline of a request, seconds")
 @click.option("--queue-timeout", "queue_timeout_s", type=float, default=None,
