@@ -28,6 +28,12 @@ class KernelBus:
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted driver reclaims its name
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 0)
+        # No send bound, on purpose: a ROUTER drops what passes its high-water mark without a
+        # word, and a dropped Outputs or StepPlan is a lost request (design.md rule 5). What the
+        # kernel sends is bounded by its own state instead: one StepPlan per model in flight,
+        # one Detokenize and one Outputs per step, one reply per query, and a table of at most
+        # MAX_IN_FLIGHT requests (frontdoor.py). A driver that stops reading stops sending
+        # heartbeats too; its restart discards its pipe.
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.bind(endpoint)
         self.endpoint = endpoint
@@ -44,8 +50,11 @@ class KernelBus:
                 log.warning("dropped bad message from %r: %s", peer, exc)
 
     def send(self, peer: str, msg: Message) -> None:
+        """Send without blocking. Raises protocol.Unencodable (nothing sent) for a message
+        that cannot be written; the caller fails the request it belongs to."""
+        frames = protocol.encode(msg)
         try:
-            self.sock.send_multipart([peer.encode(), *protocol.encode(msg)], flags=zmq.NOBLOCK, copy=False)
+            self.sock.send_multipart([peer.encode(), *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("dropped %s to %s: peer not reachable", type(msg).__name__, peer)
 
@@ -68,6 +77,9 @@ class DriverBus:
         self.sock.setsockopt(zmq.IDENTITY, identity.encode())
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self.sock.setsockopt(zmq.LINGER, 1000)
+        # No send bound: a driver sends only answers to what the kernel asked (a result per
+        # plan, deltas per Detokenize, one Submit per admitted HTTP request, which the io
+        # driver's connection cap bounds) and heartbeats; the kernel reads without pause.
         self.sock.setsockopt(zmq.SNDHWM, 0)
         self.sock.connect(endpoint)
         self.rejected = 0

@@ -11,6 +11,7 @@ fields and wrongly typed fields raise `BadMessage`, which receivers count and lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +22,17 @@ import numpy as np
 
 PROTOCOL_VERSION = 1
 _ARRAY_DTYPES = {"int32", "int64", "float32", "uint8"}
+MAX_ARRAY_DIMS = 4
 
 
 class BadMessage(ValueError):
     """A frame sequence that is not a valid message of this protocol version."""
+
+
+class Unencodable(ValueError):
+    """A message that cannot be written (a lone surrogate in a string, an int past 64
+    bits, a value msgpack has no type for). Nothing was sent; the sender fails the
+    request the message belongs to."""
 
 
 class Message:
@@ -69,20 +77,35 @@ def _accepted(hint) -> tuple:
 
 
 def encode(msg: Message) -> list[bytes]:
+    """The frames of `msg`. Raises Unencodable (nothing is sent) for what cannot be written."""
     fields, arrays, frames = {}, [], []
-    for f in dataclasses.fields(msg):
-        value = getattr(msg, f.name)
-        if f.name in msg.ARRAYS:
-            arr = np.ascontiguousarray(value)
-            arrays.append([f.name, str(arr.dtype), list(arr.shape)])
-            frames.append(arr.data)
-        else:
-            fields[f.name] = value
-    head = msgpack.packb({"v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
+    try:
+        for f in dataclasses.fields(msg):
+            value = getattr(msg, f.name)
+            if f.name in msg.ARRAYS:
+                arr = np.ascontiguousarray(value)
+                if str(arr.dtype) not in _ARRAY_DTYPES:
+                    raise TypeError(f"{f.name}: arrays of {arr.dtype} are not part of the protocol")
+                arrays.append([f.name, str(arr.dtype), list(arr.shape)])
+                frames.append(arr.data)
+            else:
+                fields[f.name] = value
+        head = msgpack.packb({"v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:   # UnicodeEncodeError is a ValueError
+        raise Unencodable(f"{type(msg).__name__}: {type(exc).__name__}: {exc}") from None
     return [bytes([msg.OPCODE]), head, *frames]
 
 
 def decode(frames: list) -> Message:
+    try:
+        return _decode(frames)
+    except BadMessage:
+        raise
+    except Exception as exc:  # whatever a hostile frame provokes, it is a bad message, never a crash
+        raise BadMessage(f"undecodable frames: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(frames: list) -> Message:
     if len(frames) < 2:
         raise BadMessage(f"expected at least 2 frames, got {len(frames)}")
     op = bytes(frames[0])
@@ -119,12 +142,12 @@ def _decode_arrays(cls, specs, frames) -> dict[str, np.ndarray]:
     out = {}
     for spec, frame in zip(specs, frames):
         if not (isinstance(spec, list) and len(spec) == 3 and spec[0] in cls.ARRAYS
-                and spec[1] in _ARRAY_DTYPES and isinstance(spec[2], list)
-                and all(isinstance(d, int) and d >= 0 for d in spec[2])):
-            raise BadMessage(f"{cls.__name__}: bad array spec {spec!r}")
+                and spec[1] in _ARRAY_DTYPES and isinstance(spec[2], list) and len(spec[2]) <= MAX_ARRAY_DIMS
+                and all(type(d) is int and d >= 0 for d in spec[2])):
+            raise BadMessage(f"{cls.__name__}: bad array spec {spec!r:.200}")
         buf = memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
         dtype = np.dtype(spec[1])
-        count = int(np.prod(spec[2], dtype=np.int64))
+        count = math.prod(spec[2])   # exact: an int64 product could wrap around to match the frame
         if buf.nbytes != count * dtype.itemsize:
             raise BadMessage(f"{cls.__name__}.{spec[0]}: {buf.nbytes} bytes for shape {spec[2]}")
         out[spec[0]] = np.frombuffer(buf, dtype=dtype).reshape(spec[2])

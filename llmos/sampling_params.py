@@ -3,16 +3,46 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
-MAX_TOP_LOGPROBS = 20
+# Hard limits, checked wherever a request enters (io driver, batch lines) and again in the
+# kernel. OpenAI's where it has one; the model-dependent ones (context, vocabulary) are the
+# kernel's (frontdoor.py). Every int also fits the int32/int64 field it travels in.
+MAX_TOP_LOGPROBS = 20          # OpenAI's top_logprobs limit
+MAX_TOKENS_LIMIT = 2**31 - 1   # max_tokens / min_tokens travel as int32; the context bounds them further
+MAX_TOP_K = 2**31 - 1          # int32 on the wire; the kernel bounds it by the vocabulary
+MAX_STOP_STRINGS = 4           # OpenAI's limit
+MAX_STOP_CHARS = 256           # per stop string: it is searched in every new piece of text
+MAX_STOP_TOKEN_IDS = 256
+MAX_TOKEN_ID = 2**31 - 1       # token ids travel as int32; the kernel bounds them by the vocabulary
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1   # int64, as OpenAI documents the seed
+MAX_CHOICES = 128              # OpenAI's limit on n
+MAX_CHOICE_TOKENS = 2**22      # n x max_tokens: the most one request may ask the model to generate
+MAX_LOGPROB_ENTRIES = 256      # n x (top_logprobs + 1): logprob entries per generated position
+MAX_PROMPT_CHARS = 4_000_000   # a prompt, or all message contents together (the body cap is 32 MiB)
+MAX_PROMPT_TOKEN_IDS = 1 << 20  # a prompt given as token ids; the context bounds it further
+MAX_MESSAGES = 2048            # OpenAI's limit on messages
+MAX_TIMEOUT_S = 7 * 24 * 3600  # timeout / queue_timeout: a week
+MAX_TENANT_CHARS = 64
+MAX_REQUEST_ID_CHARS = 256     # the io driver allows 128 for X-Request-Id; job lines make longer ones
+
+
+def check_text(name: str, value: str) -> None:
+    """Text that crosses the bus must be valid UTF-8: JSON can carry a lone surrogate
+    ("\\ud800"), which no encoder can write."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParam(name, f"{name} is not valid Unicode text (a lone surrogate at character {exc.start})") \
+            from None
 
 
 class InvalidParam(ValueError):
     """A request parameter is out of range. `param` names the field (OpenAI's error.param)."""
 
-    def __init__(self, param: str, message: str):
+    def __init__(self, param: str, message: str, code: str = "invalid_parameter"):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code
 
 
 @dataclass
@@ -27,6 +57,11 @@ class SamplingParams:
     logprobs: int | None = None        # number of top logprobs per token; None: no logprobs
     ignore_eos: bool = False
     min_tokens: int = 0
+
+    @cached_property
+    def stop_id_set(self) -> frozenset[int]:
+        """stop_token_ids for the per-token check (validated: at most MAX_STOP_TOKEN_IDS)."""
+        return frozenset(self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
@@ -48,28 +83,33 @@ class SamplingParams:
         return p
 
     def _validate(self) -> None:
-        _int("max_tokens", self.max_tokens, lo=1, optional=True)
+        _int("max_tokens", self.max_tokens, lo=1, hi=MAX_TOKENS_LIMIT, optional=True)
         _num("temperature", self.temperature, 0.0, 2.0)
         _num("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
             raise InvalidParam("top_p", "top_p must be greater than 0")
-        _int("top_k", self.top_k, lo=-1)
+        _int("top_k", self.top_k, lo=-1, hi=MAX_TOP_K)
         if self.top_k == 0:
             self.top_k = -1  # OpenAI-style clients send 0 for "off"
-        _int("seed", self.seed, lo=-(2**63), hi=2**63 - 1, optional=True)
+        _int("seed", self.seed, lo=SEED_MIN, hi=SEED_MAX, optional=True)
         _int("logprobs", self.logprobs, lo=0, hi=MAX_TOP_LOGPROBS, optional=True)
-        _int("min_tokens", self.min_tokens, lo=0)
+        _int("min_tokens", self.min_tokens, lo=0, hi=MAX_TOKENS_LIMIT)
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParam("ignore_eos", "ignore_eos must be a boolean")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-            raise InvalidParam("stop", "stop must be a non-empty string or a list of non-empty strings")
-        if len(self.stop) > 16:
-            raise InvalidParam("stop", "at most 16 stop strings")
-        if not isinstance(self.stop_token_ids, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids):
-            raise InvalidParam("stop_token_ids", "stop_token_ids must be a list of non-negative integers")
+        if not isinstance(self.stop, list) or len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidParam("stop", f"stop must be a string or a list of at most {MAX_STOP_STRINGS} strings")
+        for s in self.stop:
+            if not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_CHARS:
+                raise InvalidParam("stop", f"each stop string must have 1 to {MAX_STOP_CHARS} characters")
+            check_text("stop", s)
+        ids = self.stop_token_ids
+        if not isinstance(ids, list) or len(ids) > MAX_STOP_TOKEN_IDS:   # the count before any element
+            raise InvalidParam("stop_token_ids", f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} ids")
+        if not all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in ids):
+            raise InvalidParam("stop_token_ids", f"stop_token_ids must be integers in [0, {MAX_TOKEN_ID}]")
+        self.stop_token_ids = sorted(set(ids))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParam("min_tokens", "min_tokens must not exceed max_tokens")
 

@@ -1,5 +1,6 @@
 """Incremental detokenization and stop strings, with the real smollm2 tokenizer."""
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from llmos import protocol
 from llmos.drivers.tokenizer.__main__ import TokenizerDriver
@@ -87,3 +88,18 @@ def test_driver_encodes_chat_and_streams_deltas_with_logprobs(tok):
     # finished: later tokens still in flight for this request are ignored
     assert drv.detokenize(protocol.Detokenize(items=[
         {"rid": "r", "ids": [5], "prior": None, "lp": None, "stop": [], "finish": None}])).items == []
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.text("ab", max_size=12), st.lists(st.text("ab", min_size=1, max_size=30), max_size=8))
+def test_stop_matcher_knows_the_longest_partial_stop_after_every_piece(stop, pieces):
+    """The linear matcher agrees with the quadratic definition it replaced, piece by piece."""
+    from llmos.drivers.tokenizer.detok import _StopMatcher
+    if not stop:
+        return
+    m, text = _StopMatcher(stop), ""
+    for piece in pieces:
+        m.feed(piece)
+        text += piece
+        brute = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+        assert m.partial == brute

@@ -82,3 +82,27 @@ def test_random_msgpack_fields_never_raise_anything_but_bad_message(cls, fields)
         p.decode([bytes([cls.OPCODE]), msgpack.packb({"v": 1, "f": fields, "a": []})])
     except p.BadMessage:
         pass
+
+
+def test_array_dimensions_whose_int64_product_wraps_are_rejected():
+    """2**32 x 2**32 x 2**32 x 2**32 wraps to 0 in int64: with an empty frame it used to pass."""
+    frames = p.encode(p.Encoded(request_id="r", token_ids=p.i32([]), error=None))
+    head = msgpack.unpackb(frames[1])
+    head["a"][0][2] = [2**32, 2**32, 2**32, 2**32]
+    with pytest.raises(p.BadMessage, match="bytes for shape"):
+        p.decode([frames[0], msgpack.packb(head), b""])
+    head["a"][0][2] = [1] * 40   # more dimensions than any message has
+    with pytest.raises(p.BadMessage, match="bad array spec"):
+        p.decode([frames[0], msgpack.packb(head), b"\0\0\0\0"])
+
+
+@pytest.mark.parametrize("msg, why", [
+    (p.Encode(request_id="r", prompt="\ud800", messages=None), "UnicodeEncodeError"),
+    (p.Submit(request_id="r", model="m", prompt="x", messages=None, prompt_token_ids=[2**64], params={},
+              tenant="t"), "OverflowError"),
+    (p.Query(query_id="q", what="x", args={"a": object()}), "TypeError"),
+])
+def test_what_cannot_be_written_raises_unencodable(msg, why):
+    with pytest.raises(p.Unencodable, match=why):
+        p.encode(msg)
+

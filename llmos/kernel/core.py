@@ -48,6 +48,7 @@ class Kernel:
         self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"])}
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
+        self.dead_loops: dict[str, str] = {}  # long-lived kernel loop -> why it ended (health: degraded)
 
     def send(self, peer: str, msg) -> None:
         """Send to a driver over the bus, or to an in-kernel client (peer names starting with @)."""
@@ -81,15 +82,32 @@ class Kernel:
                                            "--dtype", self.config.dtype, "--device", self.device.device))
         self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
                                        "--timeout", str(self.config.first_answer_timeout)))
-        tasks = [asyncio.ensure_future(self._receive()), asyncio.ensure_future(self.supervisor.watch())]
-        tasks += [asyncio.ensure_future(e.run()) for e in self.engines.values()]
-        tasks.append(asyncio.ensure_future(self.jobs.run()))  # resumes unfinished jobs first
+        loops = {"bus receiver": self._receive(), "supervisor": self.supervisor.watch(),
+                 "job manager": self.jobs.run(),   # resumes unfinished jobs first
+                 **{f"model {n} step loop": e.run() for n, e in self.engines.items()}}
+        tasks = [self._long_lived(name, coro) for name, coro in loops.items()]
         try:
             await self.stopped.wait()
         finally:
             for t in tasks:
                 t.cancel()
             self._release()
+
+    def _long_lived(self, name: str, coro) -> asyncio.Task:
+        """A loop that must run as long as the kernel. Each one catches what one request or
+        message can raise; if one ends anyway, the daemon says so on /health (degraded)
+        rather than look healthy while it cannot serve."""
+        task = asyncio.ensure_future(coro)
+
+        def ended(t: asyncio.Task) -> None:
+            if t.cancelled() or self.stopped.is_set():
+                return
+            exc = t.exception()
+            why = f"{type(exc).__name__}: {exc}" if exc else "returned"
+            log.critical("kernel loop %r ended: %s", name, why, exc_info=exc)
+            self.dead_loops[name] = why
+        task.add_done_callback(ended)
+        return task
 
     def _kv_budget(self, info: dict) -> dict:
         """Size a model's KV pool once its driver has loaded the weights: a fraction applies to
@@ -161,7 +179,7 @@ class Kernel:
     # ------------------------------------------------------------ the bus
     async def _receive(self) -> None:
         while True:
-            peer, msg = await self.bus.recv()
+            peer, msg = await self.bus.recv()   # (any frame that fails to decode is a BadMessage, dropped)
             try:
                 self._dispatch(peer, msg)
             except Exception:  # one bad message must not stop the kernel
@@ -181,10 +199,8 @@ class Kernel:
             self.front.encoded(m)
         elif isinstance(m, protocol.Abort):
             self.front.abort(m)
-        elif isinstance(m, protocol.Query):
-            self.send(peer, protocol.QueryReply(query_id=m.query_id, **self._query(m.what, m.args)))
-        elif isinstance(m, protocol.Command):
-            self.send(peer, protocol.QueryReply(query_id=m.query_id, **self._command(m.what, m.args)))
+        elif isinstance(m, (protocol.Query, protocol.Command)):
+            self._answer(peer, m)
         elif isinstance(m, protocol.Heartbeat):
             self.supervisor.heartbeat(m.name)
         elif isinstance(m, protocol.Ready) and m.name == peer:
@@ -200,6 +216,20 @@ class Kernel:
         else:
             self.bus.rejected += 1
             log.warning("unexpected %s from %s", type(m).__name__, peer)
+
+    def _answer(self, peer: str, m) -> None:
+        """Every query and command gets a reply, whatever its handler raises: a client
+        waits for it, and silence would only become a timeout."""
+        try:
+            reply = self._query(m.what, m.args) if isinstance(m, protocol.Query) else self._command(m.what, m.args)
+        except Exception as exc:
+            log.exception("%s %r failed", type(m).__name__, m.what)
+            reply = {"ok": False, "data": f"{m.what}: internal error: {type(exc).__name__}: {exc}"}
+        try:
+            self.send(peer, protocol.QueryReply(query_id=m.query_id, **reply))
+        except protocol.Unencodable as exc:
+            self.send(peer, protocol.QueryReply(query_id=m.query_id, ok=False,
+                                                data=f"{m.what}: the answer cannot be encoded: {exc}"))
 
     def _engine_of(self, peer: str) -> ModelEngine | None:
         return next((e for e in self.engines.values() if e.driver == peer), None)
@@ -255,10 +285,12 @@ class Kernel:
         io_up = self.supervisor.is_running("io")
         status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
         failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]
-        if failed:
+        if failed or self.dead_loops:
             status = "degraded"
         return {"status": status, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 1),
-                "device": self.device.device, "failed_drivers": failed,
+                "device": self.device.device, "failed_drivers": failed, "dead_loops": dict(self.dead_loops),
+                "step_crashes": sum(e.step_crashes for e in self.engines.values()),
+                "bad_step_results": sum(e.bad_results_total for e in self.engines.values()),
                 "models": {n: ("ready" if e.driver_ready else "loading") for n, e in self.engines.items()},
                 "requests_in_flight": len(self.front.table), "rejected_bus_messages": self.bus.rejected}
 

@@ -23,8 +23,10 @@ from llmos.kernel.scheduler import FCFSPolicy, ScheduledSeq, Scheduler
 from llmos.kernel.tenants import TenantBook
 from llmos.kernel.swap import SwapSpace
 from llmos.kernel.stats import StepStats
+from llmos.kernel.step_check import BadStepResult, check_result
 
 log = logging.getLogger(__name__)
+MAX_BAD_RESULTS = 3   # invalid step results in a row before the step's requests fail
 
 
 def make_policy(config):
@@ -58,6 +60,11 @@ class ModelEngine:
         self._recomputed = 0                   # tokens of the steps lost with it
         self.recoveries: list[dict] = []       # per driver loss: recovery time, recomputed tokens
         self._step_id = 0
+        self._ops_queued = False               # a step's copies/swaps are queued and not yet settled
+        self._bad_results = 0                  # invalid results in a row (step_check)
+        self.bad_results_total = 0
+        self.step_crashes = 0                  # steps that raised inside the kernel
+        self._eos: frozenset[int] = frozenset()
         self.stats = StepStats()
 
     # ------------------------------------------------------------ driver lifecycle
@@ -67,12 +74,13 @@ class ModelEngine:
         return min(limit, self.config.max_model_len) if self.config.max_model_len else limit
 
     @property
-    def eos_ids(self) -> set[int]:
-        return set(self.info.get("eos_token_ids") or [])
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos
 
     def driver_up(self, info: dict) -> None:
         """The model driver is loaded: create the pool once, then (re)map it."""
         self.info = info
+        self._eos = frozenset(int(t) for t in info.get("eos_token_ids") or [])
         if self.pool is None:
             geo = KVGeometry(int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]),
                              str(info["dtype"]), self.config.block_size)
@@ -122,6 +130,8 @@ class ModelEngine:
         self.wakeup.set()
 
     async def run(self) -> None:
+        """The step loop. A step that fails in any way fails that step's requests (500
+        internal_error naming the cause); the loop goes on with the next one."""
         while True:
             try:  # wake at least every half second: deadlines expire even when nothing moves
                 await asyncio.wait_for(self.wakeup.wait(), 0.5)
@@ -130,43 +140,94 @@ class ModelEngine:
             if not (self.driver_ready and self.scheduler.has_work()):
                 self.wakeup.clear()
                 continue
-            t0 = time.perf_counter()
-            self._end_expired()
-            batch = self.scheduler.schedule()
-            if not batch:
-                self.wakeup.clear()  # everything waits for memory; a finish will wake us
-                continue
-            plan = self._plan(batch)
-            fut = asyncio.get_running_loop().create_future()
-            self._pending = (plan.step_id, fut)
-            self._pending_tokens = len(plan.tokens)
-            self._send(self.driver, plan)
+            batch: list[ScheduledSeq] = []
             try:
-                result = await fut
-            except DriverLost:
-                log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
-                if self.scheduler.swap:
-                    self.scheduler.swap.step_lost()
-                self.scheduler.kv.step_lost()
-                continue
-            finally:
-                self._pending = None
-            t1 = time.perf_counter()
-            if self._down_at is not None:
-                self.recoveries.append({"recovery_s": round(time.monotonic() - self._down_at, 3),
-                                        "recomputed_tokens": self._recomputed})
-                log.info("model %s recovered: %s", self.name, self.recoveries[-1])
-                self._down_at, self._recomputed = None, 0
-            if self.scheduler.swap:
-                self.scheduler.swap.step_done()
-            self.scheduler.kv.step_done()
-            if isinstance(result, protocol.StepFailed):
-                self._fail(batch, result.error)
-            else:
-                self._apply(batch, result)
-                self._learn_speed(plan, result)
-            self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
-                              sum(s.num_new for s in batch), t1)
+                t0 = time.perf_counter()
+                self._end_expired()
+                self._ops_queued = True   # schedule() may queue copies and swaps for this step
+                batch = self.scheduler.schedule()
+                if not batch:
+                    self.wakeup.clear()  # everything waits for memory; a finish will wake us
+                    continue
+                await self._step(batch, t0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._step_crashed(batch, exc)
+
+    async def _step(self, batch: list[ScheduledSeq], t0: float) -> None:
+        """Plan, send, await, check and apply one step."""
+        plan = self._plan(batch)
+        fut = asyncio.get_running_loop().create_future()
+        self._pending = (plan.step_id, fut)
+        self._pending_tokens = len(plan.tokens)
+        try:
+            self._send(self.driver, plan)
+            result = await fut
+        except DriverLost:
+            log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
+            self._rollback()
+            return
+        finally:
+            self._pending = None
+        t1 = time.perf_counter()
+        if isinstance(result, protocol.StepResult):
+            try:
+                check_result(plan, result, int(self.info.get("vocab_size") or 0))
+            except BadStepResult as exc:
+                self._bad_result(batch, exc)
+                return
+        self._bad_results = 0
+        if self._down_at is not None:
+            self.recoveries.append({"recovery_s": round(time.monotonic() - self._down_at, 3),
+                                    "recomputed_tokens": self._recomputed})
+            log.info("model %s recovered: %s", self.name, self.recoveries[-1])
+            self._down_at, self._recomputed = None, 0
+        if self.scheduler.swap:
+            self.scheduler.swap.step_done()
+        self.scheduler.kv.step_done()
+        self._ops_queued = False
+        if isinstance(result, protocol.StepFailed):
+            self._fail(batch, f"model driver failed the step: {result.error}")
+        else:
+            self._apply(batch, result)
+            self._learn_speed(plan, result)
+        self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
+                          sum(s.num_new for s in batch), t1)
+
+    def _rollback(self) -> None:
+        """The step did not run (or its result is not trusted): undo what it queued, as
+        for a driver lost mid-step; the requests keep their tokens and are planned again."""
+        self._ops_queued = False
+        if self.scheduler.swap:
+            self.scheduler.swap.step_lost()
+        self.scheduler.kv.step_lost()
+
+    def _bad_result(self, batch: list[ScheduledSeq], exc: BadStepResult) -> None:
+        """A result that does not answer its plan is a lost step. A driver that keeps
+        answering badly is not helped by replays: after MAX_BAD_RESULTS the step's requests fail."""
+        self._bad_results += 1
+        self.bad_results_total += 1
+        log.error("model driver %s: %s (%d in a row)", self.driver, exc, self._bad_results)
+        self._rollback()
+        if self._bad_results >= MAX_BAD_RESULTS:
+            self._bad_results = 0
+            self._fail(batch, f"the model driver kept answering with invalid results: {exc}")
+
+    def _step_crashed(self, batch: list[ScheduledSeq], exc: Exception) -> None:
+        """An exception escaped planning, sending or applying a step: fail that step's
+        requests (or, if scheduling itself failed, every request this model holds, since
+        none of them could be served) and keep the loop."""
+        self.step_crashes += 1
+        log.exception("model %s: step crashed", self.name)
+        victims = [s.req for s in batch] or list(self.scheduler.running + self.scheduler.waiting)
+        cause = f"internal error while running a step: {type(exc).__name__}: {exc}"
+        try:
+            if self._ops_queued:   # it never ran, or we cannot tell what of it was applied
+                self._rollback()
+            self._fail_requests(victims, cause)
+        except Exception:
+            log.exception("model %s: could not fail the requests of a crashed step", self.name)
 
     def _learn_speed(self, plan, result) -> None:
         """Keep the swap-or-recompute estimate honest: measured tokens per second of the forward."""
@@ -240,7 +301,7 @@ class ModelEngine:
     def _finish_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         n = len(req.output_ids)
-        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
+        if n >= p.min_tokens and (token in p.stop_id_set or (not p.ignore_eos and token in self.eos_ids)):
             req.hidden_tail = 1  # the stop token itself is not part of the text
             return "stop"
         if n >= req.max_tokens or req.num_tokens >= self.max_model_len:
@@ -268,12 +329,19 @@ class ModelEngine:
             self._on_tokens(self, ended)
 
     def _fail(self, batch: list[ScheduledSeq], error: str) -> None:
+        self._fail_requests([s.req for s in batch], error)
+
+    def _fail_requests(self, reqs: list[Request], error: str) -> None:
+        """End these requests with a 500 naming `error`; their memory is freed now."""
         log.error("step failed: %s", error)
-        for s in batch:
-            if s.req.state is State.RUNNING:
-                s.req.error = f"model driver failed the step: {error}"
-                self.finish(s.req, "error")
-        self._on_tokens(self, [s.req for s in batch if s.req.finish_reason == "error"])
+        failed = []
+        for req in reqs:
+            if req.state in (State.WAITING, State.RUNNING):
+                req.error, req.error_status, req.error_code = error, 500, "internal_error"
+                self.finish(req, "error")
+                failed.append(req)
+        if failed:
+            self._on_tokens(self, failed)
 
 
 def _pairs(pairs: list) -> np.ndarray:

@@ -13,10 +13,11 @@ import time
 
 from llmos import protocol
 from llmos.kernel.requests import Request, State
-from llmos.sampling_params import InvalidParam, SamplingParams
+from llmos.kernel.admission import check_submit
+from llmos.sampling_params import InvalidParam
 
 log = logging.getLogger(__name__)
-MAX_CHOICES = 128   # OpenAI's limit on n
+MAX_IN_FLIGHT = 10_000   # requests in the table (each choice counts); past it new ones get a 503
 
 
 class FrontDoor:
@@ -33,24 +34,41 @@ class FrontDoor:
 
     # ------------------------------------------------------------ io -> kernel
     def submit(self, peer: str, m: protocol.Submit) -> None:
+        """Admit or refuse one Submit. Whatever goes wrong in here fails this request alone."""
+        try:
+            self._submit(peer, m)
+        except Exception as exc:
+            log.exception("submit %.64r failed", m.request_id)
+            cause = f"internal error while admitting the request: {type(exc).__name__}: {exc}"
+            req = self.table.get(m.request_id)
+            if req is not None and req.state is not State.DONE:
+                self._end_with_error(req, 500, "internal_error", cause)
+            elif m.request_id not in self.table and m.request_id not in self.groups:
+                self._send(peer, protocol.Rejected(request_id=m.request_id, status=500, code="internal_error",
+                                                   message=cause, param=None))
+
+    def _submit(self, peer: str, m: protocol.Submit) -> None:
         def reject(status, code, message, param=None, retry_after=None):
             self._send(peer, protocol.Rejected(request_id=m.request_id, status=status, code=code,
                                                message=message, param=param, retry_after=retry_after))
         if self.draining:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
         if m.request_id in self.table or m.request_id in self.groups:
-            return reject(400, "duplicate_request_id", f"request id {m.request_id!r} is already in flight")
+            return reject(400, "duplicate_request_id", f"request id {m.request_id!r:.300} is already in flight")
         engine = self.engines.get(m.model)
         if engine is None:
-            return reject(404, "model_not_found", f"The model '{m.model}' does not exist", "model")
+            return reject(404, "model_not_found", f"The model '{m.model:.256}' does not exist", "model")
         if engine.info is None or engine.scheduler is None:
             state, error = self._driver_state(engine.driver)
             return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver {engine.driver} "
                           f"is {state}{': ' + error if error else ''})")
-        try:
-            params = SamplingParams.from_dict(m.params)
-        except (InvalidParam, TypeError) as exc:
-            return reject(400, "invalid_parameter", str(exc), getattr(exc, "param", "params"))
+        try:   # the io driver checked all of this; the kernel never trusts a driver
+            params = check_submit(m, engine.max_model_len, int(engine.info.get("vocab_size") or 0))
+        except InvalidParam as exc:
+            return reject(400, exc.code, str(exc), exc.param)
+        if len(self.table) + m.n > MAX_IN_FLIGHT:
+            return reject(503, "server_busy", f"the daemon holds {len(self.table)} requests, its limit is "
+                          f"{MAX_IN_FLIGHT}; try again later", retry_after=1.0)
         policy = engine.scheduler.policy
         quota = policy.check_admission(m.tenant, time.monotonic())
         if quota is not None:
@@ -60,16 +78,6 @@ class FrontDoor:
             priority = policy.parse(m.priority, m.tenant)
         except InvalidParam as exc:
             return reject(400, "invalid_parameter", str(exc), "priority")
-        for name in ("timeout_s", "queue_timeout_s"):
-            value = getattr(m, name)
-            if value is not None and not value > 0:
-                return reject(400, "invalid_parameter", f"{name} must be positive", name.removesuffix("_s"))
-        if not isinstance(m.n, int) or isinstance(m.n, bool) or not 1 <= m.n <= MAX_CHOICES:
-            return reject(400, "invalid_parameter", f"n must be an integer from 1 to {MAX_CHOICES}", "n")
-        sources = [x is not None for x in (m.prompt, m.messages, m.prompt_token_ids)]
-        if sum(sources) != 1:
-            return reject(400, "invalid_prompt", "exactly one of prompt, messages, prompt_token_ids is required",
-                          "prompt")
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
@@ -80,12 +88,7 @@ class FrontDoor:
             req.group, self.groups[req.id] = req.id, [req]
             req.forks = [None] * (m.n - 1)
         if m.prompt_token_ids is not None:
-            ids = m.prompt_token_ids
-            vocab = int(engine.info.get("vocab_size", 0))
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
-                return self._end_with_error(req, 400, "invalid_prompt",
-                                            f"prompt token ids must be integers in [0, {vocab})", "prompt")
-            self._admit(req, list(ids))
+            self._admit(req, m.prompt_token_ids)   # (check_submit bounded its length and ids)
         else:
             self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=m.prompt, messages=m.messages))
 
@@ -217,23 +220,20 @@ class FrontDoor:
             visible = len(req.output_ids) - (req.hidden_tail if req.finish_reason else 0)
             ids = req.output_ids[req.detok_sent:visible]
             lp = req.logprobs[req.detok_sent:visible] if req.params.logprobs is not None else None
-            items.append({"rid": req.id, "ids": ids, "prior": prior, "lp": lp, "stop": req.params.stop,
-                          "finish": req.finish_reason})
+            # The stop strings travel once per tokenizer incarnation: with the item that starts its state.
+            items.append({"rid": req.id, "ids": ids, "prior": prior, "lp": lp,
+                          "stop": req.params.stop if prior is not None else None, "finish": req.finish_reason})
             req.detok_sent = len(req.output_ids)
         if items:
-            self._send(engine.tokenizer, protocol.Detokenize(items=items))
+            self._send_items(engine.tokenizer, protocol.Detokenize, items)
 
     def text_deltas(self, m: protocol.TextDeltas) -> None:
         out: dict[str, list] = {}
         for item in m.items:
-            try:
-                rid, text, n, finish, stop_hit = item["rid"], item["text"], item["n"], item["finish"], item["stop_hit"]
-            except (KeyError, TypeError):
-                log.warning("dropped malformed TextDeltas item %r", item)
+            req = self._delta_request(item)
+            if req is None:
                 continue
-            req = self.table.get(rid)
-            if req is None or req.state is State.DONE:
-                continue
+            text, n, finish, stop_hit = item["text"], item["n"], item["finish"], item["stop_hit"]
             start = req.text_acked
             req.text_acked += n
             if stop_hit and req.state is not State.FINISHING:
@@ -247,7 +247,49 @@ class FrontDoor:
             if final:
                 self._forget(req)
         for client, items in out.items():
-            self._send(client, protocol.Outputs(items=items))
+            self._send_items(client, protocol.Outputs, items)
+
+    def _delta_request(self, item) -> Request | None:
+        """The live request a TextDeltas item is for, if the item is well formed: a
+        tokenizer may report no more tokens than it was sent, and only text."""
+        try:
+            rid, text, n, finish, stop_hit = item["rid"], item["text"], item["n"], item["finish"], item["stop_hit"]
+        except (KeyError, TypeError):
+            log.warning("dropped malformed TextDeltas item %.200r", item)
+            return None
+        req = self.table.get(rid) if isinstance(rid, str) else None
+        if req is None or req.state is State.DONE:
+            return None
+        if not (isinstance(text, str) and type(n) is int and 0 <= n <= req.detok_sent - req.text_acked
+                and (finish is None or isinstance(finish, str)) and isinstance(stop_hit, bool)):
+            log.warning("dropped TextDeltas item that does not fit request %s: %.200r", rid, item)
+            return None
+        return req
+
+    def _send_items(self, peer: str, cls, items: list) -> None:
+        """Send a per-request items message. If it cannot be encoded, send the items one by
+        one, so that only the requests whose item cannot be written fail."""
+        try:
+            return self._send(peer, cls(items=items))
+        except protocol.Unencodable as exc:
+            log.error("%s to %s cannot be encoded (%s); sending its %d items one by one", cls.__name__, peer,
+                      exc, len(items))
+        for item in items:
+            try:
+                self._send(peer, cls(items=[item]))
+            except protocol.Unencodable as exc:
+                self._unencodable(peer, cls, item, str(exc))
+
+    def _unencodable(self, peer: str, cls, item: dict, why: str) -> None:
+        cause = f"internal error: a message for this request cannot be encoded: {why}"
+        if cls is protocol.Outputs:   # the request may be gone from the table: tell its client directly
+            req = next((r for r in self.table.values() if r.client_id == item.get("rid")), None)
+            if req is not None:
+                return self._end_with_error(req, 500, "internal_error", cause)
+            self._send(peer, protocol.Rejected(request_id=str(item.get("rid")), status=500, code="internal_error",
+                                               message=cause, param=None))
+        elif (req := self.table.get(item.get("rid"))) is not None:
+            self._end_with_error(req, 500, "internal_error", cause)
 
     # ------------------------------------------------------------ endings
     def _end_with_error(self, req: Request, status: int, code: str, message: str, param: str | None = None):

@@ -139,7 +139,10 @@ class Supervisor:
         while not self.stopping:
             now = time.monotonic()
             for d in list(self.table.values()):
-                self._check(d, now)
+                try:   # one driver's trouble (a spawn that fails, a callback that raises) is its own
+                    self._check(d, now)
+                except Exception:
+                    log.exception("supervisor: checking driver %s failed", d.spec.name)
             await asyncio.sleep(interval)
 
     def _check(self, d: DriverProcess, now: float) -> None:

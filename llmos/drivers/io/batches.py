@@ -10,13 +10,13 @@ unknown file or batch is a 404; other refusals of the kernel are 400s.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 
 from aiohttp import web
 
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.drivers.io.openai_api import ApiError
+from llmos.drivers.io.bodies import parse_json, read_body
 
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_LINE_BYTES = 4 * 1024 * 1024     # one request; a whole context of text is far less
@@ -24,6 +24,7 @@ READ_SIZE = 256 * 1024
 CHUNK_LINES, CHUNK_BYTES = 500, 512 * 1024   # one files.append: ~10-40 ms of the kernel loop
 PAGE_LINES = 1000
 KEPT_ERRORS = 50
+MAX_FIELD_BYTES = 64                 # a multipart text field such as purpose ("batch")
 LINK = web.AppKey("batch_link", KernelLink)
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,9 @@ async def create_file(request: web.Request) -> web.Response:
     try:
         while (part := await reader.next()) is not None:
             if part.name == "purpose":
-                purpose = (await part.text()).strip()
+                purpose = await _small_field(part, "purpose")
                 if purpose != "batch":
-                    raise ApiError(400, f"purpose {purpose!r} is not supported (only 'batch')", "purpose")
+                    raise ApiError(400, f"purpose {purpose[:64]!r} is not supported (only 'batch')", "purpose")
             elif part.name == "file":
                 if file_id is not None:
                     raise ApiError(400, "only one file per upload", "file")
@@ -111,6 +112,19 @@ async def create_file(request: web.Request) -> web.Response:
         if file_id is not None and request.app[LINK].up:
             with contextlib.suppress(Exception):
                 await request.app[LINK].command("files.discard", {"id": file_id}, timeout=5)
+
+
+async def _small_field(part, name: str) -> str:
+    """A short text field of a multipart upload, read with a cap (never the whole part)."""
+    raw = bytearray()
+    while chunk := await part.read_chunk(MAX_FIELD_BYTES + 1):
+        raw += chunk
+        if len(raw) > MAX_FIELD_BYTES:
+            raise ApiError(400, f"{name} must be at most {MAX_FIELD_BYTES} bytes", name)
+    try:
+        return raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{name} is not valid UTF-8", name) from None
 
 
 class _Uploader:
@@ -208,10 +222,7 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    try:
-        body = json.loads(await request.read())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    body = parse_json(await read_body(request))
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     for name in ("input_file_id", "endpoint"):

@@ -68,6 +68,9 @@ class KernelLink:
     def in_flight(self) -> list[str]:
         return list(self._requests)
 
+    def has(self, request_id: str) -> bool:
+        return request_id in self._requests
+
     # ------------------------------------------------------------ requests
 
     def submit(self, msg: protocol.Submit) -> asyncio.Queue:
@@ -76,6 +79,8 @@ class KernelLink:
             raise KernelUnavailable("the kernel is not connected (restarting?)")
         if msg.request_id in self._requests:
             raise ValueError(f"duplicate request id {msg.request_id}")
+        # Unbounded, and bounded by the request: the kernel sends at most one item per choice
+        # per step, so at most n x max_tokens items (validated) however slow the client reads.
         queue: asyncio.Queue = asyncio.Queue()
         self._requests[msg.request_id] = queue  # before sending: the answer may come fast
         self._open[msg.request_id] = set(range(msg.n))

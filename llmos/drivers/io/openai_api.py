@@ -9,10 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from llmos.sampling_params import MAX_TOP_LOGPROBS, InvalidParam, SamplingParams
+from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
+                                   MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_TENANT_CHARS, MAX_TIMEOUT_S,
+                                   MAX_TOKEN_ID, MAX_TOP_LOGPROBS,
+                                   InvalidParam, SamplingParams, check_text)
 
 ROLES = {"system", "user", "assistant", "tool"}
-MAX_CHOICES = 128   # OpenAI's limit on n
+MAX_NAME_CHARS = 256   # model names and string priorities
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
@@ -127,14 +130,22 @@ def _check_fields(body, own: dict) -> None:
 
 def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) -> ParsedRequest:
     model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise ApiError(400, "model must be a non-empty string", "model")
+    if not isinstance(model, str) or not 0 < len(model) <= MAX_NAME_CHARS:
+        raise ApiError(400, f"model must be a string of 1 to {MAX_NAME_CHARS} characters", "model")
+    _text("model", model)
     try:
         params = SamplingParams.from_dict(raw)
     except InvalidParam as exc:
         raise ApiError(400, str(exc), (renames or {}).get(exc.param, exc.param)) from None
     except TypeError as exc:  # from_dict could not build the dataclass at all
         raise ApiError(400, str(exc)) from None
+    n = body.get("n") or 1
+    if params.max_tokens is not None and n * params.max_tokens > MAX_CHOICE_TOKENS:
+        raise ApiError(400, f"n x max_tokens must be at most {MAX_CHOICE_TOKENS}, got {n} x {params.max_tokens}",
+                       (renames or {}).get("max_tokens", "max_tokens"))
+    if params.logprobs is not None and n * (params.logprobs + 1) > MAX_LOGPROB_ENTRIES:
+        raise ApiError(400, f"n x (top logprobs + 1) must be at most {MAX_LOGPROB_ENTRIES}, got {n} x "
+                       f"{params.logprobs + 1}", "top_logprobs" if chat else "logprobs")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, "stream must be a boolean", "stream")
@@ -149,16 +160,21 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
     tenant = body.get("tenant")
     if tenant is None:
         tenant = "local"
-    elif not isinstance(tenant, str) or not 0 < len(tenant) <= 64:
-        raise ApiError(400, "tenant must be a string of 1 to 64 characters", "tenant")
+    elif not isinstance(tenant, str) or not 0 < len(tenant) <= MAX_TENANT_CHARS:
+        raise ApiError(400, f"tenant must be a string of 1 to {MAX_TENANT_CHARS} characters", "tenant")
+    _text("tenant", tenant)
     priority = body.get("priority")  # "batch", "batch:3" or an int (vLLM); the kernel parses it
-    if priority is not None and (not isinstance(priority, (int, str)) or isinstance(priority, bool)):
-        raise ApiError(400, "priority must be a class name, 'class:level' or an integer", "priority")
+    if priority is not None and (type(priority) not in (int, str) or isinstance(priority, str) and (
+            len(priority) > MAX_NAME_CHARS) or isinstance(priority, int) and not -2**31 <= priority < 2**31):
+        raise ApiError(400, "priority must be a class name, 'class:level' or a 32-bit integer", "priority")
+    if isinstance(priority, str):
+        _text("priority", priority)
     timeouts = {}
     for name in ("timeout", "queue_timeout"):
         value = body.get(name)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0):
-            raise ApiError(400, f"{name} must be a positive number of seconds", name)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or not 0 < value <= MAX_TIMEOUT_S):
+            raise ApiError(400, f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S}]", name)
         timeouts[name] = None if value is None else float(value)
     return_ids = body.get("return_token_ids")
     if return_ids is not None and not isinstance(return_ids, bool):
@@ -168,39 +184,55 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
                          timeout_s=timeouts["timeout"], queue_timeout_s=timeouts["queue_timeout"], **inputs)
 
 
+def _text(name: str, value: str, param: str | None = None) -> None:
+    try:
+        check_text(name, value)
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), param or name) from None
+
+
 def _prompt(prompt) -> tuple[str | None, list | None]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        if not prompt:
-            raise ApiError(400, "prompt must not be empty", "prompt")
+        if not 0 < len(prompt) <= MAX_PROMPT_CHARS:
+            raise ApiError(400, f"prompt must have 1 to {MAX_PROMPT_CHARS} characters", "prompt")
+        _text("prompt", prompt)
         return prompt, None
-    if (isinstance(prompt, list) and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt)):
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_TOKEN_IDS:   # the length before any element
+        raise ApiError(400, f"a prompt of token ids may have at most {MAX_PROMPT_TOKEN_IDS} ids", "prompt")
+    if isinstance(prompt, list) and prompt and all(type(t) is int and 0 <= t <= MAX_TOKEN_ID for t in prompt):
         return None, list(prompt)
-    raise ApiError(400, "prompt must be a string, a list of token ids or a list with exactly one string", "prompt")
+    raise ApiError(400, "prompt must be a string, a list of token ids (integers in [0, 2**31)) or a list with "
+                   "exactly one string", "prompt")
 
 
 def _messages(raw) -> list:
-    if not isinstance(raw, list) or not raw:
-        raise ApiError(400, "messages must be a non-empty list", "messages")
-    out = []
+    if not isinstance(raw, list) or not 0 < len(raw) <= MAX_MESSAGES:
+        raise ApiError(400, f"messages must be a list of 1 to {MAX_MESSAGES} messages", "messages")
+    out, chars = [], 0
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise ApiError(400, f"messages[{i}] must be an object", "messages")
         role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", "messages")
         content = m.get("content")
         if content is None and role == "assistant":  # e.g. an earlier tool-call turn
             content = ""
         if isinstance(content, list):
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            if len(content) > MAX_MESSAGES or not all(
+                    isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                    for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported (at most "
+                               f"{MAX_MESSAGES})", "messages")
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+        chars += len(content)
+        if chars > MAX_PROMPT_CHARS:
+            raise ApiError(400, f"the messages have more than {MAX_PROMPT_CHARS} characters in all", "messages")
+        _text(f"messages[{i}].content", content, "messages")
         out.append({"role": role, "content": content})
     return out
 

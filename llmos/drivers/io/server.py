@@ -17,6 +17,7 @@ from aiohttp import web
 
 from llmos import protocol
 from llmos.drivers.io import batches, openai_api
+from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.drivers.io.openai_api import ApiError, ParsedRequest, ResponseShaper
 
@@ -62,6 +63,8 @@ async def _errors(request: web.Request, handler):
         return error_response(ApiError(exc.status, str(exc), code="kernel_unavailable"))
     except QueryFailed as exc:
         return error_response(ApiError(500, f"kernel query failed: {exc}", code="query_failed"))
+    except protocol.Unencodable as exc:   # e.g. a lone surrogate in a query string or a path
+        return error_response(ApiError(400, f"the request cannot be sent to the kernel: {exc}"))
     except web.HTTPException as exc:  # aiohttp's own 404/405/413...
         if exc.status < 400:
             raise
@@ -131,26 +134,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _json_body(request: web.Request):
-    raw = await request.read()  # raises HTTPRequestEntityTooLarge past client_max_size
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+    return parse_json(await read_body(request))
 
 
 async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     link, timeout = request.app[LINK], request.app[TIMEOUT]
     rid = request.headers.get("X-Request-Id") or f"cmpl-{uuid.uuid4().hex}"
-    if not REQUEST_ID.match(rid):
+    if not REQUEST_ID.fullmatch(rid):
         raise ApiError(400, "X-Request-Id must be 1 to 128 characters of letters, digits and ._:-", "X-Request-Id")
-    if rid in link.in_flight:
+    if link.has(rid):
         raise ApiError(409, f"request id {rid!r} is already in flight", "X-Request-Id", code="duplicate_request_id")
-    queue = link.submit(protocol.Submit(
-        request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
-        prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
-        priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n))
     done, reason = False, "client disconnected"
-    try:
+    try:  # registered inside the try: whatever fails below, `finally` frees the id
+        queue = link.submit(protocol.Submit(
+            request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
+            prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
+            priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n))
         first = await _next(queue, timeout)
         if not isinstance(first, protocol.Accepted):
             done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it
@@ -170,6 +169,9 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
             shaper.add(item)
         done = True
         return web.json_response(shaper.response(), headers={"X-Request-Id": rid})
+    except protocol.Unencodable as exc:   # nothing was sent
+        done = True
+        raise ApiError(400, f"the request cannot be sent to the kernel: {exc}") from None
     except ApiError as err:
         if err.status == 504:
             reason = "timed out waiting for the kernel"

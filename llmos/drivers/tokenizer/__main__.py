@@ -25,6 +25,18 @@ class TokenizerDriver:
         self.states: dict[str, DetokState] = {}
         self.finished: OrderedDict[str, None] = OrderedDict()
 
+    def handle(self, bus, msg) -> None:
+        if isinstance(msg, protocol.Encode):
+            reply = self.encode(msg)
+            try:
+                bus.send(reply)
+            except protocol.Unencodable as exc:
+                bus.send(_encode_error(msg.request_id, f"the token ids cannot be sent: {exc}"))
+        elif isinstance(msg, protocol.Detokenize):
+            bus.send(self.detokenize(msg))
+        elif msg is not None:
+            log.warning("unexpected %s", type(msg).__name__)
+
     def encode(self, m: protocol.Encode) -> protocol.Encoded:
         try:
             if m.messages is not None:
@@ -35,8 +47,7 @@ class TokenizerDriver:
                 ids = self.tok(m.prompt)["input_ids"]
             return protocol.Encoded(request_id=m.request_id, token_ids=protocol.i32(ids), error=None)
         except Exception as exc:  # a template error is the client's problem, reported as a 400
-            return protocol.Encoded(request_id=m.request_id, token_ids=np.zeros(0, np.int32),
-                                    error=f"cannot encode the prompt: {exc}")
+            return _encode_error(m.request_id, f"cannot encode the prompt: {exc}")
 
     def detokenize(self, m: protocol.Detokenize) -> protocol.TextDeltas:
         out = []
@@ -86,6 +97,10 @@ class TokenizerDriver:
             self.finished.popitem(last=False)
 
 
+def _encode_error(request_id: str, error: str) -> protocol.Encoded:
+    return protocol.Encoded(request_id=request_id, token_ids=np.zeros(0, np.int32), error=error[:2000])
+
+
 def _clean_messages(messages) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list")
@@ -115,14 +130,12 @@ def main() -> None:
     runtime.ready({"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
     while True:
         msg = runtime.bus.recv()
-        if isinstance(msg, protocol.Encode):
-            runtime.bus.send(driver.encode(msg))
-        elif isinstance(msg, protocol.Detokenize):
-            runtime.bus.send(driver.detokenize(msg))
-        elif isinstance(msg, protocol.Shutdown):
+        if isinstance(msg, protocol.Shutdown):
             break
-        elif msg is not None:
-            log.warning("unexpected %s", type(msg).__name__)
+        try:   # one message that fails in any way must not stop the loop that serves every request
+            driver.handle(runtime.bus, msg)
+        except Exception:
+            log.exception("could not handle %s", type(msg).__name__)
 
 
 if __name__ == "__main__":

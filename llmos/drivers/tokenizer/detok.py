@@ -23,6 +23,9 @@ class DetokState:
             self.text = self._decode(self.ids[: self.read])
         self.prefix = max(0, self.read - LOOKBACK)
         self.emitted = len(self.text)                            # chars handed out so far
+        self.matchers = [_StopMatcher(s) for s in stop]
+        self._matched = 0                                        # chars of self.text fed to the matchers
+        self._advance()
 
     def _decode(self, ids) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
@@ -54,12 +57,43 @@ class DetokState:
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         return min(hits) if hits else None
 
+    def _advance(self) -> None:
+        new = self.text[self._matched:]
+        self._matched = len(self.text)
+        for m in self.matchers:
+            m.feed(new)
+
     def _partial_stop_len(self) -> int:
-        """Length of the longest text suffix that is a proper prefix of a stop string."""
-        best = 0
-        for s in self.stop:
-            for k in range(min(len(s) - 1, len(self.text)), best, -1):
-                if self.text.endswith(s[:k]):
-                    best = k
-                    break
-        return best
+        """Length of the longest text suffix that is a proper prefix of a stop string:
+        each matcher knows it after reading only the new characters (linear overall)."""
+        self._advance()
+        return max((m.partial for m in self.matchers), default=0)
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt over one stop string: `partial` is the length of the longest
+    suffix of the text fed so far that is a proper prefix of the stop string."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0
+        self.fail = [0] * len(stop)   # fail[i]: longest proper border of stop[:i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, text: str) -> None:
+        s, q, fail = self.stop, self.state, self.fail
+        for c in text:
+            while q and (q == len(s) or s[q] != c):
+                q = fail[q - 1]
+            if s[q] == c:
+                q += 1
+        self.state = q
+
+    @property
+    def partial(self) -> int:
+        return self.state if self.state < len(self.stop) else self.fail[-1]

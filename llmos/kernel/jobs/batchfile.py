@@ -54,7 +54,9 @@ def check_line(line_no: int, raw: bytes | str, models=None) -> BatchLine | None:
     if not text:
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise LineError(line_no, "nested too deeply") from None
     except ValueError as exc:
         raise LineError(line_no, f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
@@ -84,6 +86,10 @@ def check_line(line_no: int, raw: bytes | str, models=None) -> BatchLine | None:
         served = ", ".join(sorted(models)) or "none"
         raise LineError(line_no, f"body.model: model {parsed.model!r} is not served (served: {served})")
     return BatchLine(line_no, custom_id, url, text, parsed)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def submit_of(line: BatchLine, request_id: str) -> protocol.Submit:

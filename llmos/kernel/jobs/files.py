@@ -22,6 +22,8 @@ from llmos.kernel.jobs.store import JobStore
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_APPEND_LINES = 5000
 MAX_PAGE = 5000
+PAGE_BYTES = 8 * 1024 * 1024   # a page of a file stops after the line that reaches this size
+PAGE_FETCH = 64                # rows read from the store at a time while a page is built
 OUTPUT_PREFIX, ERROR_PREFIX = "file-out-", "file-err-"
 UPLOAD_IDLE_S = 600.0   # an upload silent this long was abandoned (its io driver died)
 
@@ -139,21 +141,35 @@ class Files:
                 "expires_at": None, "llmos": {"requests": f["lines"], "endpoint": f["endpoint"]}}
 
     def page(self, args: dict) -> dict | None:
-        """Lines of a file after line number `after`: {"lines": [str], "next": cursor | None}."""
+        """Lines of a file after line number `after`: {"lines": [str], "next": cursor | None}.
+        A page holds at most `limit` lines and about PAGE_BYTES (always at least one line),
+        so a file of huge results cannot make one reply outgrow the bus or stall the kernel."""
         file_id, after, limit = args.get("id"), args.get("after", 0), args.get("limit", 1000)
-        if not (isinstance(after, int) and isinstance(limit, int) and 0 < limit <= MAX_PAGE):
+        if not (type(after) is int and type(limit) is int and 0 < limit <= MAX_PAGE):
             raise ValueError(f"after must be an integer and limit one in 1..{MAX_PAGE}")
         job, kind = self._job_of(file_id) if isinstance(file_id, str) else (None, None)
         if job is not None:
-            rows = (self.store.output_page(job["id"], after, limit) if kind == "output"
-                    else self.store.error_page(job, after, limit))
-            lines = [_result_line(job, r) for r in rows]
-        elif self.store.get_file(file_id) is not None:
-            rows = self.store.file_page(file_id, after, limit)
-            lines = [r["text"] for r in rows]
+            def fetch(cursor, n):
+                rows = (self.store.output_page(job["id"], cursor, n) if kind == "output"
+                        else self.store.error_page(job, cursor, n))
+                return [(r["line_no"], _result_line(job, r)) for r in rows]
+        elif isinstance(file_id, str) and self.store.get_file(file_id) is not None:
+            def fetch(cursor, n):
+                return [(r["line_no"], r["text"]) for r in self.store.file_page(file_id, cursor, n)]
         else:
             return None
-        return {"lines": lines, "next": rows[-1]["line_no"] if len(rows) == limit else None}
+        lines, size, cursor, more = [], 0, after, True
+        while more and len(lines) < limit and size < PAGE_BYTES:
+            want = min(PAGE_FETCH, limit - len(lines))
+            rows = fetch(cursor, want)
+            more = len(rows) == want
+            for line_no, line in rows:
+                lines.append(line)
+                size, cursor = size + len(line.encode()) + 1, line_no
+                if size >= PAGE_BYTES:
+                    more = True   # (maybe: the next page may be empty)
+                    break
+        return {"lines": lines, "next": cursor if more and lines else None}
 
     def _job_of(self, file_id: str) -> tuple[dict | None, str | None]:
         for prefix, kind in ((OUTPUT_PREFIX, "output"), (ERROR_PREFIX, "error")):

@@ -154,9 +154,13 @@ class JobManager:
         for line_no, custom_id, rid, line, problem in starting:
             if line is None:
                 self._record([self._result(job["id"], line_no, 400, error_body(400, "invalid_request", problem))])
-            else:  # registered first: the front door may answer before submit returns
-                self.flights[rid] = Flight(job["id"], line)
+                continue
+            self.flights[rid] = Flight(job["id"], line)   # first: the front door may answer before submit returns
+            try:
                 self.front.submit(PEER, submit_of(line, rid))
+            except Exception as exc:   # this line cannot run: it is its result, and the job goes on
+                log.exception("jobs: line %d of %s could not be submitted", line_no, job["id"])
+                self._line_failed(rid, f"the line could not be submitted: {type(exc).__name__}: {exc}")
 
     def _ready(self, model: str) -> bool:
         """Whether a request for `model` can be admitted now (unknown models fail at once)."""
@@ -181,12 +185,16 @@ class JobManager:
                 f = self.flights.get(rid)
                 if f is None:
                     continue
-                f.shaper = f.shaper or ResponseShaper(f.line.parsed, rid, 0)
-                f.shaper.add(item)
-                if f.shaper.done:
-                    del self.flights[rid]
-                    body = f.shaper.response()
-                    done.append(self._result(f.job_id, f.line.line_no, 200, body, body["usage"]))
+                try:   # one line's bad output is that line's error; the other items still count
+                    f.shaper = f.shaper or ResponseShaper(f.line.parsed, rid, 0)
+                    f.shaper.add(item)
+                    if f.shaper.done:
+                        del self.flights[rid]
+                        body = f.shaper.response()
+                        done.append(self._result(f.job_id, f.line.line_no, 200, body, body["usage"]))
+                except Exception as exc:
+                    log.exception("jobs: output of %s could not be used", rid)
+                    self._line_failed(rid, f"its output could not be recorded: {type(exc).__name__}: {exc}")
             if done:
                 self._record(done)
         elif isinstance(msg, protocol.Accepted) and msg.request_id in self.flights:
@@ -201,6 +209,14 @@ class JobManager:
             else:
                 self._record([self._result(f.job_id, f.line.line_no, msg.status,
                                            error_body(msg.status, msg.code, msg.message, msg.param))])
+
+    def _line_failed(self, rid: str, why: str) -> None:
+        """End the line `rid` runs with a 500 as its result (its request, if any, is aborted)."""
+        f = self.flights.pop(rid, None)
+        if f is None:
+            return
+        self.front.abort(protocol.Abort(request_id=rid, reason=why))
+        self._record([self._result(f.job_id, f.line.line_no, 500, error_body(500, "internal_error", why))])
 
     @staticmethod
     def _result(job_id: str, line_no: int, status: int, body: dict, usage: dict | None = None) -> dict:

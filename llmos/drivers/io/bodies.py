@@ -1,0 +1,36 @@
+"""Reading request bodies with bounds: a size cap (aiohttp's client_max_size, 413), a time
+cap against clients that trickle their body, and JSON parsing that answers 400 for
+anything that is not a JSON document, nesting too deep for Python's parser included."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from llmos.drivers.io.openai_api import ApiError
+
+BODY_TIMEOUT_S = 30.0   # a client that trickles its body holds a connection no longer than this
+
+
+async def read_body(request: web.Request, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
+    """The whole body, within the app's client_max_size (413) and `timeout_s` (408)."""
+    try:  # read() raises HTTPRequestEntityTooLarge past client_max_size
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+
+
+def parse_json(raw: bytes):
+    """The JSON value of a body. Raises ApiError(400) for bad JSON, bad UTF-8, NaN or
+    Infinity (not JSON, and not a value any field takes) and nesting deeper than the parser's stack."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")

@@ -1,0 +1,74 @@
+"""The kernel's own check of a Submit, before anything of it is kept.
+
+The io driver and the batch-line parser validate every field already (openai_api.py);
+the kernel checks again because it never trusts a driver (design.md rule 3), and adds
+the limits only it knows: the model's context and vocabulary. Pure Python, no torch.
+"""
+from __future__ import annotations
+
+import math
+
+from llmos import protocol
+from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
+                                   MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_REQUEST_ID_CHARS,
+                                   MAX_TENANT_CHARS, MAX_TIMEOUT_S, InvalidParam, SamplingParams)
+
+
+def check_submit(m: protocol.Submit, max_model_len: int, vocab_size: int) -> SamplingParams:
+    """The request's validated sampling parameters, or InvalidParam naming the field."""
+    _string("request_id", m.request_id, MAX_REQUEST_ID_CHARS)
+    _string("tenant", m.tenant, MAX_TENANT_CHARS)
+    if type(m.n) is not int or not 1 <= m.n <= MAX_CHOICES:
+        raise InvalidParam("n", f"n must be an integer from 1 to {MAX_CHOICES}")
+    for name in ("timeout_s", "queue_timeout_s"):
+        value = getattr(m, name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+            raise InvalidParam(name.removesuffix("_s"), f"{name.removesuffix('_s')} must be in (0, {MAX_TIMEOUT_S}] s")
+    try:
+        params = SamplingParams.from_dict(m.params)
+    except TypeError as exc:
+        raise InvalidParam("params", f"malformed sampling parameters: {exc}") from None
+    if vocab_size and params.top_k > vocab_size:
+        raise InvalidParam("top_k", f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}")
+    for name in ("max_tokens", "min_tokens"):
+        value = getattr(params, name)
+        if value is not None and value > max_model_len:
+            raise InvalidParam(name, f"This model's maximum context length is {max_model_len} tokens, but "
+                                     f"{name} is {value}", "context_length_exceeded")
+    if params.max_tokens is not None and m.n * params.max_tokens > MAX_CHOICE_TOKENS:
+        raise InvalidParam("max_tokens", f"n x max_tokens must be at most {MAX_CHOICE_TOKENS}")
+    if params.logprobs is not None and m.n * (params.logprobs + 1) > MAX_LOGPROB_ENTRIES:
+        raise InvalidParam("logprobs", f"n x (top logprobs + 1) must be at most {MAX_LOGPROB_ENTRIES}")
+    _check_prompt(m, max_model_len, vocab_size)
+    return params
+
+
+def _string(name: str, value, limit: int) -> None:
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        raise InvalidParam(name, f"{name} must be a string of 1 to {limit} characters")
+
+
+def _check_prompt(m: protocol.Submit, max_model_len: int, vocab_size: int) -> None:
+    if sum(x is not None for x in (m.prompt, m.messages, m.prompt_token_ids)) != 1:
+        raise InvalidParam("prompt", "exactly one of prompt, messages, prompt_token_ids is required")
+    if m.prompt is not None and len(m.prompt) > MAX_PROMPT_CHARS:
+        raise InvalidParam("prompt", f"the prompt has more than {MAX_PROMPT_CHARS} characters")
+    if m.messages is not None:
+        if not 0 < len(m.messages) <= MAX_MESSAGES:
+            raise InvalidParam("messages", f"messages must be a list of 1 to {MAX_MESSAGES} messages")
+        chars = 0
+        for i, msg in enumerate(m.messages):
+            if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
+                    and isinstance(msg.get("content"), str) and len(msg) == 2):
+                raise InvalidParam("messages", f"messages[{i}] must be {{'role': str, 'content': str}}")
+            chars += len(msg["content"])
+        if chars > MAX_PROMPT_CHARS:
+            raise InvalidParam("messages", f"the messages have more than {MAX_PROMPT_CHARS} characters")
+    ids = m.prompt_token_ids
+    if ids is not None:
+        # The length first: a prompt past the context is refused without a scan of its ids
+        # (by _admit, as context_length_exceeded).
+        if not 0 < len(ids) <= MAX_PROMPT_TOKEN_IDS:
+            raise InvalidParam("prompt", f"a prompt of token ids must have 1 to {MAX_PROMPT_TOKEN_IDS} ids")
+        if len(ids) < max_model_len and not all(type(t) is int and 0 <= t < vocab_size for t in ids):
+            raise InvalidParam("prompt", f"prompt token ids must be integers in [0, {vocab_size})")
