@@ -2,6 +2,9 @@
 real daemon while a batch job runs (it uses the socket API only)."""
 from __future__ import annotations
 
+import os
+import re
+import signal
 import time
 
 import pytest
@@ -10,6 +13,7 @@ from rich.console import Console
 
 from daemon_harness import serving
 from llmos.cli import main as cli_main
+import llmos.cli.top as top_module
 from llmos.cli.top import render, tokens_per_s
 from llmos.client import Client
 
@@ -58,29 +62,84 @@ def daemon(tmp_path_factory, tiny_llama_dir):
         yield d
 
 
-def test_top_once_on_the_real_daemon(daemon):
+MAX_TOKENS = 200   # per job line; prompt + MAX_TOKENS fits the daemon's 256-token context
+
+
+class TopTime:
+    """Stands in for the time module in llmos.cli.top, with its own sleep."""
+    def __init__(self, sleep):
+        self.sleep = sleep
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+def wait_for(what: str, condition, timeout: float = 120.0):
+    """Poll until condition() is truthy; the timeout only turns a broken daemon into a
+    failure instead of a hang."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+    return value
+
+
+def test_top_once_on_the_real_daemon(daemon, monkeypatch):
+    """top --once samples the daemon twice and renders the second sample with the tokens/s
+    between them. Nothing here depends on speed: the model driver is held (SIGSTOP) except
+    while the test lets it compute, so the job cannot end before the test cancels it; top's
+    sleep lets the model run until it has computed more tokens than at top's first sample,
+    then holds it with a job line at least 2 tokens from its end (a step adds at most 1, and
+    one step may still be applied), so the second sample sees that line in flight, its
+    blocks in use and the job in progress. The console width is pinned (COLUMNS)."""
     lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
-              "body": {"model": "tiny", "prompt": f"Count to {i}", "max_tokens": 150, "ignore_eos": True,
+              "body": {"model": "tiny", "prompt": f"Count to {i}", "max_tokens": MAX_TOKENS, "ignore_eos": True,
                        "temperature": 0}}
              for i in range(40)]
     with Client(daemon.home) as c:
+        pid = next(p["pid"] for p in c.ps()["processes"] if p["name"] == "model-tiny")
+
+        def tokens_computed() -> int:
+            return c.memory()["tiny"]["steps"]["tokens_computed"]
+
+        def lines_in_flight(room: int) -> list[dict]:
+            """The job's requests with at least `room` tokens still to generate."""
+            return [r for r in c.ps()["requests"] if r["id"].startswith(f"job-{job['id']}-")
+                    and r["output_tokens"] <= MAX_TOKENS - room]
+
+        def sleep(_seconds):   # top, between its two samples
+            first = tokens_computed()           # >= what top's first sample read
+            while tokens_computed() == first:   # let the model run a little, until it has computed more
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.005)
+                os.kill(pid, signal.SIGSTOP)
+            wait_for("a job line 2 tokens from its end", lambda: [r for r in lines_in_flight(2)
+                                                                  if r["state"] == "running"])
+
         job = c.submit_batch(lines)
-        while not any(r["output_tokens"] for r in c.ps()["requests"]):   # decoding has begun
-            time.sleep(0.05)
-        r = CliRunner().invoke(cli_main.cli, ["--home", str(daemon.home), "top", "--once", "--interval", "1.5"])
-        c.cancel(job["id"])
+        try:
+            wait_for("decoding to begin", lambda: [r for r in lines_in_flight(0) if r["output_tokens"]])
+            os.kill(pid, signal.SIGSTOP)        # from here the model computes only when the test lets it
+            monkeypatch.setattr(top_module, "time", TopTime(sleep))
+            r = CliRunner(env={"COLUMNS": "200"}).invoke(cli_main.cli, ["--home", str(daemon.home), "top", "--once"])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            c.cancel(job["id"])
     assert r.exit_code == 0, r.output
     out = r.output
     for section in ("Drivers", "Queues by class", "Running batch", "KV memory", "Throughput (tokens/s)",
                     "Batch jobs", "Recent errors"):
         assert section in out
     assert all(name in out for name in ("model-tiny", "tokenizer-tiny", "io", job["id"]))
+    assert int(re.search(r"Running batch \((\d+) sequences\)", out).group(1)) > 0
     memory_row = next(line for line in out.splitlines() if line.startswith("tiny") and "/" in line)
     speed_row = next(line for line in out.splitlines() if line.startswith("tiny") and "%" in line and "/" not in line)
     assert int(memory_row.split()[1].split("/")[0]) > 0           # blocks in use while the job runs
     assert float(speed_row.split()[1]) > 0                         # tokens/s from two samples
     batch = next(line for line in out.splitlines() if line.startswith("batch "))
     assert sum(map(int, batch.split()[1:])) > 0
+    job_row = next(line for line in out.splitlines() if line.startswith(job["id"]))
+    assert job_row.split()[1] == "in_progress"
 
 
 def test_top_without_a_daemon(tmp_path):
