@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmos.drivers.io import batches
-from llmos.drivers.io.openai_api import ApiError
+from llmos.openai_format import ApiError
 
 
 class FakeLink:

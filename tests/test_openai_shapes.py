@@ -1,5 +1,5 @@
 """The io driver's OpenAI shaping, as pure functions: n choices, stream chunks, usage."""
-from llmos.drivers.io.openai_api import ResponseShaper, parse_chat, parse_completion
+from llmos.openai_format import ResponseShaper, parse_chat, parse_completion
 
 
 def items(index, pieces, ids, finish="stop"):

@@ -1,6 +1,6 @@
 """The kernel's own check of a Submit, before anything of it is kept.
 
-The io driver and the batch-line parser validate every field already (openai_api.py);
+The io driver and the batch-line parser validate every field already (llmos/openai_format);
 the kernel checks again because it never trusts a driver (design.md rule 3), and adds
 the limits only it knows: the model's context and vocabulary. Pure Python, no torch.
 """

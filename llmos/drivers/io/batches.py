@@ -15,7 +15,7 @@ import logging
 from aiohttp import web
 
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
-from llmos.drivers.io.openai_api import ApiError
+from llmos.openai_format import ApiError
 from llmos.drivers.io.bodies import parse_json, read_body
 
 MAX_FILE_BYTES = 200 * 1024 * 1024

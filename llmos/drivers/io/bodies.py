@@ -8,7 +8,7 @@ import json
 
 from aiohttp import web
 
-from llmos.drivers.io.openai_api import ApiError
+from llmos.openai_format import ApiError
 
 BODY_TIMEOUT_S = 30.0   # a client that trickles its body holds a connection no longer than this
 

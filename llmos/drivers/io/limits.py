@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from llmos.drivers.io.openai_api import ApiError
+from llmos.openai_format import ApiError
 
 log = logging.getLogger(__name__)
 REFUSED_LINGER_S = 1.0   # a refused connection waits this long for its client to hang up

@@ -16,10 +16,11 @@ import uuid
 from aiohttp import web
 
 from llmos import protocol
-from llmos.drivers.io import batches, openai_api
+from llmos import openai_format
+from llmos.drivers.io import batches
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
-from llmos.drivers.io.openai_api import ApiError, ParsedRequest, ResponseShaper
+from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -126,11 +127,11 @@ def _query_route(what: str):
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, openai_api.parse_completion(await _json_body(request)))
+    return await _generate(request, openai_format.parse_completion(await _json_body(request)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _generate(request, openai_api.parse_chat(await _json_body(request)))
+    return await _generate(request, openai_format.parse_chat(await _json_body(request)))
 
 
 async def _json_body(request: web.Request):

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 
 from llmos import protocol
-from llmos.drivers.io.openai_api import ApiError, ParsedRequest, parse_chat, parse_completion
+from llmos.openai_format import ApiError, ParsedRequest, parse_chat, parse_completion
 
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
 MAX_CUSTOM_ID = 512

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from llmos import protocol
-from llmos.drivers.io.openai_api import ResponseShaper
+from llmos.openai_format import ResponseShaper
 from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_line, error_body, submit_of
 from llmos.kernel.jobs.files import Files
 from llmos.kernel.jobs.store import ACTIVE, JobStore, StoreError

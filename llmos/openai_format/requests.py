@@ -1,14 +1,14 @@
-"""OpenAI wire format: request bodies -> validated `ParsedRequest`, kernel outputs ->
-response objects and stream chunks. Pure functions and data, no I/O.
+"""OpenAI request bodies -> validated `ParsedRequest`. Pure functions and data, no I/O:
+the io driver and the kernel's batch-line parser both use it (design.md rule 7).
 
 Contract: `parse_completion` / `parse_chat` either return a request whose `params` passed
 `SamplingParams` validation, or raise `ApiError` naming the offending field in `param`.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+from llmos.openai_format.errors import ApiError
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_TENANT_CHARS, MAX_TIMEOUT_S,
                                    MAX_TOKEN_ID, MAX_TOP_LOGPROBS,
@@ -16,10 +16,6 @@ from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_E
 
 ROLES = {"system", "user", "assistant", "tool"}
 MAX_NAME_CHARS = 256   # model names and string priorities
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-                413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
-                503: "service_unavailable_error", 504: "timeout_error"}
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
              "ignore_eos", "min_tokens")
@@ -41,24 +37,6 @@ _CHAT_ONLY = {
     "functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
     "audio": (), "prediction": (), "web_search_options": (),
 }
-
-
-class ApiError(Exception):
-    """An error answered to the client in OpenAI's shape with HTTP `status`."""
-
-    def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.retry_after: float | None = None
-        self.type = type or error_type(status)
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def error_type(status: int) -> str:
-    return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 @dataclass
@@ -235,138 +213,3 @@ def _messages(raw) -> list:
         _text(f"messages[{i}].content", content, "messages")
         out.append({"role": role, "content": content})
     return out
-
-
-# ---------------------------------------------------------------- responses
-
-
-class _Choice:
-    """One choice's text, logprobs and token ids as they accumulate."""
-
-    def __init__(self):
-        self.text: list[str] = []
-        self.lp: list[dict] = []
-        self.ids: list[int] = []
-        self.tokens = 0
-        self.finish: str | None = None
-        self.usage: dict | None = None   # the kernel's, with the finishing item
-        self.offset = 0                  # legacy text_offset runs over the whole completion
-
-
-class ResponseShaper:
-    """Accumulates one request's Outputs items (n choices, told apart by "index") and shapes
-    them as OpenAI objects. Call `add(item)` for every item, in order; `chunk(item)` for its
-    stream chunk; the request is complete when `done`."""
-
-    def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
-        self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
-        self.created = int(time.time())
-        self.choices = [_Choice() for _ in range(req.n)]
-
-    def _choice(self, item: dict) -> _Choice:
-        index = item.get("index", 0)
-        if not isinstance(index, int) or not 0 <= index < len(self.choices):
-            raise ValueError(f"output for choice {index!r} of a request with n={len(self.choices)}")
-        return self.choices[index]
-
-    def add(self, item: dict) -> None:
-        c = self._choice(item)
-        c.text.append(_str(item.get("text")))
-        c.lp.extend(_list(item.get("lp")))
-        c.ids.extend(_list(item.get("ids")))
-        c.tokens += item.get("n") if isinstance(item.get("n"), int) else 0
-        if item.get("finish") is not None:
-            c.finish = str(item["finish"])
-            if isinstance(item.get("usage"), dict):
-                c.usage = item["usage"]
-
-    @property
-    def done(self) -> bool:
-        return all(c.finish is not None for c in self.choices)
-
-    @property
-    def finish(self) -> str | None:
-        """Choice 0's finish reason (the one a single-choice request has)."""
-        return self.choices[0].finish
-
-    @property
-    def usage(self) -> dict:
-        """The prompt once, the completion tokens of every choice."""
-        prompt = next((c.usage["prompt_tokens"] for c in self.choices if c.usage and "prompt_tokens" in c.usage),
-                      self.prompt_tokens)
-        completion = sum((c.usage or {}).get("completion_tokens", c.tokens) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-    def _head(self, obj: str) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
-
-    def _logprobs(self, c: _Choice, entries: list) -> dict | None:
-        if self.req.params.logprobs is None:
-            return None
-        if self.req.chat:
-            return {"content": entries}
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for e in entries:
-            out["tokens"].append(e.get("token"))
-            out["token_logprobs"].append(e.get("logprob"))
-            out["top_logprobs"].append({t.get("token"): t.get("logprob") for t in _list(e.get("top_logprobs"))})
-            out["text_offset"].append(c.offset)
-            c.offset += len(_str(e.get("token")))
-        return out
-
-    def response(self) -> dict:
-        """The complete non-stream answer (after every finishing item was added)."""
-        choices = []
-        for index, c in enumerate(self.choices):
-            choice = {"index": index, "logprobs": self._logprobs(c, c.lp), "finish_reason": c.finish}
-            if self.req.return_token_ids:
-                choice["token_ids"] = c.ids
-            if self.req.chat:
-                choice["message"] = {"role": "assistant", "content": "".join(c.text)}
-            else:
-                choice["text"] = "".join(c.text)
-            choices.append(choice)
-        obj = "chat.completion" if self.req.chat else "text_completion"
-        return {**self._head(obj), "choices": choices, "usage": self.usage}
-
-    def role_chunks(self) -> list[dict]:
-        if not self.req.chat:
-            return []
-        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
-                             "logprobs": None, "finish_reason": None}) for i in range(len(self.choices))]
-
-    def chunk(self, item: dict) -> dict | None:
-        """The stream chunk for one item; None when it carries nothing to send."""
-        text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
-        ids = _list(item.get("ids")) if self.req.return_token_ids else []
-        if not text and not lp and not ids and finish is None:
-            return None   # (text held back, e.g. a possible stop string: it comes with a later item)
-        c = self._choice(item)
-        choice = {"index": self.choices.index(c), "logprobs": self._logprobs(c, lp) if lp else None,
-                  "finish_reason": None if finish is None else str(finish)}
-        if self.req.return_token_ids:
-            choice["token_ids"] = ids
-        if self.req.chat:
-            choice["delta"] = {"content": text} if text or finish is None else {}
-        else:
-            choice["text"] = text
-        return self._chunk(choice)
-
-    def usage_chunk(self) -> dict:
-        return {**self._head("chat.completion.chunk" if self.req.chat else "text_completion"),
-                "choices": [], "usage": self.usage}
-
-    def _chunk(self, choice: dict) -> dict:
-        obj = self._head("chat.completion.chunk" if self.req.chat else "text_completion")
-        obj["choices"] = [choice]
-        if self.req.include_usage:
-            obj["usage"] = None
-        return obj
-
-
-def _str(v) -> str:
-    return v if isinstance(v, str) else ""
-
-
-def _list(v) -> list:
-    return v if isinstance(v, list) else []

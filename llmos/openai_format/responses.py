@@ -1,0 +1,138 @@
+"""Kernel outputs -> OpenAI response objects and stream chunks (chat and completions,
+n choices). Pure data, no I/O: the io driver and the kernel's job manager both use it."""
+from __future__ import annotations
+
+import time
+
+from llmos.openai_format.requests import ParsedRequest
+
+class _Choice:
+    """One choice's text, logprobs and token ids as they accumulate."""
+
+    def __init__(self):
+        self.text: list[str] = []
+        self.lp: list[dict] = []
+        self.ids: list[int] = []
+        self.tokens = 0
+        self.finish: str | None = None
+        self.usage: dict | None = None   # the kernel's, with the finishing item
+        self.offset = 0                  # legacy text_offset runs over the whole completion
+
+
+class ResponseShaper:
+    """Accumulates one request's Outputs items (n choices, told apart by "index") and shapes
+    them as OpenAI objects. Call `add(item)` for every item, in order; `chunk(item)` for its
+    stream chunk; the request is complete when `done`."""
+
+    def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
+        self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
+        self.created = int(time.time())
+        self.choices = [_Choice() for _ in range(req.n)]
+
+    def _choice(self, item: dict) -> _Choice:
+        index = item.get("index", 0)
+        if not isinstance(index, int) or not 0 <= index < len(self.choices):
+            raise ValueError(f"output for choice {index!r} of a request with n={len(self.choices)}")
+        return self.choices[index]
+
+    def add(self, item: dict) -> None:
+        c = self._choice(item)
+        c.text.append(_str(item.get("text")))
+        c.lp.extend(_list(item.get("lp")))
+        c.ids.extend(_list(item.get("ids")))
+        c.tokens += item.get("n") if isinstance(item.get("n"), int) else 0
+        if item.get("finish") is not None:
+            c.finish = str(item["finish"])
+            if isinstance(item.get("usage"), dict):
+                c.usage = item["usage"]
+
+    @property
+    def done(self) -> bool:
+        return all(c.finish is not None for c in self.choices)
+
+    @property
+    def finish(self) -> str | None:
+        """Choice 0's finish reason (the one a single-choice request has)."""
+        return self.choices[0].finish
+
+    @property
+    def usage(self) -> dict:
+        """The prompt once, the completion tokens of every choice."""
+        prompt = next((c.usage["prompt_tokens"] for c in self.choices if c.usage and "prompt_tokens" in c.usage),
+                      self.prompt_tokens)
+        completion = sum((c.usage or {}).get("completion_tokens", c.tokens) for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
+
+    def _logprobs(self, c: _Choice, entries: list) -> dict | None:
+        if self.req.params.logprobs is None:
+            return None
+        if self.req.chat:
+            return {"content": entries}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            out["tokens"].append(e.get("token"))
+            out["token_logprobs"].append(e.get("logprob"))
+            out["top_logprobs"].append({t.get("token"): t.get("logprob") for t in _list(e.get("top_logprobs"))})
+            out["text_offset"].append(c.offset)
+            c.offset += len(_str(e.get("token")))
+        return out
+
+    def response(self) -> dict:
+        """The complete non-stream answer (after every finishing item was added)."""
+        choices = []
+        for index, c in enumerate(self.choices):
+            choice = {"index": index, "logprobs": self._logprobs(c, c.lp), "finish_reason": c.finish}
+            if self.req.return_token_ids:
+                choice["token_ids"] = c.ids
+            if self.req.chat:
+                choice["message"] = {"role": "assistant", "content": "".join(c.text)}
+            else:
+                choice["text"] = "".join(c.text)
+            choices.append(choice)
+        obj = "chat.completion" if self.req.chat else "text_completion"
+        return {**self._head(obj), "choices": choices, "usage": self.usage}
+
+    def role_chunks(self) -> list[dict]:
+        if not self.req.chat:
+            return []
+        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                             "logprobs": None, "finish_reason": None}) for i in range(len(self.choices))]
+
+    def chunk(self, item: dict) -> dict | None:
+        """The stream chunk for one item; None when it carries nothing to send."""
+        text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
+        ids = _list(item.get("ids")) if self.req.return_token_ids else []
+        if not text and not lp and not ids and finish is None:
+            return None   # (text held back, e.g. a possible stop string: it comes with a later item)
+        c = self._choice(item)
+        choice = {"index": self.choices.index(c), "logprobs": self._logprobs(c, lp) if lp else None,
+                  "finish_reason": None if finish is None else str(finish)}
+        if self.req.return_token_ids:
+            choice["token_ids"] = ids
+        if self.req.chat:
+            choice["delta"] = {"content": text} if text or finish is None else {}
+        else:
+            choice["text"] = text
+        return self._chunk(choice)
+
+    def usage_chunk(self) -> dict:
+        return {**self._head("chat.completion.chunk" if self.req.chat else "text_completion"),
+                "choices": [], "usage": self.usage}
+
+    def _chunk(self, choice: dict) -> dict:
+        obj = self._head("chat.completion.chunk" if self.req.chat else "text_completion")
+        obj["choices"] = [choice]
+        if self.req.include_usage:
+            obj["usage"] = None
+        return obj
+
+
+def _str(v) -> str:
+    return v if isinstance(v, str) else ""
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
