@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from llmos.kernel.mem.pool import KVGeometry, make_pool
+from llmos.kernel.mem.geometry import KVGeometry
+from llmos.kernel.mem.pool import make_pool
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]

@@ -16,7 +16,8 @@ import numpy as np
 from llmos import protocol
 from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
-from llmos.kernel.mem.pool import KVGeometry, SharedKVPool, make_pool
+from llmos.kernel.mem.geometry import KVGeometry, KVPool
+from llmos.kernel.mem.pool import SharedKVPool, make_pool
 from llmos.kernel.requests import Request, State
 from llmos.kernel.policy import PriorityPolicy
 from llmos.kernel.scheduler import FCFSPolicy, ScheduledSeq, Scheduler
@@ -49,7 +50,7 @@ class ModelEngine:
         self._send = send                 # (peer, message) -> None
         self._on_tokens = on_tokens       # (engine, [Request]) -> None: new tokens to detokenize
         self.info: dict | None = None
-        self.pool: SharedKVPool | None = None
+        self.pool: KVPool | None = None
         self.host_pool: SharedKVPool | None = None
         self.scheduler: Scheduler | None = None
         self.driver_ready = False

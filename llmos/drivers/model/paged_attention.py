@@ -24,7 +24,7 @@ from transformers import AttentionInterface
 from llmos import protocol
 
 ATTN_IMPLEMENTATION = "llmos_paged"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class KVPool:
@@ -34,9 +34,9 @@ class KVPool:
     def __init__(self, msg: protocol.MapKVPool, tensor: torch.Tensor | None = None):
         """Map `msg.path` (CPU) or the kernel's CUDA allocation by its IPC handle (GPU), or
         adopt `tensor`, a pool already opened by the caller (tests)."""
-        if msg.dtype not in _DTYPES:
+        if msg.dtype not in TORCH_DTYPES:
             raise ValueError(f"KV pool dtype {msg.dtype!r} not supported")
-        self.msg, self.dtype = msg, _DTYPES[msg.dtype]
+        self.msg, self.dtype = msg, TORCH_DTYPES[msg.dtype]
         self.num_blocks, self.block_size = msg.num_blocks, msg.block_size
         shape = (msg.num_layers, 2, msg.num_blocks, msg.block_size, msg.num_kv_heads, msg.head_dim)
         numel = int(np.prod(shape))

@@ -16,7 +16,7 @@ from llmos.drivers.model import paged_attention
 from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+WEIGHT_DTYPES = ("float32", "bfloat16")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
 
 
 class BadPlan(ValueError):
@@ -81,10 +81,10 @@ class ModelRunner:
                  pack_weights: bool | None = None):
         from transformers import AutoModelForCausalLM
 
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(DTYPES)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(WEIGHT_DTYPES)}")
         self.model_dir, self.dtype_name, self.device = Path(model_dir), dtype, torch.device(device)
-        self.dtype = DTYPES[dtype]
+        self.dtype = paged_attention.TORCH_DTYPES[dtype]
         if self.device.type == "cpu":
             torch.set_num_threads(physical_cores())
         self.model = AutoModelForCausalLM.from_pretrained(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from llmos.kernel.mem.pool import KVGeometry
+from llmos.kernel.mem.geometry import KVGeometry
 
 log = logging.getLogger(__name__)
 

@@ -11,28 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
+from llmos.kernel.mem.geometry import KVGeometry, KVPool
+
 log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _NAME = re.compile(r"^llmos-(\d+)-.*\.kv$")
-
-
-@dataclass(frozen=True)
-class KVGeometry:
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: str
-    block_size: int
-
-    @property
-    def block_bytes(self) -> int:
-        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
 
 
 class SharedKVPool:
@@ -67,7 +54,7 @@ class SharedKVPool:
             pass
 
 
-def make_pool(model: str, geometry: KVGeometry, num_blocks: int, device: str):
+def make_pool(model: str, geometry: KVGeometry, num_blocks: int, device: str) -> KVPool:
     """The pool for `device`: a /dev/shm file on the CPU, a kernel-held allocation on a GPU."""
     if device == "cpu":
         return SharedKVPool(model, geometry, num_blocks)
