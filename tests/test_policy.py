@@ -141,18 +141,18 @@ def test_pick_victim_lowest_priority_then_most_served_tenant_then_newest():
     assert pol.pick_victim([rt], now=10) is rt    # memory must be found: no protection
 
 
-def test_should_preempt_only_for_strictly_higher_priority():
+def test_preemption_only_for_strictly_higher_priority():
     pol = PriorityPolicy(min_run_s=0)
     inter = Req("inter", P("interactive"), arrival=0)
     batch = Req("batch", P("batch"), arrival=1)
     run = running(pol, inter, batch)
-    assert pol.should_preempt(Req("rt", P("realtime")), run, now=5) is batch
+    assert pol.preemption_candidates(Req("rt", P("realtime")), run, now=5)[0] is batch
     assert names(pol.preemption_candidates(Req("rt", P("realtime")), run, now=5)) == ["batch", "inter"]
-    assert pol.should_preempt(Req("i", P("interactive")), run, now=5) is batch
-    assert pol.should_preempt(Req("i", P("interactive")), [inter], now=5) is None   # equal
-    assert pol.should_preempt(Req("b", P("batch")), run, now=5) is None              # equal or lower
-    assert pol.should_preempt(Req("b9", P("batch:9")), run, now=5) is None
-    assert pol.should_preempt(Req("b0", P("batch:0")), [Req("b1", P("batch:1"), started_at=0)], now=5).name == "b1"
+    assert pol.preemption_candidates(Req("i", P("interactive")), run, now=5)[0] is batch
+    assert pol.preemption_candidates(Req("i", P("interactive")), [inter], now=5) == []   # equal
+    assert pol.preemption_candidates(Req("b", P("batch")), run, now=5) == []              # equal or lower
+    assert pol.preemption_candidates(Req("b9", P("batch:9")), run, now=5) == []
+    assert names(pol.preemption_candidates(Req("b0", P("batch:0")), [Req("b1", P("batch:1"), started_at=0)], now=5)) == ["b1"]
 
 
 def test_aged_head_does_not_preempt():
@@ -160,7 +160,7 @@ def test_aged_head_does_not_preempt():
     run = running(pol, Req("i", P("interactive:5"), arrival=0))
     old_batch = Req("old", P("batch"), arrival=0)
     assert pol.rank(old_batch, now=100) == (REALTIME, True)
-    assert pol.should_preempt(old_batch, run, now=100) is None
+    assert pol.preemption_candidates(old_batch, run, now=100) == []
 
 
 def test_min_run_protects_recent_admissions_with_backoff():
@@ -169,17 +169,17 @@ def test_min_run_protects_recent_admissions_with_backoff():
     running(pol, victim)
     victim.started_at = 10.0
     head = Req("rt", P("realtime"), arrival=10)
-    assert pol.should_preempt(head, [victim], now=11.9) is None
-    assert pol.should_preempt(head, [victim], now=12.0) is victim
+    assert pol.preemption_candidates(head, [victim], now=11.9) == []
+    assert pol.preemption_candidates(head, [victim], now=12.0)[:1] == [victim]
     # A request preempted before is protected for min_run_s * 2**preemptions.
     victim.preemptions = 2
-    assert pol.should_preempt(head, [victim], now=17.9) is None
-    assert pol.should_preempt(head, [victim], now=18.0) is victim
+    assert pol.preemption_candidates(head, [victim], now=17.9) == []
+    assert pol.preemption_candidates(head, [victim], now=18.0)[:1] == [victim]
     # A protected victim is skipped for an unprotected one.
     other = Req("o", P("interactive"), arrival=1, started_at=0.0)
     pol.on_queued(other)
     pol.on_started(other, 0)
-    assert pol.should_preempt(head, [victim, other], now=11) is other
+    assert pol.preemption_candidates(head, [victim, other], now=11)[:1] == [other]
 
 
 def test_preemption_counters_and_books():

@@ -14,6 +14,7 @@ import time
 from llmos import protocol
 from llmos.kernel.requests import Request, State
 from llmos.kernel.admission import check_submit
+from llmos.kernel.blocks import blocks_needed
 from llmos.sampling_params import InvalidParam
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ class FrontDoor:
         self._driver_state = driver_state  # driver name -> (state, last error or None)
         self.table: dict[str, Request] = {}
         self.groups: dict[str, list[Request]] = {}   # n > 1: client id -> its choices still in the table
-        self.by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count(1)
         self.draining = False
         self.tokenizer_epoch: dict[str, int] = {}   # tokenizer driver -> incarnation counter
@@ -121,7 +121,7 @@ class FrontDoor:
         req.prompt_ids = prompt_ids
         req.max_tokens = wanted if wanted is not None else ctx - n
         pool = engine.scheduler.pool
-        need = -(-(n + req.max_tokens) // pool.block_size)
+        need = blocks_needed(n + req.max_tokens, pool.block_size)
         if need > pool.num_blocks:
             return self._end_with_error(
                 req, 400, "kv_capacity_exceeded",
@@ -134,7 +134,6 @@ class FrontDoor:
 
     def _enter(self, req: Request) -> None:
         self.table[req.id] = req
-        self.by_seq[req.seq_id] = req
 
     def _choice(self, first: Request, index: int) -> Request:
         """Choice `index` of an n > 1 request: same prompt and limits, its own seed; it waits
@@ -303,7 +302,6 @@ class FrontDoor:
         if req.state is not State.DONE:
             req.to(State.DONE)
         self.table.pop(req.id, None)
-        self.by_seq.pop(req.seq_id, None)
         group = self.groups.get(req.group)
         if group is not None:
             group[:] = [r for r in group if r is not req]

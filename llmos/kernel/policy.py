@@ -307,11 +307,6 @@ class PriorityPolicy:
                 del pools[t]
         return found
 
-    def should_preempt(self, head, running: list, now: float):
-        """The one victim to preempt for `head` when it does not fit, or None."""
-        found = self.preemption_candidates(head, running, now)
-        return found[0] if found else None
-
     # ------------------------------------------------------------ moves (see the contract above)
     def on_queued(self, req) -> None:
         self.tenants.on_queued(req.tenant)

@@ -177,7 +177,8 @@ class Supervisor:
         if len(d.restart_times) > d.spec.max_restarts:
             d.change_state(DState.FAILED)
             log.error("driver %s failed: restart budget exhausted (%s)", d.spec.name, d.last_error)
-            self.on_down(d.spec.name)
+            if not was_running:   # (a running one was reported down above, once is enough)
+                self.on_down(d.spec.name)
             return
         d.restarts += 1
         d.retry_at = now + min(10.0, 0.25 * 2 ** (len(d.restart_times) - 1))

@@ -58,7 +58,6 @@ ALLOWED = {
 }
 ACTIVE = ("in_progress", "finalizing", "cancelling")
 TERMINAL = ("completed", "failed", "cancelled")
-REQUEST_STATES = ("pending", "running", "completed", "failed", "cancelled")
 
 
 class StoreError(RuntimeError):
