@@ -11,8 +11,7 @@ from pathlib import Path
 
 import click
 
-from llmos.client import Client
-from llmos.client_jobs import FINAL
+from llmos.client import FINAL, Client
 from llmos.paths import Paths
 
 
