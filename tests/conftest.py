@@ -1,8 +1,12 @@
-"""Shared fixtures: a model cache (the smollm2 GGUF is converted once per machine) and
-tiny random models for fast end-to-end runs."""
+"""Shared fixtures, seen by every test module (none needs to import them): the model
+cache (the smollm2 GGUF is converted once per machine) and the tiny random models of
+llmos/models/tiny.py, each built once per machine for the tiny.py that made it."""
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,28 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LLMOS_MODEL_CACHE", str(REPO / ".cache" / "models"))
+
+
+def tiny_model_dir(kind: str, cache: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """The one way tests get a tiny model: make_tiny_model(kind, seed) with this tokenizer,
+    kept in `cache` under a name that carries a digest of tiny.py, so an edit to it builds
+    a fresh model instead of reusing a stale one. Built aside and renamed into place:
+    concurrent sessions never see half a model."""
+    from llmos.models import tiny
+    digest = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
+    out = Path(cache) / f"tiny-{kind}-seed{seed}-{digest}"
+    if not (out / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
+        try:
+            tiny.make_tiny_model(kind, tmp, tokenizer_dir, seed=seed)
+            os.chmod(tmp, 0o755)   # mkdtemp makes it 0700; the cache is shared
+            os.rename(tmp, out)    # atomic; fails if another session got there first
+        except OSError:
+            if not (out / "config.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +54,14 @@ def smollm2_dir(model_cache) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(model_cache, smollm2_dir) -> Path:
-    from llmos.models.tiny import make_tiny_model
-    out = model_cache / "tiny-llama"
-    return out if (out / "config.json").exists() else make_tiny_model("llama", out, smollm2_dir, seed=0)
+    return tiny_model_dir("llama", model_cache, smollm2_dir)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(model_cache, smollm2_dir) -> Path:
-    from llmos.models.tiny import make_tiny_model
-    out = model_cache / "tiny-qwen2"
-    return out if (out / "config.json").exists() else make_tiny_model("qwen2", out, smollm2_dir, seed=0)
+    return tiny_model_dir("qwen2", model_cache, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tiny_llama_dir, tiny_qwen2_dir) -> dict[str, Path]:
+    return {"llama": tiny_llama_dir, "qwen2": tiny_qwen2_dir}

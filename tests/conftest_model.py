@@ -1,28 +1,24 @@
-"""Shared model fixtures and a miniature kernel for driving ModelRunner in tests.
+"""Helpers for driving ModelRunner in tests: make_pool_file, BlockAllocator, MiniKernel
+(a plain-Python scheduler + block manager that builds real StepPlans), hf_greedy
+(reference tokens from Hugging Face generate), PROMPTS.
 
-Import from tests/conftest.py:  `from conftest_model import *  # noqa: F401,F403`
-
-Fixtures (session scoped): model_cache, smollm2_dir, tiny_model_dirs ({"llama": dir, "qwen2": dir}).
-Helpers: make_pool_file, BlockAllocator, MiniKernel (a plain-Python scheduler + block manager
-that builds real StepPlans), hf_greedy (reference tokens from Hugging Face generate).
+The model fixtures (model_cache, smollm2_dir, tiny_llama_dir, tiny_qwen2_dir,
+tiny_model_dirs) live in conftest.py, for every test module; they are re-exported here
+only for modules that still import them from this one.
 """
 from __future__ import annotations
 
-import functools
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import model_cache, smollm2_dir, tiny_model_dirs  # noqa: F401  (see above)
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub in tests
+from llmos import protocol
 
-from llmos import protocol  # noqa: E402
-
-__all__ = ["model_cache", "smollm2_dir", "tiny_model_dirs", "make_pool_file", "BlockAllocator",
-           "MiniKernel", "hf_greedy", "PROMPTS"]
+__all__ = ["make_pool_file", "BlockAllocator", "MiniKernel", "hf_greedy", "PROMPTS"]
 
 PROMPTS = [
     "Hi",
@@ -31,36 +27,6 @@ PROMPTS = [
     "List three differences between lists and tuples in Python, and explain when you would use "
     "each of them in everyday code. Keep the answer short, friendly and concrete, with examples.",
 ]
-
-
-# The fixtures are thin wrappers over cached builders, so a test module that imports them
-# and a conftest.py that imports them too share one copy of every model.
-@functools.lru_cache(maxsize=None)
-def _prepare(spec: str, cache: Path) -> Path:
-    from llmos.models.registry import prepare_model_dir
-    return prepare_model_dir(spec, cache)
-
-
-@functools.lru_cache(maxsize=None)
-def _tiny(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
-    from llmos.models.tiny import make_tiny_model
-    return {kind: make_tiny_model(kind, root / kind, tokenizer_dir) for kind in ("llama", "qwen2")}
-
-
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory) -> Path:
-    env = os.environ.get("LLMOS_MODEL_CACHE")
-    return Path(env) if env else tmp_path_factory.getbasetemp() / "models"
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir(model_cache) -> Path:
-    return _prepare("smollm2", model_cache)
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
-    return _tiny(tmp_path_factory.getbasetemp() / "tiny", smollm2_dir)
 
 
 def make_pool_file(directory: Path, info: dict, num_blocks: int, block_size: int) -> protocol.MapKVPool:

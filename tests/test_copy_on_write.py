@@ -1,27 +1,25 @@
 """Copy-on-write sharing for n > 1: exact block ids and reference counts, invariants under
 random operations, and a 200-request churn with n > 1 that must end with an empty pool."""
 import random
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_kit import apply, drain, expected_output, make_request, run_step, token_at
 
 from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.requests import Request, State
 from llmos.kernel.scheduler import Scheduler
 from llmos.kernel.swap import SwapSpace
-from llmos.sampling_params import SamplingParams
 
 
 def req(i, prompt, max_tokens=100, state=State.TOKENIZING):
-    r = Request(id=f"r{i}", seq_id=i, model="m", tenant="t", params=SamplingParams(temperature=0), state=state)
-    r.prompt_ids = list(prompt)
-    r.max_tokens = max_tokens
-    r.arrival = float(i)
-    return r
+    return make_request(list(prompt), i=i, max_tokens=max_tokens, state=state)
 
 
 def prefilled(kv, prompt_len, i=0):
+    """The KV manager alone (no scheduler): a prompt written and committed."""
     r = req(i, range(prompt_len))
     assert kv.allocate_slots(r, prompt_len)
     r.num_computed = prompt_len
@@ -123,18 +121,20 @@ def test_the_scheduler_forks_waiting_choices_and_frees_everything_at_the_end():
     sched = Scheduler(KVCacheManager(pool), max_batched_tokens=64)
     parent = req(0, range(6), max_tokens=3)
     parent.forks = [req(i, range(6), max_tokens=3, state=State.FORKING) for i in (1, 2)]
+    choices = [parent, *parent.forks]
     sched.add(parent)
-    [s] = sched.schedule()
-    parent.num_computed += s.num_new
-    sched.fork_choices(parent)
-    parent.output_ids.append(5)
+    run_step(sched)                           # the prompt's step forks the choices
     assert all(c.state is State.WAITING and c.num_computed == 5 and c.blocks == [0, 1] for c in sched.waiting)
+    assert sched.waiting == choices[1:] and parent.output_ids == [token_at(0, 6)]
     batch = sched.schedule()
     assert [(s.req.id, s.num_new) for s in batch] == [("r0", 1), ("r1", 1), ("r2", 1)]
     assert sorted(sched.kv.copy_ops()) == [(1, 2), (1, 3)]   # the choices copy, the parent writes in place
-    sched.kv.step_done()
-    for r in [parent] + [s.req for s in batch[1:]]:
-        sched.finish(r)
+    apply(sched, batch)
+    assert sched.kv.copy_ops() == [] and [c.output_ids for c in choices[1:]] == [[token_at(1, 6)], [token_at(2, 6)]]
+    drain(sched)                              # each choice samples its own tokens up to max_tokens
+    for c in choices:
+        assert (c.state, c.finish_reason, c.output_ids) == (State.FINISHING, "length", expected_output(c))
+        assert len(c.output_ids) == 3
     assert pool.num_used == 0
     pool.check_integrity({})
 
@@ -234,7 +234,7 @@ def test_leak_200_requests_with_n_up_to_4_random_lengths_cancellations_and_swap(
     sched = Scheduler(KVCacheManager(pool), max_num_seqs=16, max_batched_tokens=64,
                       swap=SwapSpace(BlockPool(24, 4), block_bytes=1, mode="auto", recompute_tokens_per_s=1.0))
     shared = list(range(12))
-    live, next_id = [], 0
+    live, next_id, reasons = [], 0, Counter()
     while next_id < 200 or live:
         while len(live) < 24 and next_id < 200:
             prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(1000) for _ in range(rng.randint(1, 20))]
@@ -244,28 +244,22 @@ def test_leak_200_requests_with_n_up_to_4_random_lengths_cancellations_and_swap(
             next_id += 1
             sched.add(r)
             live += [r, *r.forks]
-        batch = sched.schedule()
-        for s in batch:
-            s.req.num_computed += s.num_new
-            sched.kv.commit(s.req)
-            if s.sample:
-                sched.fork_choices(s.req)
-                s.req.output_ids.append(rng.randrange(1000))
-        (sched.kv.step_lost if rng.random() < 0.05 else sched.kv.step_done)()
-        sched.swap.step_done()
+        run_step(sched, lost=rng.random() < 0.05)   # a lost step applies nothing: it is planned again
         for r in list(live):
-            if r.state is State.DONE:
-                continue   # cancelled with its parent above
-            done = r.state is State.RUNNING and len(r.output_ids) >= r.max_tokens
-            if done or (r.state is not State.FORKING and rng.random() < 0.02):   # finish or cancel
-                sched.finish(r)
-                for child in r.forks:       # cancelled before its prompt was in: its choices go too
-                    child.to(State.DONE)
-                    live.remove(child)
+            if r.state is State.FINISHING:
+                continue   # ended in the step (length) or with its parent above
+            if r.state is not State.FORKING and rng.random() < 0.02:   # cancel; choices not forked yet go too
+                sched.finish_requests([r, *r.forks], "abort")
+        for r in list(live):
+            if r.state is State.FINISHING:
+                assert r.output_ids == expected_output(r), r.id
+                assert r.finish_reason == "abort" or len(r.output_ids) == r.max_tokens, r.id
+                reasons[r.finish_reason] += 1
                 r.to(State.DONE)
                 live.remove(r)
         sched.check_integrity()
-    assert sched.kv.forks > 0 and sched.kv.copies > 0 and sched.preemptions > 0
+    assert sched.kv.forks > 0 and sched.kv.copies > 0 and sched.preemptions > 0 and reasons["length"] > 100
+    assert sched.swap.stats()["swap_ins"] > 0 and sched.swap.stats()["fallbacks_to_recompute"] > 0   # lost swap-outs
     assert pool.num_free == pool.num_blocks and pool.num_used == 0
     pool.check_integrity({})
     assert sched.swap.host.num_used == 0

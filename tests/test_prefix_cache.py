@@ -1,25 +1,23 @@
 """Prefix cache: exact block ids, reference counts, eviction order; leaks under churn."""
 import random
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scheduler_kit import expected_output, make_request, run_step
 
 from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
-from llmos.kernel.requests import Request, State
+from llmos.kernel.requests import State
 from llmos.kernel.scheduler import Scheduler
-from llmos.sampling_params import SamplingParams
 
 
 def req(i, prompt, max_tokens=100):
-    r = Request(id=f"r{i}", seq_id=i, model="m", tenant="t", params=SamplingParams(temperature=0))
-    r.prompt_ids = list(prompt)
-    r.max_tokens = max_tokens
-    r.arrival = float(i)
-    return r
+    return make_request(list(prompt), i=i, max_tokens=max_tokens)
 
 
 def prefill(kv, r):
+    """The KV manager alone (no scheduler): the whole prompt is written and committed."""
     assert kv.allocate_slots(r, r.num_tokens - r.num_computed)
     r.num_computed = r.num_tokens
     kv.commit(r)
@@ -75,10 +73,7 @@ def test_preempted_request_recomputes_only_what_was_evicted():
     sched = Scheduler(KVCacheManager(pool), max_batched_tokens=64)
     a = req(1, range(8))
     sched.add(a)
-    (s,) = sched.schedule()
-    a.num_computed += s.num_new
-    sched.kv.commit(a)
-    a.output_ids.append(3)
+    run_step(sched)
     sched._preempt(a, "memory", 0.0)
     (s,) = sched.schedule()               # its 2 full blocks are still cached
     assert s.num_new == 1 and a.num_computed == 8
@@ -89,7 +84,7 @@ def test_leak_200_requests_random_lengths_cancellations_and_preemption():
     pool = BlockPool(40, 4)
     sched = Scheduler(KVCacheManager(pool), max_num_seqs=16, max_batched_tokens=64)
     shared = list(range(12))
-    live, next_id, finished = [], 0, 0
+    live, next_id, finished, reasons = [], 0, 0, Counter()
     while finished < 200:
         while len(live) < 24 and next_id < 200:
             prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(1000) for _ in range(rng.randint(1, 20))]
@@ -97,20 +92,20 @@ def test_leak_200_requests_random_lengths_cancellations_and_preemption():
             next_id += 1
             sched.add(r)
             live.append(r)
-        for s in sched.schedule():
-            s.req.num_computed += s.num_new
-            sched.kv.commit(s.req)
-            if s.sample:
-                s.req.output_ids.append(rng.randrange(1000))
+        run_step(sched)
         for r in list(live):
-            done = r.state is State.RUNNING and len(r.output_ids) >= r.max_tokens
-            if done or rng.random() < 0.02:   # finish or cancel (waiting or running)
-                sched.finish(r)
+            if r.state is not State.FINISHING and rng.random() < 0.02:   # cancel, waiting or running
+                sched.finish_requests([r], "abort")
+            if r.state is State.FINISHING:
+                assert r.output_ids == expected_output(r), r.id
+                assert r.finish_reason == "abort" or len(r.output_ids) == r.max_tokens, r.id
+                reasons[r.finish_reason] += 1
                 r.to(State.DONE)
                 live.remove(r)
                 finished += 1
         sched.check_integrity()
     assert pool.num_free == pool.num_blocks and pool.num_used == 0
+    assert sched.preemptions > 0 and sched.kv.hit_tokens > 0 and reasons["length"] > 50
     pool.check_integrity({})
 
 

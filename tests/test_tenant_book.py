@@ -9,15 +9,12 @@ from collections import Counter
 
 import pytest
 
+from scheduler_kit import expected_output, make_request, priority_scheduler, run_step
+
 from llmos.cli.daemon import parse_tenant
 from llmos.kernel import tenants as tenants_module
-from llmos.kernel.blocks import BlockPool
-from llmos.kernel.kv_manager import KVCacheManager
-from llmos.kernel.policy import PriorityPolicy, parse_priority
-from llmos.kernel.requests import Request, State
-from llmos.kernel.scheduler import Scheduler
+from llmos.kernel.requests import State
 from llmos.kernel.tenants import ALL, DEFAULT_TENANT, SWEEP_MIN, WINDOW_S, QuotaExceeded, TenantBook, TenantConfig
-from llmos.sampling_params import SamplingParams
 
 
 def one_request(book: TenantBook, tenant: str, tokens: int, now: float) -> None:
@@ -222,30 +219,20 @@ def test_llmosd_tenant_option_sets_the_default():
 def test_the_scheduler_with_thousands_of_one_shot_tenants():
     """Through the real scheduler and policy: every request of 5 x SWEEP_MIN distinct
     tenants is served, the books stay in balance and bounded."""
-    now = [1000.0]
-    policy = PriorityPolicy(TenantBook())
-    sched = Scheduler(KVCacheManager(BlockPool(256, 4), prefix_caching=False), max_num_seqs=16,
-                      max_batched_tokens=256, policy=policy, clock=lambda: now[0])
-    ids, done, most = itertools.count(1), 0, 0
+    sched, clock = priority_scheduler(blocks=256, seqs=16)
+    clock.step_s = 0.01
+    policy = sched.policy
+    ids, reqs, most = itertools.count(1), [], 0
     total = 5 * SWEEP_MIN
-    while done < total:
+    while sched.has_work() or len(reqs) < total:
         while len(sched.waiting) < 16 and (i := next(ids)) <= total:
-            r = Request(id=f"r{i}", seq_id=i, model="m", tenant=f"client-{i}", params=SamplingParams(temperature=0))
-            r.prompt_ids, r.max_tokens, r.priority, r.arrival = [i % 50 + 1] * 4, 3, parse_priority(None), now[0]
-            assert policy.check_admission(r.tenant, now[0]) is None
+            r = make_request(4, i=i, tenant=f"client-{i}", max_tokens=3, arrival=clock())
+            assert policy.check_admission(r.tenant, clock()) is None
             sched.add(r)
-        for s in sched.schedule():
-            s.req.num_computed += s.num_new
-            sched.kv.commit(s.req)
-            if s.sample:
-                s.req.output_ids.append(7)
-                if len(s.req.output_ids) >= s.req.max_tokens:
-                    sched.finish(s.req)
-                    s.req.to(State.FINISHING)
-                    done += 1
-        now[0] += 0.01
-        sched.check_integrity()
+            reqs.append(r)
+        run_step(sched)
         most = max(most, policy.tenants.num_tenants)
+    assert len(reqs) == total and all(r.state is State.FINISHING and r.output_ids == expected_output(r) for r in reqs)
     assert most <= SWEEP_MIN and policy.tenants.forgotten >= total - SWEEP_MIN
 
 
