@@ -11,13 +11,9 @@ from pathlib import Path
 
 import click
 
+from llmos.cli.format import dur, print_table
 from llmos.client import FINAL, Client
 from llmos.paths import Paths
-
-
-def _fmt(seconds) -> str:
-    from llmos.cli.main import _dur  # the group's module imports this one at its end
-    return _dur(seconds)
 
 
 def _progress(job: dict) -> str:
@@ -47,16 +43,15 @@ def jobs(ctx):
     """Batch jobs: list them (no subcommand), show, wait, cancel, results."""
     if ctx.invoked_subcommand is not None:
         return
-    from llmos.cli.main import _table
     with Client(ctx.obj.home, timeout=10) as c:
         data = c.jobs()
     if not data:
         click.echo("no jobs")
         return
     now = time.time()
-    _table(["JOB", "STATUS", "DONE", "FAILED", "ENDPOINT", "AGE"],
-           [[j["id"], j["status"], _progress(j), j["request_counts"]["failed"], j["endpoint"],
-             _fmt(now - j["created_at"])] for j in data])
+    print_table(["JOB", "STATUS", "DONE", "FAILED", "ENDPOINT", "AGE"],
+                [[j["id"], j["status"], _progress(j), j["request_counts"]["failed"], j["endpoint"],
+                  dur(now - j["created_at"])] for j in data])
 
 
 @jobs.command()
@@ -77,7 +72,7 @@ def show(paths: Paths, job_id):
             ("tokens", f"{j['usage']['input_tokens']} prompt, {j['usage']['output_tokens']} completion"),
             ("throughput", f"{rate['requests_per_s']} requests/s, {rate['tokens_per_s']} tokens/s "
                            f"({'whole job' if j['status'] in FINAL else 'last 30 s'})"),
-            ("eta", "-" if eta is None else _fmt(eta)),
+            ("eta", "-" if eta is None else dur(eta)),
             ("output", x["output_file_id"]), ("errors", x["error_file_id"])]
     if j.get("metadata"):
         rows.append(("metadata", j["metadata"]))

@@ -17,6 +17,9 @@ import click
 import psutil
 
 import llmos
+from llmos.cli.format import dur, print_table
+from llmos.cli.jobs import jobs, submit
+from llmos.cli.top import top
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
 
@@ -235,38 +238,24 @@ def chat(paths: Paths, model, system, **kw):
 # ---------------------------------------------------------------- inspection
 
 
-def _table(headers: list[str], rows: list[list]) -> None:
-    cells = [headers] + [["-" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
-
-
-def _dur(seconds) -> str:
-    if not isinstance(seconds, (int, float)):
-        return "-"
-    s = int(seconds)
-    return f"{seconds:.1f}s" if s < 60 else f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
 @cli.command()
 @click.pass_obj
 def ps(paths: Paths):
     """Driver processes and requests in flight."""
     with _client(paths, timeout=10) as c:
         data = c.ps()
-    _table(["NAME", "ROLE", "PID", "STATE", "UPTIME", "RESTARTS"],
-           [[p.get("name"), p.get("role"), p.get("pid"), p.get("state"), _dur(p.get("uptime_s")), p.get("restarts")]
-            for p in data.get("processes", [])])
+    print_table(["NAME", "ROLE", "PID", "STATE", "UPTIME", "RESTARTS"],
+                [[p.get("name"), p.get("role"), p.get("pid"), p.get("state"), dur(p.get("uptime_s")),
+                  p.get("restarts")] for p in data.get("processes", [])])
     requests = data.get("requests", [])
     click.echo()
     if not requests:
         click.echo("no requests in flight")
         return
-    _table(["REQUEST", "MODEL", "TENANT", "CLASS", "STATE", "WAITED", "PROMPT", "GENERATED", "AGE"],
-           [[r.get("id"), r.get("model"), r.get("tenant"), r.get("priority"), r.get("state"),
-             _dur(r.get("waited_s")), r.get("prompt_tokens"), r.get("output_tokens"), _dur(r.get("age_s"))]
-            for r in requests])
+    print_table(["REQUEST", "MODEL", "TENANT", "CLASS", "STATE", "WAITED", "PROMPT", "GENERATED", "AGE"],
+                [[r.get("id"), r.get("model"), r.get("tenant"), r.get("priority"), r.get("state"),
+                  dur(r.get("waited_s")), r.get("prompt_tokens"), r.get("output_tokens"), dur(r.get("age_s"))]
+                 for r in requests])
     for model, sched in (data.get("scheduler") or {}).items():
         pre = sched.get("preemptions")
         if pre:
@@ -308,10 +297,12 @@ def mem(paths: Paths):
                    f"({m['pool_bytes'] / 2**20:.0f} MiB)")
         used, cached = m["blocks_used"], m["blocks_cached_free"]
         free = m["blocks_free"] - cached
-        _table(["STATE", "BLOCKS", "MIB"], [["used", used, f"{used * mib:.1f}"], ["cached-free", cached,
-               f"{cached * mib:.1f}"], ["free", free, f"{free * mib:.1f}"]] + (
-            [["swapped (host)", m["swap"]["host_blocks_used"], f"{m['swap']['host_blocks_used'] * mib:.1f}"]]
-            if m.get("swap") else []))
+        rows = [["used", used, f"{used * mib:.1f}"], ["cached-free", cached, f"{cached * mib:.1f}"],
+                ["free", free, f"{free * mib:.1f}"]]
+        if m.get("swap"):
+            host = m["swap"]["host_blocks_used"]
+            rows.append(["swapped (host)", host, f"{host * mib:.1f}"])
+        print_table(["STATE", "BLOCKS", "MIB"], rows)
         pc = m["prefix_cache"]
         click.echo(f"prefix cache: hit rate {pc['hit_rate']:.1%} ({pc['hit_tokens']}/{pc['queried_tokens']} tokens), "
                    f"{pc['evictions']} evictions; preemptions {m['preemptions']}")
@@ -322,7 +313,7 @@ def mem(paths: Paths):
             click.echo(f"swap ({s['mode']}): {s['swap_outs']} out / {s['swap_ins']} in, "
                        f"{s['bytes_out'] / 2**20:.1f} MiB out, {s['bytes_in'] / 2**20:.1f} MiB in")
         if m["requests"]:
-            _table(["REQUEST", "BLOCKS"], [[rid, n] for rid, n in m["requests"].items()])
+            print_table(["REQUEST", "BLOCKS"], [[rid, n] for rid, n in m["requests"].items()])
 
 
 @cli.command()
@@ -331,15 +322,12 @@ def models(paths: Paths):
     """Models the daemon serves."""
     with _client(paths, timeout=10) as c:
         data = c.models()
-    _table(["MODEL", "MAX_MODEL_LEN", "OWNED_BY"], [[m.get("id"), m.get("max_model_len"), m.get("owned_by")]
-                                                   for m in data])
+    print_table(["MODEL", "MAX_MODEL_LEN", "OWNED_BY"],
+                [[m.get("id"), m.get("max_model_len"), m.get("owned_by")] for m in data])
 
 
-# ---------------------------------------------------------------- batch jobs and top (own modules)
+# ---------------------------------------------------------------- batch jobs and top (llmos.cli.jobs, .top)
 
-from llmos.cli.jobs import jobs as _jobs, submit as _submit  # noqa: E402  (they use the helpers above)
-from llmos.cli.top import top as _top  # noqa: E402
-
-cli.add_command(_submit)
-cli.add_command(_jobs)
-cli.add_command(_top)
+cli.add_command(submit)
+cli.add_command(jobs)
+cli.add_command(top)

@@ -10,28 +10,17 @@ import time
 from collections import Counter
 
 import click
-from rich.console import Console, Group
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from llmos.cli.format import add_row, console as output_console, dur, show, table
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
 
 STATES = ("tokenizing", "waiting", "preempted", "swapped", "running", "finishing")
 CLASSES = ("realtime", "interactive", "batch")
-
-
-def _dur(seconds) -> str:
-    from llmos.cli.main import _dur as dur  # the group's module imports this one at its end
-    return dur(seconds)
-
-
-def _table(title: str, headers: list[str]) -> Table:
-    t = Table(title=title, title_justify="left", title_style="bold", expand=False, box=None, pad_edge=False)
-    for h in headers:
-        t.add_column(h, no_wrap=True)
-    return t
 
 
 def request_class(req: dict) -> str:
@@ -57,59 +46,60 @@ def tokens_per_s(now: dict, before: dict | None, dt: float) -> dict[str, float |
 def render(snap: dict, rates: dict) -> Group:
     h, ps, mem = snap["health"], snap["ps"], snap["memory"]
     head = Text.assemble(("llmosd ", "bold"), (str(h.get("status")), "green" if h.get("status") == "ok" else "red"),
-                         f"  pid {h.get('pid', '-')}  up {_dur(h.get('uptime_s'))}  device {h.get('device', '-')}"
+                         f"  pid {h.get('pid', '-')}  up {dur(h.get('uptime_s'))}  device {h.get('device', '-')}"
                          f"  requests in flight {h.get('requests_in_flight', '-')}")
-    drivers = _table("Drivers", ["NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS"])
+    drivers = table(["NAME", "ROLE", "STATE", "PID", "UPTIME", "RESTARTS"], title="Drivers")
     for p in ps.get("processes", []):
         style = "" if p.get("state") == "running" else "yellow"
-        drivers.add_row(*map(str, (p.get("name"), p.get("role"), p.get("state"), p.get("pid"),
-                                   _dur(p.get("uptime_s")), p.get("restarts"))), style=style)
+        add_row(drivers, (p.get("name"), p.get("role"), p.get("state"), p.get("pid"), dur(p.get("uptime_s")),
+                          p.get("restarts")), style=style)
     requests = ps.get("requests", [])
     counts = Counter((request_class(r), r.get("state")) for r in requests)
-    queues = _table("Queues by class", ["CLASS", *map(str.upper, STATES)])
+    queues = table(["CLASS", *map(str.upper, STATES)], title="Queues by class")
     for cls in CLASSES:
-        queues.add_row(cls, *(str(counts[(cls, s)]) for s in STATES))
+        add_row(queues, (cls, *(counts[(cls, s)] for s in STATES)))
     running = [r for r in requests if r.get("state") == "running"]
-    batch = _table(f"Running batch ({len(running)} sequences)", ["REQUEST", "MODEL", "CLASS", "PROMPT", "OUT", "AGE"])
+    batch = table(["REQUEST", "MODEL", "CLASS", "PROMPT", "OUT", "AGE"],
+                  title=f"Running batch ({len(running)} sequences)")
     for r in running[:8]:
-        batch.add_row(str(r.get("id"))[:40], str(r.get("model")), request_class(r), str(r.get("prompt_tokens")),
-                      str(r.get("output_tokens")), _dur(r.get("age_s")))
+        add_row(batch, (str(r.get("id"))[:40], r.get("model"), request_class(r), r.get("prompt_tokens"),
+                        r.get("output_tokens"), dur(r.get("age_s"))))
     if len(running) > 8:
-        batch.add_row(f"... {len(running) - 8} more", "", "", "", "", "")
-    memory = _table("KV memory", ["MODEL", "BLOCKS USED", "USE", "", "PREEMPTIONS"])
-    speed = _table("Throughput (tokens/s)", ["MODEL", "TOKENS/S", "STEPS", "KERNEL SHARE"])
+        add_row(batch, (f"... {len(running) - 8} more", "", "", "", "", ""))
+    memory = table(["MODEL", "BLOCKS USED", "USE", "", "PREEMPTIONS"], title="KV memory")
+    speed = table(["MODEL", "TOKENS/S", "STEPS", "KERNEL SHARE"], title="Throughput (tokens/s)")
     for name, m in mem.items():
         if not isinstance(m, dict):
             continue
         if "blocks_total" not in m:
-            memory.add_row(name, m.get("state", "-"), "", "", "")
-            speed.add_row(name, "-", "-", "-")
+            add_row(memory, (name, m.get("state", "-"), "", "", ""))
+            add_row(speed, (name, "-", "-", "-"))
             continue
         used, total = m["blocks_used"], max(1, m["blocks_total"])
         bar = "#" * round(20 * used / total)
-        memory.add_row(name, f"{used}/{m['blocks_total']}", f"{100 * used / total:.0f}%", f"[{bar:<20}]",
-                       str(m.get("preemptions", 0)))
+        add_row(memory, (name, f"{used}/{m['blocks_total']}", f"{100 * used / total:.0f}%", f"[{bar:<20}]",
+                         m.get("preemptions", 0)))
         steps, rate = m.get("steps", {}), rates.get(name)
-        speed.add_row(name, "-" if rate is None else f"{rate:.1f}", str(steps.get("steps", "-")),
-                      f"{100 * steps.get('kernel_share', 0):.1f}%")
-    jobs = _table("Batch jobs", ["JOB", "STATUS", "DONE", "FAILED", "REQ/S", "ETA"])
+        add_row(speed, (name, "-" if rate is None else f"{rate:.1f}", steps.get("steps", "-"),
+                        f"{100 * steps.get('kernel_share', 0):.1f}%"))
+    jobs = table(["JOB", "STATUS", "DONE", "FAILED", "REQ/S", "ETA"], title="Batch jobs")
     for j in [j for j in snap.get("jobs", []) if j["status"] in ("in_progress", "finalizing", "cancelling")][:5]:
         c, x = j["request_counts"], j.get("llmos", {})
-        jobs.add_row(j["id"], j["status"], f"{c['completed'] + c['failed']}/{c['total']}", str(c["failed"]),
-                     str(x.get("throughput", {}).get("requests_per_s", "-")), _dur(x.get("eta_s")))
+        add_row(jobs, (j["id"], j["status"], f"{c['completed'] + c['failed']}/{c['total']}", c["failed"],
+                       x.get("throughput", {}).get("requests_per_s", "-"), dur(x.get("eta_s"))))
     return Group(head, Text(), drivers, Text(), queues, Text(), batch, Text(), memory, Text(), speed, Text(), jobs,
                  Text(), _errors(snap))
 
 
 def _errors(snap: dict) -> Table:
-    errors = _table("Recent errors", ["WHEN", "WHERE", "ERROR"])
+    errors = table(["WHEN", "WHERE", "ERROR"], title="Recent errors")
     rows = [("now", f"driver {name}", "failed") for name in snap["health"].get("failed_drivers", [])]
     rows += [("-", f"driver {p['name']}", f"restarted {p['restarts']} time(s)")
              for p in snap["ps"].get("processes", []) if p.get("restarts")]
     rows += [(time.strftime("%H:%M:%S", time.localtime(e["at"])), f"{e['job']} line {e['line']}",
               f"{e['status']} {e['code']}: {e['message']}"[:100]) for e in reversed(snap.get("job_errors", [])[-5:])]
     for row in rows[:8] or [("", "none", "")]:
-        errors.add_row(*row)
+        add_row(errors, row)
     return errors
 
 
@@ -119,13 +109,13 @@ def _errors(snap: dict) -> Table:
 @click.pass_obj
 def top(paths: Paths, once, interval):
     """Live view: drivers, queues by class, the running batch, KV memory, tokens/s, jobs, errors."""
-    console = Console()
+    console = output_console()
     with Client(paths.home, timeout=10) as c:
         before, t0 = c.status(), time.monotonic()
         if once:  # tokens/s needs two samples
             time.sleep(interval)
             snap, t1 = c.status(), time.monotonic()
-            console.print(render(snap, tokens_per_s(snap["memory"], before["memory"], t1 - t0)))
+            show(render(snap, tokens_per_s(snap["memory"], before["memory"], t1 - t0)), console)
             return
         with Live(render(before, {}), console=console, screen=console.is_terminal, auto_refresh=False) as live:
             try:
