@@ -1,5 +1,7 @@
 """The client SDK and the `llmos` CLI against the real io driver and a fake kernel
-(FakeKernel from test_io_driver). `start`/`stop` run a fake llmosd: this file run as a script."""
+(FakeKernel from test_io_driver). `start`/`stop` run a fake llmosd: this file run as a script.
+Client and AsyncClient are compared request by request on a mock transport, and
+AsyncClient.restart_driver runs against a real daemon."""
 from __future__ import annotations
 
 import asyncio
@@ -9,12 +11,14 @@ import signal
 import sys
 import time
 
+import httpx
 import pytest
 from click.testing import CliRunner
 
+from daemon_harness import serving
 from llmos import protocol
 from llmos.cli import main as cli_main
-from llmos.client import AsyncClient, Client, DaemonNotRunning, RequestRejected, ServerError, openai_client
+from llmos.client import AsyncClient, Client, DaemonNotRunning, NotFound, RequestRejected, ServerError, openai_client
 from llmos.paths import Paths
 from test_io_driver import MODEL, REPLY, io_stack
 
@@ -80,6 +84,136 @@ def test_not_running(tmp_path):
         assert r.exit_code == 1 and "llmosd is not running" in r.output and "Traceback" not in r.output
     r = llmos(tmp_path, "stop")
     assert r.exit_code == 0 and "not running" in r.output
+
+
+def public_methods(cls) -> set[str]:
+    return {n for n in dir(cls) if not n.startswith("_") and callable(getattr(cls, n))}
+
+
+def test_both_clients_have_the_same_methods():
+    assert public_methods(Client) - {"close"} == public_methods(AsyncClient) - {"aclose"}
+    assert "restart_driver" in public_methods(AsyncClient)
+
+
+JOB = {"id": "batch_1", "status": "completed", "request_counts": {"total": 1, "completed": 1, "failed": 0},
+       "llmos": {"output_file_id": "file-out", "error_file_id": "file-err"}}
+SSE = b'data: {"choices": [{"delta": {"content": "Hel"}, "text": "Hel"}]}\n\n' \
+      b'data: {"choices": [{"delta": {}, "text": "lo"}]}\n\ndata: [DONE]\n\n'
+
+
+class Recorder:
+    """A mock daemon: canned answers by path, and every request it was sent."""
+
+    def __init__(self):
+        self.sent: list[tuple] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        kind = request.headers.get("content-type", "").split(";")[0]
+        body = json.loads(request.content) if kind == "application/json" else kind
+        self.sent.append((request.method, request.url.path, str(request.url.query, "ascii"), body))
+        path = request.url.path
+        if isinstance(body, dict) and body.get("stream"):
+            return httpx.Response(200, content=SSE, headers={"content-type": "text/event-stream"})
+        if path.endswith("/content"):
+            return httpx.Response(200, text=f"{path}\n\nline 2\n")
+        if path in ("/v1/models", "/llmos/v1/jobs"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": path}]})
+        if path == "/v1/files":
+            return httpx.Response(200, json={"id": "file-in", "llmos": {"endpoint": "/v1/completions"}})
+        if path.startswith("/llmos/v1/jobs/batch_1"):
+            return httpx.Response(200, json=JOB)
+        if path == "/health":
+            return httpx.Response(503, json={"status": "starting"})
+        return httpx.Response(200, json={"path": path})
+
+
+CALLS = {   # every public method of the API, with arguments
+    "health": (), "models": (), "ps": (), "memory": (), "restart_driver": ("io",), "cancel_request": ("cmpl-1",),
+    "completion": (MODEL, "x"), "chat": (MODEL, HI), "stream_completion": (MODEL, [1, 2]),
+    "stream_chat": (MODEL, HI), "upload_file": ([{"custom_id": "a", "body": {}}],),
+    "submit_batch": ([{"custom_id": "a", "body": {}}], MODEL), "jobs": (), "job": ("batch_1",),
+    "cancel": ("batch_1",), "job_errors": (), "wait": ("batch_1",), "results": ("batch_1",), "status": (),
+}
+STREAMS = {"stream_completion", "stream_chat", "results"}
+
+
+def run_sync(name: str, args: tuple):
+    rec = Recorder()
+    c = Client("/nonexistent")
+    c.close()
+    c._http = httpx.Client(transport=httpx.MockTransport(rec), base_url="http://llmos")
+    try:
+        out = getattr(c, name)(*args)
+        out = list(out) if name in STREAMS else out
+    except ServerError as exc:
+        out = ("raised", type(exc).__name__, exc.status, exc.body)
+    return out, rec.sent
+
+
+def run_async(name: str, args: tuple):
+    async def go():
+        rec = Recorder()
+        c = AsyncClient("/nonexistent")
+        await c.aclose()
+        c._http = httpx.AsyncClient(transport=httpx.MockTransport(rec), base_url="http://llmos")
+        try:
+            call = getattr(c, name)(*args)
+            out = [x async for x in call] if name in STREAMS else await call
+        except ServerError as exc:
+            out = ("raised", type(exc).__name__, exc.status, exc.body)
+        return out, rec.sent
+    return asyncio.run(go())
+
+
+def test_every_method_is_compared():
+    assert set(CALLS) == public_methods(Client) - {"close"}
+
+
+@pytest.mark.parametrize("name", sorted(CALLS))
+def test_both_clients_send_the_same_requests_and_read_the_same_answers(name):
+    sync, async_ = run_sync(name, CALLS[name]), run_async(name, CALLS[name])
+    assert sync == async_
+    assert sync[1], "no request was sent"
+
+
+def test_what_the_mock_calls_read():
+    assert run_sync("health", ())[0] == ("raised", "ServerError", 503, {"status": "starting"})
+    assert run_sync("status", ())[0]["health"] == {"status": "starting"}   # 503 with a body is a status
+    assert run_sync("models", ())[0] == [{"id": "/v1/models"}]
+    assert run_sync("stream_chat", (MODEL, HI))[0] == ["Hel"]
+    assert run_sync("stream_completion", (MODEL, "x"))[0] == ["Hel", "lo"]
+    assert run_sync("results", ("batch_1",))[0] == ["/v1/files/file-out/content", "line 2"]
+    out, sent = run_sync("submit_batch", ([{"custom_id": "a", "body": {}}], MODEL))
+    assert [s[:2] for s in sent] == [("POST", "/v1/files"), ("POST", "/v1/batches")]
+    assert sent[1][3] == {"input_file_id": "file-in", "endpoint": "/v1/completions", "completion_window": "24h",
+                          "metadata": None}
+    assert run_sync("jobs", ())[1][0][2] == "limit=100"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, tiny_llama_dir):
+    with serving(tmp_path_factory.mktemp("real"), [f"tiny={tiny_llama_dir}"]) as d:
+        yield d
+
+
+def test_async_restart_driver_on_the_real_daemon(daemon):
+    def tokenizer(ps: dict) -> dict:
+        return next(p for p in ps["processes"] if p["name"] == "tokenizer-tiny")
+
+    async def go():
+        async with AsyncClient(daemon.home) as c:
+            old = tokenizer(await c.ps())["pid"]
+            assert await c.restart_driver("tokenizer-tiny") == {"restarting": "tokenizer-tiny"}
+            deadline = time.monotonic() + 120
+            while not ((p := tokenizer(await c.ps()))["pid"] not in (None, old) and p["state"] == "running"):
+                assert time.monotonic() < deadline, f"tokenizer-tiny not back: {p}"
+                await asyncio.sleep(0.05)
+            with pytest.raises(NotFound) as exc:
+                await c.restart_driver("nope")
+            assert exc.value.code == "driver_not_found" and "nope" in exc.value.message
+            answer = await c.completion("tiny", "Hello", max_tokens=3, temperature=0)
+            assert answer["usage"]["completion_tokens"] == 3
+    asyncio.run(go())
 
 
 def test_cli_status_models_ps(home):
