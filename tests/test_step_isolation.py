@@ -10,6 +10,7 @@ import pytest
 
 from llmos import protocol
 from llmos.config import DaemonConfig
+from llmos.kernel import engine as engine_module
 from llmos.kernel.engine import MAX_BAD_RESULTS, ModelEngine
 from llmos.kernel.requests import Request, State
 from llmos.sampling_params import SamplingParams
@@ -50,15 +51,15 @@ def make_engine():
 
     def make(answer):
         driver = ScriptedDriver(answer)
-        done: list[Request] = []
+        failures: dict[str, object] = {}   # request id -> the Failure the engine emitted
         config = DaemonConfig(models=["t"], device="cpu", swap_memory="0", max_batched_tokens=64)
         engine = ModelEngine("t-isolation", "t", config, lambda info: {"kv_budget_bytes": 64 * 16 * 32},
-                             driver.send, lambda e, reqs: done.extend(r for r in reqs if r.finish_reason))
+                             driver.send, lambda e, out: failures.update((r.id, f) for r, f in out.failed))
         driver.engine = engine
         engine.driver_up(INFO)
         engine.pool_mapped(None)
         engines.append(engine)
-        return engine, driver, done
+        return engine, driver, failures
 
     yield make
     for e in engines:
@@ -84,23 +85,24 @@ async def run_until(engine, cond, steps=200):
         await asyncio.gather(task, return_exceptions=True)
 
 
-def test_a_step_that_raises_fails_its_requests_and_the_next_request_is_served(make_engine):
-    engine, driver, done = make_engine(result)
-    real_plan, calls = engine._plan, []
+def test_a_step_that_raises_fails_its_requests_and_the_next_request_is_served(make_engine, monkeypatch):
+    engine, driver, failures = make_engine(result)
+    real_plan, calls = engine_module.build_plan, []
 
-    def plan_once_broken(batch):   # the first step blows up while being planned, as top_k=2**31 did
+    def plan_once_broken(*args):   # the first step blows up while being planned, as top_k=2**31 did
         calls.append(1)
         if len(calls) == 1:
             raise OverflowError("Python integer 2147483648 out of bounds for int32")
-        return real_plan(batch)
-    engine._plan = plan_once_broken
+        return real_plan(*args)
+    monkeypatch.setattr(engine_module, "build_plan", plan_once_broken)
 
     async def scenario():
         bad = request(1)
         engine.submit(bad)
         await run_until(engine, lambda: bad.finish_reason == "error")
-        assert bad.error_status == 500 and bad.error_code == "internal_error"
-        assert "OverflowError" in bad.error and engine.step_crashes == 1
+        failure = failures["r1"]
+        assert failure.status == 500 and failure.code == "internal_error"
+        assert "OverflowError" in failure.message and engine.step_crashes == 1
         assert engine.scheduler.pool.num_used == 0           # its blocks are back
         good = request(2)
         engine.submit(good)
@@ -114,7 +116,7 @@ def test_a_result_that_does_not_answer_its_plan_is_a_lost_step(make_engine):
     answers = iter([lambda p: result(p, seq_ids=p.seq_ids + 1000),      # someone else's sequences
                     lambda p: result(p, tokens=[VOCAB + 5]),              # outside the vocabulary
                     result, result, result, result])
-    engine, driver, done = make_engine(lambda plan: next(answers)(plan))
+    engine, driver, failures = make_engine(lambda plan: next(answers)(plan))
 
     async def scenario():
         req = request(1)
@@ -129,14 +131,14 @@ def test_a_result_that_does_not_answer_its_plan_is_a_lost_step(make_engine):
 
 def test_a_driver_that_keeps_answering_badly_fails_the_step_not_the_model(make_engine):
     state = {"bad": True}
-    engine, driver, done = make_engine(lambda p: result(p, tokens=[-1] * int(p.sample.sum())) if state["bad"]
+    engine, driver, failures = make_engine(lambda p: result(p, tokens=[-1] * int(p.sample.sum())) if state["bad"]
                                        else result(p))
 
     async def scenario():
         req = request(1)
         engine.submit(req)
         await run_until(engine, lambda: req.finish_reason == "error")
-        assert len(driver.plans) == MAX_BAD_RESULTS and "invalid results" in req.error
+        assert len(driver.plans) == MAX_BAD_RESULTS and "invalid results" in failures["r1"].message
         state["bad"] = False
         good = request(2)
         engine.submit(good)

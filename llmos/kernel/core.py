@@ -68,7 +68,7 @@ class Kernel:
             if name in self.engines:
                 raise ValueError(f"model {name!r} given twice")
             self.engines[name] = ModelEngine(name, spec, self.config, self._kv_budget, self.send,
-                                             self.front.tokens_ready)
+                                             self.front.engine_outputs)
         self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running)
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
@@ -100,7 +100,7 @@ class Kernel:
         task = asyncio.ensure_future(coro)
 
         def ended(t: asyncio.Task) -> None:
-            if t.cancelled() or self.stopped.is_set():
+            if t.cancelled() or self.stopped.is_set() or self.front.draining:   # (shutting down)
                 return
             exc = t.exception()
             why = f"{type(exc).__name__}: {exc}" if exc else "returned"
@@ -247,22 +247,12 @@ class Kernel:
             return {"ok": True, "data": {
                 "processes": self.supervisor.processes(),
                 "requests": [r.summary() for r in self.front.table.values()],
-                "scheduler": {n: e.scheduler.policy.snapshot(time.monotonic())
-                              for n, e in self.engines.items() if e.scheduler}}}
+                "scheduler": {n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded}}}
         if what == "memory":
             return {"ok": True, "data": self.memory()}
         if what in self.queries:
             return self._command(what, args, self.queries)
         return {"ok": False, "data": f"unknown query {what!r}"}
-
-    @staticmethod
-    def _integrity(engine) -> str:
-        try:
-            engine.scheduler.check_integrity()
-            return "ok"
-        except AssertionError as exc:
-            log.error("KV pool integrity check failed: %s", exc)
-            return f"broken: {exc}"
 
     def _command(self, what: str, args: dict, table: dict | None = None) -> dict:
         handler = (self.commands if table is None else table).get(what)
@@ -295,21 +285,4 @@ class Kernel:
                 "requests_in_flight": len(self.front.table), "rejected_bus_messages": self.bus.rejected}
 
     def memory(self) -> dict:
-        out = {}
-        for name, e in self.engines.items():
-            if e.scheduler is None:
-                out[name] = {"state": "loading"}
-                continue
-            pool = e.scheduler.pool
-            out[name] = {"device": e.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
-                         "blocks_used": pool.num_used, "blocks_free": pool.num_free,
-                         "blocks_cached_free": pool.num_cached_free, "blocks_shared": pool.num_shared,
-                         "prefix_cache": e.scheduler.kv.stats(),
-                         "accounting": e.accounting, "pool_bytes": e.pool.nbytes,
-                         "swap": e.scheduler.swap.stats() if e.scheduler.swap else None,
-                         "scheduler": e.scheduler.policy.snapshot(time.monotonic()),
-                         "block_bytes": e.pool.geometry.block_bytes, "preemptions": e.scheduler.preemptions,
-                         "requests": {r.id: len(r.blocks) for r in e.scheduler.running + e.scheduler.waiting},
-                         "steps": e.stats.to_dict(), "recoveries": e.recoveries,
-                         "integrity": self._integrity(e)}
-        return out
+        return {name: e.memory_report() if e.loaded else {"state": "loading"} for name, e in self.engines.items()}

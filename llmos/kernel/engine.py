@@ -1,9 +1,16 @@
 """One served model inside the kernel: its KV pool, its scheduler and its step loop.
 
-The loop reads aloud: schedule -> send the step plan -> await the result -> apply it
-(append tokens, check stops, free finished requests) -> hand new tokens to the tokenizer.
-If the model driver dies mid-step, the step is simply not applied: the requests keep
-their tokens and blocks, and the same plan is rebuilt for the restarted driver.
+The loop reads aloud, and control flows one way:
+
+    schedule -> plan -> send, await the result -> scheduler.update_from_output -> emit
+
+`emit` hands the outputs (requests that progressed, requests that failed, as values) to
+the front door; nothing calls back. If the model driver dies mid-step, or answers with a
+result that does not fit its plan, the step is not applied (scheduler.step_lost): the
+requests keep their tokens and blocks, and the step is planned again.
+
+The front door asks the engine, never the scheduler: submit, stop (a stop string, a
+cancel), drop (an abort), and the admission questions.
 """
 from __future__ import annotations
 
@@ -11,20 +18,22 @@ import asyncio
 import logging
 import time
 
-import numpy as np
-
 from llmos import protocol
 from llmos.kernel.blocks import BlockPool
 from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.mem.geometry import KVGeometry, KVPool
 from llmos.kernel.mem.pool import SharedKVPool, make_pool
+from llmos.kernel.fcfs import FCFSPolicy
+from llmos.kernel.outputs import EngineOutputs, Failure
+from llmos.kernel.policy import Priority, PriorityPolicy, QuotaExceeded
 from llmos.kernel.requests import Request, State
-from llmos.kernel.policy import PriorityPolicy
-from llmos.kernel.scheduler import FCFSPolicy, ScheduledSeq, Scheduler
-from llmos.kernel.tenants import TenantBook
-from llmos.kernel.swap import SwapSpace
+from llmos.kernel.scheduler import ScheduledSeq, Scheduler
 from llmos.kernel.stats import StepStats
 from llmos.kernel.step_check import BadStepResult, check_result
+from llmos.kernel.step_plan import build_plan
+from llmos.kernel.stopping import StopRule
+from llmos.kernel.swap import SwapSpace
+from llmos.kernel.tenants import TenantBook
 
 log = logging.getLogger(__name__)
 MAX_BAD_RESULTS = 3   # invalid step results in a row before the step's requests fail
@@ -41,14 +50,14 @@ class DriverLost(Exception):
 
 
 class ModelEngine:
-    def __init__(self, name: str, spec: str, config, kv_budget, send, on_tokens):
+    def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs):
         self.name, self.spec, self.config = name, spec, config
         self.driver = f"model-{name}"
         self.tokenizer = f"tokenizer-{name}"
         self._kv_budget = kv_budget       # (driver info) -> bytes for this model's pool
         self.accounting: dict = {}
         self._send = send                 # (peer, message) -> None
-        self._on_tokens = on_tokens       # (engine, [Request]) -> None: new tokens to detokenize
+        self._on_outputs = on_outputs     # (engine, EngineOutputs) -> None: the front door's intake
         self.info: dict | None = None
         self.pool: KVPool | None = None
         self.host_pool: SharedKVPool | None = None
@@ -65,7 +74,6 @@ class ModelEngine:
         self._bad_results = 0                  # invalid results in a row (step_check)
         self.bad_results_total = 0
         self.step_crashes = 0                  # steps that raised inside the kernel
-        self._eos: frozenset[int] = frozenset()
         self.stats = StepStats()
 
     # ------------------------------------------------------------ driver lifecycle
@@ -75,13 +83,17 @@ class ModelEngine:
         return min(limit, self.config.max_model_len) if self.config.max_model_len else limit
 
     @property
+    def loaded(self) -> bool:
+        """Whether the model driver has been up once (the pool and scheduler exist)."""
+        return self.info is not None and self.scheduler is not None
+
+    @property
     def eos_ids(self) -> frozenset[int]:
-        return self._eos
+        return self.scheduler.stop_rule.eos_ids if self.scheduler else frozenset()
 
     def driver_up(self, info: dict) -> None:
         """The model driver is loaded: create the pool once, then (re)map it."""
         self.info = info
-        self._eos = frozenset(int(t) for t in info.get("eos_token_ids") or [])
         if self.pool is None:
             geo = KVGeometry(int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]),
                              str(info["dtype"]), self.config.block_size)
@@ -98,8 +110,9 @@ class ModelEngine:
                 self.host_pool = SharedKVPool(f"{self.name}.host", geo, host_blocks)
                 swap = SwapSpace(BlockPool(host_blocks, geo.block_size), geo.block_bytes,
                                  self.config.preemption_mode)
+            stops = StopRule(frozenset(int(t) for t in info.get("eos_token_ids") or []), self.max_model_len)
             self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens,
-                                       policy=make_policy(self.config), swap=swap)
+                                       policy=make_policy(self.config), swap=swap, stop_rule=stops)
         g = self.pool.geometry
         self._send(self.driver, protocol.MapKVPool(
             path=str(self.pool.path), device=self.pool.device, dtype=g.dtype, num_blocks=self.pool.num_blocks,
@@ -125,11 +138,60 @@ class ModelEngine:
         if self._pending and self._pending[0] == msg.step_id and not self._pending[1].done():
             self._pending[1].set_result(msg)
 
-    # ------------------------------------------------------------ the loop
+    # ------------------------------------------------------------ what the front door may ask
     def submit(self, req: Request) -> None:
         self.scheduler.add(req)
         self.wakeup.set()
 
+    def stop(self, reqs: list[Request], reason: str) -> list[Request]:
+        """End generation now for a reason found outside the step (a stop string in the
+        text, a cancel): the one entry for it. Returns the requests ended; their final
+        text is the caller's to deliver."""
+        ended = self.scheduler.finish_requests(reqs, reason)
+        self.wakeup.set()
+        return ended
+
+    def drop(self, req: Request) -> None:
+        """Forget a request without output (its client went away): free its memory now."""
+        if req.state in (State.WAITING, State.RUNNING):
+            self.scheduler.finish(req)
+            self.wakeup.set()
+
+    def check_admission(self, tenant: str, now: float) -> QuotaExceeded | None:
+        return self.scheduler.policy.check_admission(tenant, now)
+
+    def parse_priority(self, value, tenant: str) -> Priority:
+        return self.scheduler.policy.parse(value, tenant)
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        """(blocks in the whole pool, tokens per block)."""
+        return self.scheduler.pool.num_blocks, self.scheduler.pool.block_size
+
+    # ------------------------------------------------------------ reports (read only)
+    def policy_snapshot(self) -> dict:
+        return self.scheduler.policy.snapshot(time.monotonic())
+
+    def memory_report(self) -> dict:
+        s, pool = self.scheduler, self.scheduler.pool
+        return {"device": self.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
+                "blocks_used": pool.num_used, "blocks_free": pool.num_free,
+                "blocks_cached_free": pool.num_cached_free, "blocks_shared": pool.num_shared,
+                "prefix_cache": s.kv.stats(), "accounting": self.accounting, "pool_bytes": self.pool.nbytes,
+                "swap": s.swap.stats() if s.swap else None, "scheduler": self.policy_snapshot(),
+                "block_bytes": self.pool.geometry.block_bytes, "preemptions": s.preemptions,
+                "requests": {r.id: len(r.blocks) for r in s.running + s.waiting},
+                "steps": self.stats.to_dict(), "recoveries": self.recoveries, "integrity": self._integrity()}
+
+    def _integrity(self) -> str:
+        try:
+            self.scheduler.check_integrity()
+            return "ok"
+        except AssertionError as exc:
+            log.error("model %s: KV pool integrity check failed: %s", self.name, exc)
+            return f"broken: {exc}"
+
+    # ------------------------------------------------------------ the loop
     async def run(self) -> None:
         """The step loop. A step that fails in any way fails that step's requests (500
         internal_error naming the cause); the loop goes on with the next one."""
@@ -157,52 +219,58 @@ class ModelEngine:
                 self._step_crashed(batch, exc)
 
     async def _step(self, batch: list[ScheduledSeq], t0: float) -> None:
-        """Plan, send, await, check and apply one step."""
-        plan = self._plan(batch)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending = (plan.step_id, fut)
-        self._pending_tokens = len(plan.tokens)
+        """plan -> send, await -> check -> update -> emit, for one scheduled batch."""
+        self._step_id += 1
+        plan = build_plan(self._step_id, batch, self.scheduler.step_ops())
         try:
-            self._send(self.driver, plan)
-            result = await fut
+            result = await self._run_on_driver(plan)
         except DriverLost:
             log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
-            self._rollback()
+            self._lost()
             return
-        finally:
-            self._pending = None
         t1 = time.perf_counter()
         if isinstance(result, protocol.StepResult):
             try:
                 check_result(plan, result, int(self.info.get("vocab_size") or 0))
             except BadStepResult as exc:
-                self._bad_result(batch, exc)
-                return
+                return self._bad_result(batch, exc)
         self._bad_results = 0
+        self._note_recovery()
+        self._ops_queued = False
+        if isinstance(result, protocol.StepFailed):
+            self.scheduler.step_done()
+            self._fail([s.req for s in batch], f"model driver failed the step: {result.error}")
+        else:
+            self._emit(EngineOutputs(progressed=self.scheduler.update_from_output(batch, result)))
+            self._learn_speed(plan, result)
+        self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
+                          sum(s.num_new for s in batch), t1)
+
+    async def _run_on_driver(self, plan: protocol.StepPlan):
+        """Send the plan and wait for its StepResult or StepFailed (DriverLost if the driver dies)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._pending = (plan.step_id, fut)
+        self._pending_tokens = len(plan.tokens)
+        try:
+            self._send(self.driver, plan)
+            return await fut
+        finally:
+            self._pending = None
+
+    def _emit(self, out: EngineOutputs) -> None:
+        if out:
+            self._on_outputs(self, out)
+
+    def _lost(self) -> None:
+        self._ops_queued = False
+        self.scheduler.step_lost()
+
+    def _note_recovery(self) -> None:
         if self._down_at is not None:
             self.recoveries.append({"recovery_s": round(time.monotonic() - self._down_at, 3),
                                     "recomputed_tokens": self._recomputed})
             log.info("model %s recovered: %s", self.name, self.recoveries[-1])
             self._down_at, self._recomputed = None, 0
-        if self.scheduler.swap:
-            self.scheduler.swap.step_done()
-        self.scheduler.kv.step_done()
-        self._ops_queued = False
-        if isinstance(result, protocol.StepFailed):
-            self._fail(batch, f"model driver failed the step: {result.error}")
-        else:
-            self._apply(batch, result)
-            self._learn_speed(plan, result)
-        self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
-                          sum(s.num_new for s in batch), t1)
-
-    def _rollback(self) -> None:
-        """The step did not run (or its result is not trusted): undo what it queued, as
-        for a driver lost mid-step; the requests keep their tokens and are planned again."""
-        self._ops_queued = False
-        if self.scheduler.swap:
-            self.scheduler.swap.step_lost()
-        self.scheduler.kv.step_lost()
 
     def _bad_result(self, batch: list[ScheduledSeq], exc: BadStepResult) -> None:
         """A result that does not answer its plan is a lost step. A driver that keeps
@@ -210,23 +278,22 @@ class ModelEngine:
         self._bad_results += 1
         self.bad_results_total += 1
         log.error("model driver %s: %s (%d in a row)", self.driver, exc, self._bad_results)
-        self._rollback()
+        self._lost()
         if self._bad_results >= MAX_BAD_RESULTS:
             self._bad_results = 0
-            self._fail(batch, f"the model driver kept answering with invalid results: {exc}")
+            self._fail([s.req for s in batch], f"the model driver kept answering with invalid results: {exc}")
 
     def _step_crashed(self, batch: list[ScheduledSeq], exc: Exception) -> None:
-        """An exception escaped planning, sending or applying a step: fail that step's
-        requests (or, if scheduling itself failed, every request this model holds, since
-        none of them could be served) and keep the loop."""
+        """An exception escaped scheduling, planning, sending or applying a step: fail that
+        step's requests (or, if scheduling itself failed, every request this model holds,
+        since none of them could be served) and keep the loop."""
         self.step_crashes += 1
         log.exception("model %s: step crashed", self.name)
         victims = [s.req for s in batch] or list(self.scheduler.running + self.scheduler.waiting)
-        cause = f"internal error while running a step: {type(exc).__name__}: {exc}"
         try:
             if self._ops_queued:   # it never ran, or we cannot tell what of it was applied
-                self._rollback()
-            self._fail_requests(victims, cause)
+                self._lost()
+            self._fail(victims, f"internal error while running a step: {type(exc).__name__}: {exc}")
         except Exception:
             log.exception("model %s: could not fail the requests of a crashed step", self.name)
 
@@ -237,113 +304,18 @@ class ModelEngine:
             tps = len(plan.tokens) / (result.forward_ms / 1e3)
             swap.recompute_tokens_per_s = 0.8 * swap.recompute_tokens_per_s + 0.2 * tps
 
-    def _plan(self, batch: list[ScheduledSeq]) -> protocol.StepPlan:
-        self._step_id += 1
-        width = max(len(s.req.blocks) for s in batch)
-        tables = np.full((len(batch), width), -1, dtype=np.int32)
-        tokens = []
-        for i, s in enumerate(batch):
-            tables[i, : len(s.req.blocks)] = s.req.blocks
-            tokens.extend(s.req.token_at(s.req.num_computed, s.req.num_computed + s.num_new))
-        p = [s.req.params for s in batch]
-        return protocol.StepPlan(
-            step_id=self._step_id,
-            seq_ids=protocol.i32([s.req.seq_id for s in batch]),
-            num_new=protocol.i32([s.num_new for s in batch]),
-            start_pos=protocol.i32([s.req.num_computed for s in batch]),
-            tokens=protocol.i32(tokens),
-            block_tables=tables,
-            sample=protocol.i32([s.sample for s in batch]),
-            temperature=np.asarray([x.temperature for x in p], dtype=np.float32),
-            top_p=np.asarray([x.top_p for x in p], dtype=np.float32),
-            top_k=protocol.i32([x.top_k for x in p]),
-            seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
-            gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
-            top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
-            copy=_pairs(self.scheduler.kv.copy_ops()),
-            **self._swap_ops(),
-        )
-
-    def _swap_ops(self) -> dict:
-        if self.scheduler.swap is None:
-            return {}
-        out, inn = self.scheduler.swap.ops()
-        return {"swap_out": _pairs(out), "swap_in": _pairs(inn)}
-
-    def _apply(self, batch: list[ScheduledSeq], result) -> None:
-        sampled = iter(range(len(result.tokens)))
-        changed = []
-        now = time.monotonic()
-        for s in batch:
-            i = next(sampled) if s.sample else None
-            req = s.req
-            if req.state is not State.RUNNING:
-                continue  # aborted while the step ran; its blocks are already free
-            req.num_computed += s.num_new
-            self.scheduler.kv.commit(req)
-            if i is None:
-                continue
-            if req.forks:   # the prompt is in the pool: the other choices share it from here
-                self.scheduler.fork_choices(req)
-            token = int(result.tokens[i])
-            req.output_ids.append(token)
-            if req.params.logprobs is not None:
-                k = req.params.logprobs
-                top = [[int(t), float(v)] for t, v in zip(result.top_ids[i][:k], result.top_lps[i][:k])]
-                req.logprobs.append([float(result.logprobs[i]), top])
-            req.first_token_at = req.first_token_at or now
-            reason = self._finish_reason(req, token)
-            if reason:
-                self.finish(req, reason)
-            changed.append(req)
-        if changed:
-            self._on_tokens(self, changed)
-
-    def _finish_reason(self, req: Request, token: int) -> str | None:
-        p = req.params
-        n = len(req.output_ids)
-        if n >= p.min_tokens and (token in p.stop_id_set or (not p.ignore_eos and token in self.eos_ids)):
-            req.hidden_tail = 1  # the stop token itself is not part of the text
-            return "stop"
-        if n >= req.max_tokens or req.num_tokens >= self.max_model_len:
-            return "length"
-        return None
-
-    def finish(self, req: Request, reason: str) -> None:
-        """Stop generating: free the blocks now; the final text is still on its way."""
-        self.scheduler.finish(req)
-        req.finish_reason = reason
-        req.to(State.FINISHING)
-        self.wakeup.set()
-
     def _end_expired(self) -> None:
-        """Requests past their deadline end with a clear error and free their memory."""
-        ended = []
+        """Requests past their deadline end with a clear error (408) and free their memory."""
+        failed = []
         for req, reason in self.scheduler.find_expired():
-            if req.state in (State.WAITING, State.RUNNING):
-                req.error, req.error_status, req.error_code = (
-                    f"request {req.id} expired: {reason} (waited {time.monotonic() - req.arrival:.1f} s, "
-                    f"{len(req.output_ids)} tokens generated)", 408, reason.replace(" ", "_"))
-                self.finish(req, "error")
-                ended.append(req)
-        if ended:
-            self._on_tokens(self, ended)
+            message = (f"request {req.id} expired: {reason} (waited {time.monotonic() - req.arrival:.1f} s, "
+                       f"{len(req.output_ids)} tokens generated)")
+            failed += [(r, Failure(408, reason.replace(" ", "_"), message))
+                       for r in self.scheduler.finish_requests([req], "error")]
+        self._emit(EngineOutputs(failed=failed))
 
-    def _fail(self, batch: list[ScheduledSeq], error: str) -> None:
-        self._fail_requests([s.req for s in batch], error)
-
-    def _fail_requests(self, reqs: list[Request], error: str) -> None:
+    def _fail(self, reqs: list[Request], error: str) -> None:
         """End these requests with a 500 naming `error`; their memory is freed now."""
         log.error("step failed: %s", error)
-        failed = []
-        for req in reqs:
-            if req.state in (State.WAITING, State.RUNNING):
-                req.error, req.error_status, req.error_code = error, 500, "internal_error"
-                self.finish(req, "error")
-                failed.append(req)
-        if failed:
-            self._on_tokens(self, failed)
-
-
-def _pairs(pairs: list) -> np.ndarray:
-    return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
+        failure = Failure(500, "internal_error", error)
+        self._emit(EngineOutputs(failed=[(r, failure) for r in self.scheduler.finish_requests(reqs, "error")]))

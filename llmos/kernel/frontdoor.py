@@ -58,7 +58,7 @@ class FrontDoor:
         engine = self.engines.get(m.model)
         if engine is None:
             return reject(404, "model_not_found", f"The model '{m.model:.256}' does not exist", "model")
-        if engine.info is None or engine.scheduler is None:
+        if not engine.loaded:
             state, error = self._driver_state(engine.driver)
             return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver {engine.driver} "
                           f"is {state}{': ' + error if error else ''})")
@@ -69,13 +69,12 @@ class FrontDoor:
         if len(self.table) + m.n > MAX_IN_FLIGHT:
             return reject(503, "server_busy", f"the daemon holds {len(self.table)} requests, its limit is "
                           f"{MAX_IN_FLIGHT}; try again later", retry_after=1.0)
-        policy = engine.scheduler.policy
-        quota = policy.check_admission(m.tenant, time.monotonic())
+        quota = engine.check_admission(m.tenant, time.monotonic())
         if quota is not None:
             return reject(429, "quota_exceeded", f"tenant '{m.tenant}' is over its {quota.limit} quota: "
                           f"{quota.reason}", None, retry_after=quota.retry_after_s)
         try:
-            priority = policy.parse(m.priority, m.tenant)
+            priority = engine.parse_priority(m.priority, m.tenant)
         except InvalidParam as exc:
             return reject(400, "invalid_parameter", str(exc), "priority")
         cfg = engine.config
@@ -120,13 +119,13 @@ class FrontDoor:
                 "max_tokens")
         req.prompt_ids = prompt_ids
         req.max_tokens = wanted if wanted is not None else ctx - n
-        pool = engine.scheduler.pool
-        need = blocks_needed(n + req.max_tokens, pool.block_size)
-        if need > pool.num_blocks:
+        num_blocks, block_size = engine.capacity
+        need = blocks_needed(n + req.max_tokens, block_size)
+        if need > num_blocks:
             return self._end_with_error(
                 req, 400, "kv_capacity_exceeded",
                 f"prompt ({n} tokens) plus max_tokens ({req.max_tokens}) needs {need} KV blocks but the "
-                f"whole pool has {pool.num_blocks}; lower max_tokens", "max_tokens")
+                f"whole pool has {num_blocks}; lower max_tokens", "max_tokens")
         self._send(req.client, protocol.Accepted(request_id=req.id, prompt_tokens=n))
         if req.forks:
             req.forks = [self._choice(req, i) for i in range(1, len(req.forks) + 1)]
@@ -169,16 +168,7 @@ class FrontDoor:
             self._end_with_error(first, 409, "cancelled", f"request {client_id} was cancelled before it started")
             return {"id": client_id, "cancelled": len(members)}
         engine = self.engines[first.model]
-        ended = []
-        for req in members:
-            if req.state in (State.WAITING, State.RUNNING):
-                engine.finish(req, "cancelled")
-            elif req.state is State.FORKING:   # never ran: it finishes empty
-                req.finish_reason = "cancelled"
-                req.to(State.FINISHING)
-            else:
-                continue
-            ended.append(req)
+        ended = engine.stop(members, "cancelled")   # (a FORKING choice never ran: it finishes empty)
         self.tokens_ready(engine, ended)
         return {"id": client_id, "cancelled": len(ended)}
 
@@ -192,15 +182,21 @@ class FrontDoor:
     def _drop(self, req: Request) -> None:
         """End a request without output: free its memory and its tokenizer state."""
         engine = self.engines[req.model]
-        if req.state in (State.WAITING, State.RUNNING):
-            engine.scheduler.finish(req)
-            engine.wakeup.set()
+        engine.drop(req)
         if req.detok_epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
             self._send(engine.tokenizer, protocol.Detokenize(items=[{
                 "rid": req.id, "ids": [], "prior": None, "lp": None, "stop": [], "finish": "abort"}]))
         self._forget(req)
 
     # ------------------------------------------------------------ model tokens -> tokenizer -> io
+    def engine_outputs(self, engine, out) -> None:
+        """What a step loop emits (outputs.EngineOutputs): failures go to their clients now,
+        new tokens and finishes to the tokenizer."""
+        for req, failure in out.failed:
+            if req.state is not State.DONE:   # (one failed choice ends its whole group)
+                self._end_with_error(req, failure.status, failure.code, failure.message)
+        self.tokens_ready(engine, out.progressed)
+
     def tokens_ready(self, engine, reqs: list[Request]) -> None:
         """Hand new output tokens (and finishes) to the tokenizer driver, in one message."""
         if self._driver_state(engine.tokenizer)[0] != "running":
@@ -210,9 +206,6 @@ class FrontDoor:
         for req in reqs:
             if req.state is State.DONE:
                 continue   # ended with its group (n > 1) earlier in this list
-            if req.error:
-                self._end_with_error(req, req.error_status, req.error_code, req.error)
-                continue
             prior = None
             if req.detok_epoch != epoch:   # this tokenizer has no state for us: resend the acked prefix
                 prior, req.detok_sent, req.detok_epoch = req.output_ids[: req.text_acked], req.text_acked, epoch
@@ -236,7 +229,7 @@ class FrontDoor:
             start = req.text_acked
             req.text_acked += n
             if stop_hit and req.state is not State.FINISHING:
-                self.engines[req.model].finish(req, "stop")
+                self.engines[req.model].stop([req], "stop")
             final = req.finish_reason if (finish or stop_hit) else None
             # The final item also carries the hidden stop token, as transformers' generate returns it.
             ids = req.output_ids[start:] if final and not stop_hit else req.output_ids[start:start + n]

@@ -57,9 +57,6 @@ class Request:
     preemptions: int = 0
     logprobs: list = field(default_factory=list)   # per output token: [logprob, [[id, logprob], ...]]
     hidden_tail: int = 0              # trailing output tokens not rendered (a stop token)
-    error: str | None = None          # set when the request ends in an error ...
-    error_status: int = 500           # ... answered with this HTTP status
-    error_code: str = "internal_error"
     priority: Priority = field(default_factory=lambda: Priority(1, 0))
     queued_at: float = 0.0            # when it last entered the waiting queue (aging counts from here)
     started_at: float | None = None   # when it was last admitted to the running batch

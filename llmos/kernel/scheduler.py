@@ -15,43 +15,11 @@ import time
 from dataclasses import dataclass
 
 from llmos.kernel.blocks import blocks_needed
+from llmos.kernel.fcfs import FCFSPolicy
 from llmos.kernel.kv_manager import KVCacheManager
-from llmos.kernel.policy import Priority, expired
+from llmos.kernel.policy import expired
 from llmos.kernel.requests import Request, State
-
-
-class FCFSPolicy:
-    """First come, first served: admit in arrival order, preempt the newest, no tenants."""
-
-    name = "fcfs"
-
-    def parse(self, value, tenant: str) -> Priority:
-        return Priority(1, 0)
-
-    def check_admission(self, tenant, now):
-        return None
-
-    def order(self, waiting, now):
-        return sorted(waiting, key=lambda r: r.arrival)
-
-    def pick_victim(self, running, now):
-        return max(running, key=lambda r: r.arrival)
-
-    def preemption_candidates(self, head, running, now):
-        return []
-
-    def fairness_candidates(self, head, running, now):
-        return []
-
-    def on_queued(self, req): ...
-    def on_started(self, req, now): ...
-    def on_preempted(self, req, cause): ...
-    def on_finished(self, req, running): ...
-    def charge(self, req, tokens, now): ...
-    def check_integrity(self, waiting, running): ...
-
-    def snapshot(self, now):
-        return {"policy": self.name}
+from llmos.kernel.stopping import StopRule
 
 
 @dataclass
@@ -63,8 +31,9 @@ class ScheduledSeq:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 128, max_batched_tokens: int = 1024,
-                 policy=None, swap=None, clock=time.monotonic):
+                 policy=None, swap=None, clock=time.monotonic, stop_rule: StopRule | None = None):
         self.kv = kv
+        self.stop_rule = stop_rule or StopRule()
         self.pool = kv.pool
         self.swap = swap                  # SwapSpace, or None: preemption always recomputes
         self.max_num_seqs = max_num_seqs
@@ -115,7 +84,11 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             if req.host_blocks:
-                if not self.swap.swap_in(req, self.kv):
+                # Swap in only if the step's tokens fit too: a swap-in that could not grow would
+                # be dropped below as if recomputing, losing the host copy it was read from.
+                n = min(req.num_tokens - req.num_computed, budget)
+                grow = max(0, blocks_needed(req.num_computed + n, self.pool.block_size) - len(req.host_blocks))
+                if not self.pool.can_allocate(len(req.host_blocks) + grow) or not self.swap.swap_in(req, self.kv):
                     break
             elif not req.blocks:
                 self.kv.attach_prefix(req)
@@ -188,6 +161,73 @@ class Scheduler:
 
     def _grow(self, req: Request, n: int) -> bool:
         return self.kv.allocate_slots(req, n)
+
+    # ------------------------------------------------------------ after the step ran
+    def update_from_output(self, batch: list[ScheduledSeq], result) -> list[Request]:
+        """Apply a step's result (a checked protocol.StepResult: one token per sampled
+        sequence, in batch order): advance each sequence, append its token and logprobs,
+        end those that stop. Returns the requests with something new for their client."""
+        self.step_done()
+        sampled = iter(range(len(result.tokens)))
+        changed = []
+        now = self.clock()
+        for s in batch:
+            i = next(sampled) if s.sample else None
+            req = s.req
+            if req.state is not State.RUNNING:
+                continue  # ended while the step ran; its blocks are already free
+            req.num_computed += s.num_new
+            self.kv.commit(req)
+            if i is None:
+                continue
+            if req.forks:   # the prompt is in the pool: the other choices share it from here
+                self.fork_choices(req)
+            token = int(result.tokens[i])
+            req.output_ids.append(token)
+            if req.params.logprobs is not None:
+                k = req.params.logprobs
+                top = [[int(t), float(v)] for t, v in zip(result.top_ids[i][:k], result.top_lps[i][:k])]
+                req.logprobs.append([float(result.logprobs[i]), top])
+            req.first_token_at = req.first_token_at or now
+            reason = self.stop_rule.reason(req, token)
+            if reason:
+                self.finish_requests([req], reason)
+            changed.append(req)
+        return changed
+
+    def step_ops(self) -> dict[str, list]:
+        """The block copies the step just scheduled needs before its forward pass:
+        copy-on-write copies, swap-outs and swap-ins, as (src, dst) block pairs."""
+        out, inn = self.swap.ops() if self.swap is not None else ([], [])
+        return {"copy": self.kv.copy_ops(), "swap_out": out, "swap_in": inn}
+
+    def step_done(self) -> None:
+        """The step's copies and swaps happened: settle them."""
+        if self.swap is not None:
+            self.swap.step_done()
+        self.kv.step_done()
+
+    def step_lost(self) -> None:
+        """The step did not run, or its result is not trusted: undo what it queued. The
+        requests keep their tokens and are planned again."""
+        if self.swap is not None:
+            self.swap.step_lost()
+        self.kv.step_lost()
+
+    def finish_requests(self, reqs: list[Request], reason: str) -> list[Request]:
+        """Stop generating for these requests now (their blocks are freed; the final text
+        is still on its way): the one way a request's generation ends, whether by a stop
+        condition, a stop string, a cancel, a deadline or an error. Returns those ended."""
+        ended = []
+        for req in reqs:
+            if req.state in (State.WAITING, State.RUNNING):
+                self.finish(req)
+            elif req.state is not State.FORKING:   # (a choice not forked yet ends empty)
+                continue
+            req.finish_reason = reason
+            req.to(State.FINISHING)
+            ended.append(req)
+        return ended
 
     def _preempt(self, req: Request, cause: str, now: float) -> None:
         """Swap the KV out to host memory, or drop it to recompute later (its full blocks stay

@@ -1,0 +1,40 @@
+"""A scheduled batch -> the StepPlan message the model driver executes. Pure packing: the
+scheduler decided everything already (who, how many tokens, which blocks, which copies)."""
+from __future__ import annotations
+
+import numpy as np
+
+from llmos import protocol
+from llmos.kernel.scheduler import ScheduledSeq
+
+
+def build_plan(step_id: int, batch: list[ScheduledSeq], ops: dict[str, list]) -> protocol.StepPlan:
+    """`ops`: Scheduler.step_ops() of this step. Every value was validated at admission
+    (admission.py), so each fits the int32/int64 array it goes into."""
+    width = max(len(s.req.blocks) for s in batch)
+    tables = np.full((len(batch), width), -1, dtype=np.int32)
+    tokens = []
+    for i, s in enumerate(batch):
+        tables[i, : len(s.req.blocks)] = s.req.blocks
+        tokens.extend(s.req.token_at(s.req.num_computed, s.req.num_computed + s.num_new))
+    p = [s.req.params for s in batch]
+    return protocol.StepPlan(
+        step_id=step_id,
+        seq_ids=protocol.i32([s.req.seq_id for s in batch]),
+        num_new=protocol.i32([s.num_new for s in batch]),
+        start_pos=protocol.i32([s.req.num_computed for s in batch]),
+        tokens=protocol.i32(tokens),
+        block_tables=tables,
+        sample=protocol.i32([s.sample for s in batch]),
+        temperature=np.asarray([x.temperature for x in p], dtype=np.float32),
+        top_p=np.asarray([x.top_p for x in p], dtype=np.float32),
+        top_k=protocol.i32([x.top_k for x in p]),
+        seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
+        gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
+        top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
+        **{name: _pairs(pairs) for name, pairs in ops.items()},
+    )
+
+
+def _pairs(pairs: list) -> np.ndarray:
+    return np.asarray(pairs, dtype=np.int32).reshape(-1, 2)
