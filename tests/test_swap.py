@@ -83,8 +83,6 @@ def test_aborting_a_swapped_request_frees_its_host_blocks():
     assert sched.swap.host.num_used == 0 and new.host_blocks == []
 
 
-@pytest.mark.xfail(strict=True, reason="llmos/kernel/scheduler.py: a swap-in whose next token does not fit "
-                   "is freed as if recomputing: its host copy is dropped (reported, issue 11.7)")
 def test_a_victim_that_cannot_grow_after_its_swap_in_keeps_its_host_copy():
     pool = BlockPool(5, 4)                    # old and new take 2 blocks each; one is free
     sched = Scheduler(KVCacheManager(pool, prefix_caching=False), max_batched_tokens=64,
