@@ -159,7 +159,10 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
         if req.stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                "X-Request-Id": rid})
-            done = await _stream(request, resp, queue, shaper, timeout)  # ConnectionError: client gone
+            try:
+                done = await _stream(request, resp, queue, shaper, timeout)
+            except ConnectionError:   # the client went away mid-stream: abort it (finally), quietly
+                return resp
             reason = "timed out waiting for the kernel"
             return resp
         while not shaper.done:
