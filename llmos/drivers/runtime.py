@@ -79,6 +79,32 @@ class DriverRuntime:
         self.bus.close()
 
 
+class HeapTrimmer:
+    """Gives freed heap memory back to the OS every `every` calls of `tick`, and when idle.
+
+    A model driver allocates tensors of a different size every step (batch and context
+    change); glibc keeps the freed pieces in its heap, so the driver's RSS crept up by
+    100-200 MiB a minute under the soak and never settled. malloc_trim(0) returns them
+    (a few ms, so once per `every` steps, or when the driver has nothing to do)."""
+
+    def __init__(self, every: int = 200):
+        self.every, self.count = every, 0
+        try:
+            self._trim = ctypes.CDLL("libc.so.6").malloc_trim if sys.platform.startswith("linux") else None
+        except (OSError, AttributeError):   # not glibc (musl): nothing to trim
+            self._trim = None
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.count >= self.every:
+            self.trim()
+
+    def trim(self) -> None:
+        if self.count and self._trim is not None:
+            self._trim(0)
+        self.count = 0
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM us when the kernel dies (even by kill -9); the heartbeat
     thread's parent check covers other systems and the race at start."""

@@ -11,9 +11,10 @@ import traceback
 from pathlib import Path
 
 from llmos import protocol
-from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
+from llmos.drivers.runtime import DriverRuntime, HeapTrimmer, base_argparser, setup_logging
 
 log = logging.getLogger("llmos.model")
+IDLE_MS = 1000   # no plan for this long: the driver is idle
 
 
 def main() -> None:
@@ -34,9 +35,14 @@ def main() -> None:
         log.error("cannot load model %s:\n%s", args.model, traceback.format_exc())
         runtime.fatal(f"cannot load model {args.model!r}: {type(exc).__name__}: {exc}")
     runtime.ready({**runner.info(), "model_dir": str(model_dir)})
+    heap = HeapTrimmer()
     while True:
+        if not runtime.bus.poll(IDLE_MS):
+            heap.trim()   # idle: a good moment to hand freed memory back
+            continue
         msg = runtime.bus.recv()
         if isinstance(msg, protocol.StepPlan):
+            heap.tick()
             try:
                 reply = runner.execute(msg)
             except Exception as exc:
