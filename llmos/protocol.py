@@ -41,7 +41,19 @@ class Message:
 
 
 _REGISTRY: dict[int, type] = {}
-_FIELD_TYPES: dict[type, dict[str, tuple]] = {}
+_FIELD_TYPES: dict[type, dict[str, tuple]] = {}   # message or item class -> field -> accepted types
+_ITEM_LISTS: dict[type, dict[str, type]] = {}     # message class -> its list[Item] fields
+_ITEMS: set[type] = set()
+
+
+def item(cls):
+    """Class decorator: a typed element of a message's list field (`items: list[X]`),
+    checked field by field on decode like the message itself."""
+    cls = dataclass(cls)
+    hints = typing.get_type_hints(cls)
+    _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
+    _ITEMS.add(cls)
+    return cls
 
 
 def message(opcode: int, arrays: tuple[str, ...] = ()):
@@ -55,6 +67,8 @@ def message(opcode: int, arrays: tuple[str, ...] = ()):
         _REGISTRY[opcode] = cls
         hints = typing.get_type_hints(cls)
         _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
+        _ITEM_LISTS[cls] = {name: args[0] for name, hint in hints.items()
+                            if typing.get_origin(hint) is list and (args := typing.get_args(hint)) and args[0] in _ITEMS}
         return cls
 
     return wrap
@@ -88,6 +102,8 @@ def encode(msg: Message) -> list[bytes]:
                     raise TypeError(f"{f.name}: arrays of {arr.dtype} are not part of the protocol")
                 arrays.append([f.name, str(arr.dtype), list(arr.shape)])
                 frames.append(arr.data)
+            elif f.name in _ITEM_LISTS[type(msg)]:
+                fields[f.name] = [{k: getattr(x, k) for k in _FIELD_TYPES[type(x)]} for x in value]
             else:
                 fields[f.name] = value
         head = msgpack.packb({"v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
@@ -125,15 +141,27 @@ def _decode(frames: list) -> Message:
         raise BadMessage(f"{cls.__name__}: fields are not a map")
     values = dict(values)
     values.update(_decode_arrays(cls, head["a"], frames[2:]))
-    expected = _FIELD_TYPES[cls]
+    _check_fields(cls.__name__, values, _FIELD_TYPES[cls])
+    for name, item_cls in _ITEM_LISTS[cls].items():
+        values[name] = [_decode_item(f"{cls.__name__}.{name}[{i}]", item_cls, x) for i, x in enumerate(values[name])]
+    return cls(**values)
+
+
+def _check_fields(where: str, values: dict, expected: dict) -> None:
     if set(values) != set(expected):
         missing, extra = set(expected) - set(values), set(values) - set(expected)
-        raise BadMessage(f"{cls.__name__}: missing {sorted(missing)} unknown {sorted(map(str, extra))}")
+        raise BadMessage(f"{where}: missing {sorted(missing)} unknown {sorted(map(str, extra))[:8]}")
     for name, value in values.items():
         if not isinstance(value, expected[name]) or (isinstance(value, bool) and bool not in expected[name]
                                                      and object not in expected[name]):
-            raise BadMessage(f"{cls.__name__}.{name}: unexpected {type(value).__name__}")
-    return cls(**values)
+            raise BadMessage(f"{where}.{name}: unexpected {type(value).__name__}")
+
+
+def _decode_item(where: str, cls, value):
+    if not isinstance(value, dict):
+        raise BadMessage(f"{where}: expected a map, got {type(value).__name__}")
+    _check_fields(where, value, _FIELD_TYPES[cls])
+    return cls(**value)
 
 
 def _decode_arrays(cls, specs, frames) -> dict[str, np.ndarray]:
@@ -292,20 +320,38 @@ class Encoded(Message):
     error: str | None
 
 
+@item
+class DetokItem:
+    """One request's new output tokens for the tokenizer."""
+    rid: str
+    ids: list                  # new token ids
+    prior: list | None         # all earlier output ids: sent when this tokenizer has no state for the request
+    lp: list | None            # per id: [logprob, [[id, logprob], ...]]; None: no logprobs asked
+    stop: list | None          # the stop strings, with the item that starts the state (prior set); else None
+    finish: str | None         # the request ends with this item ("stop", "length", ...); "abort": forget it
+
+
+@item
+class TextDelta:
+    """The text of one DetokItem."""
+    rid: str
+    text: str
+    n: int                     # tokens this text covers
+    lp: list | None            # OpenAI-shaped logprob entries, one per token
+    finish: str | None
+    stop_hit: bool             # a stop string ended the text here
+
+
 @message(0x22)
 class Detokenize(Message):
-    """kernel -> tokenizer: new tokens per request. Each item is a map:
-    {"rid": str, "ids": [int], "prior": [int] | None (all earlier output ids, sent when this
-    tokenizer has no state for the request), "lp": [[logprob, [[id, logprob], ...]], ...] | None,
-    "stop": [str], "finish": str | None}."""
-    items: list
+    """kernel -> tokenizer: new tokens, one item per request."""
+    items: list[DetokItem]
 
 
 @message(0x23)
 class TextDeltas(Message):
-    """tokenizer -> kernel. Items: {"rid", "text", "n": tokens covered, "lp": OpenAI-shaped
-    logprob entries | None, "finish": str | None, "stop_hit": bool}."""
-    items: list
+    """tokenizer -> kernel: text for the items it could render."""
+    items: list[TextDelta]
 
 
 # ---------------------------------------------------------------- kernel <-> io driver
@@ -345,12 +391,24 @@ class Rejected(Message):
     retry_after: float | None = None   # seconds, for 429 (quota) and 503 answers
 
 
+@item
+class OutputItem:
+    """New output of one choice of one request."""
+    rid: str                   # the id the client knows the request by
+    index: int                 # the choice, 0..n-1
+    text: str
+    n: int                     # tokens covered
+    ids: list                  # the token ids covered
+    lp: list | None            # OpenAI-shaped logprob entries
+    finish: str | None         # set on the choice's last item
+    usage: dict | None         # {"prompt_tokens", "completion_tokens"} of that choice, with its last item
+
+
 @message(0x33)
 class Outputs(Message):
-    """kernel -> io, one per step. Items: {"rid", "index": the choice (0..n-1), "text", "n", "ids": the token ids
-    covered, "lp", "finish": str | None, "usage": {"prompt_tokens", "completion_tokens"} | None (that choice's)}.
-    A request is done when each of its n choices has had an item with "finish" set."""
-    items: list
+    """kernel -> io, one per step. A request is done when each of its n choices has had an
+    item with `finish` set."""
+    items: list[OutputItem]
 
 
 @message(0x34)

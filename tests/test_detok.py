@@ -79,15 +79,14 @@ def test_driver_encodes_chat_and_streams_deltas_with_logprobs(tok):
     bad = drv.encode(protocol.Encode(request_id="r2", prompt=None, messages=[{"content": 3}]))
     assert bad.error and "role" in bad.error
     ids = tok(" Paris", add_special_tokens=False)["input_ids"]
-    out = drv.detokenize(protocol.Detokenize(items=[
-        {"rid": "r", "ids": ids, "prior": [], "lp": [[-0.5, [[ids[0], -0.5]]]] * len(ids), "stop": [],
-         "finish": "length"}]))
-    (item,) = out.items
-    assert item["text"] == " Paris" and item["finish"] == "length" and item["n"] == len(ids)
-    assert item["lp"][0]["logprob"] == -0.5 and item["lp"][0]["top_logprobs"][0]["token"] == " Paris"
+    out = drv.detokenize(protocol.Detokenize(items=[protocol.DetokItem(
+        rid="r", ids=ids, prior=[], lp=[[-0.5, [[ids[0], -0.5]]]] * len(ids), stop=[], finish="length")]))
+    (item,) = protocol.decode(protocol.encode(out)).items   # the real round trip
+    assert item.text == " Paris" and item.finish == "length" and item.n == len(ids)
+    assert item.lp[0]["logprob"] == -0.5 and item.lp[0]["top_logprobs"][0]["token"] == " Paris"
     # finished: later tokens still in flight for this request are ignored
-    assert drv.detokenize(protocol.Detokenize(items=[
-        {"rid": "r", "ids": [5], "prior": None, "lp": None, "stop": [], "finish": None}])).items == []
+    assert drv.detokenize(protocol.Detokenize(items=[protocol.DetokItem(
+        rid="r", ids=[5], prior=None, lp=None, stop=None, finish=None)])).items == []
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)

@@ -95,7 +95,8 @@ class FakeKernel:
         elif isinstance(msg, protocol.Submit):
             self._generate(peer, msg)
         elif isinstance(msg, protocol.Abort):
-            self._due = [d for d in self._due if getattr(d[2], "items", [{}])[0].get("rid") != msg.request_id]
+            self._due = [d for d in self._due if not (isinstance(d[2], protocol.Outputs)
+                                                      and d[2].items[0].rid == msg.request_id)]
 
     def _generate(self, peer: str, msg: protocol.Submit) -> None:
         rid = msg.request_id
@@ -122,9 +123,9 @@ class FakeKernel:
                 return self._later(peer, protocol.Rejected(rid, 500, "step_failed", "model driver crashed", None),
                                    gap * i)
             # Choice c of n > 1 says its index in its text; the choices' items interleave.
-            items = [{"rid": rid, "index": c, "text": piece + (f"/{c}" if msg.n > 1 else ""), "n": 1, "lp": lp,
-                      "finish": finish if last else None,
-                      "usage": {"prompt_tokens": 7, "completion_tokens": len(pieces)} if last else None}
+            items = [protocol.OutputItem(rid=rid, index=c, text=piece + (f"/{c}" if msg.n > 1 else ""), n=1,
+                                         ids=[], lp=lp, finish=finish if last else None,
+                                         usage={"prompt_tokens": 7, "completion_tokens": len(pieces)} if last else None)
                      for c in reversed(range(msg.n))]
             self._later(peer, protocol.Outputs(items=items), gap * i)
 

@@ -193,9 +193,9 @@ class FakeFront:
                 continue
             self.deliver(protocol.Accepted(rid, prompt_tokens=4))
             text = m.messages[0]["content"].upper()
-            self.deliver(protocol.Outputs(items=[{"rid": rid, "text": text, "n": 2, "ids": [5, 6], "lp": None,
-                                                  "finish": "stop", "usage": {"prompt_tokens": 4,
-                                                                              "completion_tokens": 2}}]))
+            self.deliver(protocol.Outputs(items=[protocol.OutputItem(
+                rid=rid, index=0, text=text, n=2, ids=[5, 6], lp=None, finish="stop",
+                usage={"prompt_tokens": 4, "completion_tokens": 2})]))
 
 
 def manager(store, front, limit=4) -> JobManager:

@@ -1,12 +1,13 @@
 """The io driver's OpenAI shaping, as pure functions: n choices, stream chunks, usage."""
 from llmos.openai_format import ResponseShaper, parse_chat, parse_completion
+from llmos.protocol import OutputItem
 
 
 def items(index, pieces, ids, finish="stop"):
-    out = [{"rid": "r", "index": index, "text": p, "n": len(i), "ids": i, "lp": None, "finish": None, "usage": None}
+    out = [OutputItem(rid="r", index=index, text=p, n=len(i), ids=i, lp=None, finish=None, usage=None)
            for p, i in zip(pieces, ids)]
-    out[-1]["finish"] = finish
-    out[-1]["usage"] = {"prompt_tokens": 5, "completion_tokens": sum(len(i) for i in ids)}
+    out[-1].finish = finish
+    out[-1].usage = {"prompt_tokens": 5, "completion_tokens": sum(len(i) for i in ids)}
     return out
 
 

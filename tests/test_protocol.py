@@ -106,3 +106,19 @@ def test_what_cannot_be_written_raises_unencodable(msg, why):
     with pytest.raises(p.Unencodable, match=why):
         p.encode(msg)
 
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"rid": "r", "text": "x", "n": 1, "lp": None, "finish": None}, r"missing \['stop_hit'\]"),
+    ({"rid": "r", "text": 3, "n": 1, "lp": None, "finish": None, "stop_hit": False}, r"items\[0\]\.text"),
+    ({"rid": "r", "text": "x", "n": True, "lp": None, "finish": None, "stop_hit": False}, r"items\[0\]\.n"),
+    ("not a map", "expected a map"),
+])
+def test_message_items_are_typed_and_checked_like_messages(bad, why):
+    good = p.TextDeltas(items=[p.TextDelta(rid="r", text="x", n=1, lp=None, finish=None, stop_hit=False)])
+    assert p.decode(p.encode(good)) == good
+    frames = p.encode(good)
+    head = msgpack.unpackb(frames[1])
+    head["f"]["items"] = [bad]
+    with pytest.raises(p.BadMessage, match=why):
+        p.decode([frames[0], msgpack.packb(head)])

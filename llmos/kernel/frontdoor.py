@@ -184,8 +184,8 @@ class FrontDoor:
         engine = self.engines[req.model]
         engine.drop(req)
         if req.detok_epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
-            self._send(engine.tokenizer, protocol.Detokenize(items=[{
-                "rid": req.id, "ids": [], "prior": None, "lp": None, "stop": [], "finish": "abort"}]))
+            self._send(engine.tokenizer, protocol.Detokenize(items=[protocol.DetokItem(
+                rid=req.id, ids=[], prior=None, lp=None, stop=None, finish="abort")]))
         self._forget(req)
 
     # ------------------------------------------------------------ model tokens -> tokenizer -> io
@@ -213,8 +213,8 @@ class FrontDoor:
             ids = req.output_ids[req.detok_sent:visible]
             lp = req.logprobs[req.detok_sent:visible] if req.params.logprobs is not None else None
             # The stop strings travel once per tokenizer incarnation: with the item that starts its state.
-            items.append({"rid": req.id, "ids": ids, "prior": prior, "lp": lp,
-                          "stop": req.params.stop if prior is not None else None, "finish": req.finish_reason})
+            items.append(protocol.DetokItem(rid=req.id, ids=ids, prior=prior, lp=lp, finish=req.finish_reason,
+                                            stop=req.params.stop if prior is not None else None))
             req.detok_sent = len(req.output_ids)
         if items:
             self._send_items(engine.tokenizer, protocol.Detokenize, items)
@@ -225,36 +225,30 @@ class FrontDoor:
             req = self._delta_request(item)
             if req is None:
                 continue
-            text, n, finish, stop_hit = item["text"], item["n"], item["finish"], item["stop_hit"]
+            n, stop_hit = item.n, item.stop_hit
             start = req.text_acked
             req.text_acked += n
             if stop_hit and req.state is not State.FINISHING:
                 self.engines[req.model].stop([req], "stop")
-            final = req.finish_reason if (finish or stop_hit) else None
+            final = req.finish_reason if (item.finish or stop_hit) else None
             # The final item also carries the hidden stop token, as transformers' generate returns it.
             ids = req.output_ids[start:] if final and not stop_hit else req.output_ids[start:start + n]
             usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids)} if final else None
-            out.setdefault(req.client, []).append({"rid": req.client_id, "index": req.index, "text": text, "n": n,
-                                                   "ids": ids, "lp": item.get("lp"), "finish": final, "usage": usage})
+            out.setdefault(req.client, []).append(protocol.OutputItem(
+                rid=req.client_id, index=req.index, text=item.text, n=n, ids=ids, lp=item.lp, finish=final, usage=usage))
             if final:
                 self._forget(req)
         for client, items in out.items():
             self._send_items(client, protocol.Outputs, items)
 
-    def _delta_request(self, item) -> Request | None:
-        """The live request a TextDeltas item is for, if the item is well formed: a
-        tokenizer may report no more tokens than it was sent, and only text."""
-        try:
-            rid, text, n, finish, stop_hit = item["rid"], item["text"], item["n"], item["finish"], item["stop_hit"]
-        except (KeyError, TypeError):
-            log.warning("dropped malformed TextDeltas item %.200r", item)
-            return None
-        req = self.table.get(rid) if isinstance(rid, str) else None
+    def _delta_request(self, item: protocol.TextDelta) -> Request | None:
+        """The live request a TextDelta is for, if it fits it (its types were checked on
+        decode): a tokenizer may report no more tokens than it was sent."""
+        req = self.table.get(item.rid)
         if req is None or req.state is State.DONE:
             return None
-        if not (isinstance(text, str) and type(n) is int and 0 <= n <= req.detok_sent - req.text_acked
-                and (finish is None or isinstance(finish, str)) and isinstance(stop_hit, bool)):
-            log.warning("dropped TextDeltas item that does not fit request %s: %.200r", rid, item)
+        if not 0 <= item.n <= req.detok_sent - req.text_acked:
+            log.warning("dropped a TextDelta that does not fit request %s: %.200r", item.rid, item)
             return None
         return req
 
@@ -272,15 +266,15 @@ class FrontDoor:
             except protocol.Unencodable as exc:
                 self._unencodable(peer, cls, item, str(exc))
 
-    def _unencodable(self, peer: str, cls, item: dict, why: str) -> None:
+    def _unencodable(self, peer: str, cls, item, why: str) -> None:
         cause = f"internal error: a message for this request cannot be encoded: {why}"
         if cls is protocol.Outputs:   # the request may be gone from the table: tell its client directly
-            req = next((r for r in self.table.values() if r.client_id == item.get("rid")), None)
+            req = next((r for r in self.table.values() if r.client_id == item.rid), None)
             if req is not None:
                 return self._end_with_error(req, 500, "internal_error", cause)
-            self._send(peer, protocol.Rejected(request_id=str(item.get("rid")), status=500, code="internal_error",
+            self._send(peer, protocol.Rejected(request_id=item.rid, status=500, code="internal_error",
                                                message=cause, param=None))
-        elif (req := self.table.get(item.get("rid"))) is not None:
+        elif (req := self.table.get(item.rid)) is not None:
             self._end_with_error(req, 500, "internal_error", cause)
 
     # ------------------------------------------------------------ endings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from llmos.openai_format.requests import ParsedRequest
+from llmos.protocol import OutputItem
 
 class _Choice:
     """One choice's text, logprobs and token ids as they accumulate."""
@@ -29,22 +30,22 @@ class ResponseShaper:
         self.created = int(time.time())
         self.choices = [_Choice() for _ in range(req.n)]
 
-    def _choice(self, item: dict) -> _Choice:
-        index = item.get("index", 0)
+    def _choice(self, item: OutputItem) -> _Choice:
+        index = item.index
         if not isinstance(index, int) or not 0 <= index < len(self.choices):
             raise ValueError(f"output for choice {index!r} of a request with n={len(self.choices)}")
         return self.choices[index]
 
-    def add(self, item: dict) -> None:
+    def add(self, item: OutputItem) -> None:
         c = self._choice(item)
-        c.text.append(_str(item.get("text")))
-        c.lp.extend(_list(item.get("lp")))
-        c.ids.extend(_list(item.get("ids")))
-        c.tokens += item.get("n") if isinstance(item.get("n"), int) else 0
-        if item.get("finish") is not None:
-            c.finish = str(item["finish"])
-            if isinstance(item.get("usage"), dict):
-                c.usage = item["usage"]
+        c.text.append(item.text)
+        c.lp.extend(_list(item.lp))
+        c.ids.extend(item.ids)
+        c.tokens += item.n
+        if item.finish is not None:
+            c.finish = item.finish
+            if isinstance(item.usage, dict):
+                c.usage = item.usage
 
     @property
     def done(self) -> bool:
@@ -101,10 +102,10 @@ class ResponseShaper:
         return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}) for i in range(len(self.choices))]
 
-    def chunk(self, item: dict) -> dict | None:
+    def chunk(self, item: OutputItem) -> dict | None:
         """The stream chunk for one item; None when it carries nothing to send."""
-        text, lp, finish = _str(item.get("text")), _list(item.get("lp")), item.get("finish")
-        ids = _list(item.get("ids")) if self.req.return_token_ids else []
+        text, lp, finish = item.text, _list(item.lp), item.finish
+        ids = item.ids if self.req.return_token_ids else []
         if not text and not lp and not ids and finish is None:
             return None   # (text held back, e.g. a possible stop string: it comes with a later item)
         c = self._choice(item)

@@ -140,21 +140,18 @@ class KernelLink:
 
     def _dispatch(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Outputs):
-            for item in msg.items:
-                if not (isinstance(item, dict) and isinstance(item.get("rid"), str)):
-                    log.warning("dropped malformed Outputs item %.200r", item)
-                    continue
-                queue, open_choices = self._requests.get(item["rid"]), self._open.get(item["rid"], set())
+            for item in msg.items:   # (typed and checked by protocol.decode)
+                queue, open_choices = self._requests.get(item.rid), self._open.get(item.rid, set())
                 if queue is None:
                     continue  # aborted or already finished
-                if item.get("index", 0) not in open_choices:
+                if item.index not in open_choices:
                     log.warning("dropped Outputs item for an unknown or finished choice: %.200r", item)
                     continue
                 queue.put_nowait(item)
-                if item.get("finish") is not None:
-                    open_choices.discard(item.get("index", 0))
+                if item.finish is not None:
+                    open_choices.discard(item.index)
                     if not open_choices:
-                        self.release(item["rid"])
+                        self.release(item.rid)
         elif isinstance(msg, (protocol.Accepted, protocol.Rejected)):
             queue = self._requests.get(msg.request_id)
             if queue is not None:

@@ -167,7 +167,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
             return resp
         while not shaper.done:
             item = await _next(queue, timeout)
-            if not isinstance(item, dict):
+            if not isinstance(item, protocol.OutputItem):
                 done = isinstance(item, protocol.Rejected)
                 raise _as_error(item)
             shaper.add(item)
@@ -220,7 +220,7 @@ async def _stream(request, resp: web.StreamResponse, queue, shaper: ResponseShap
             await _event(resp, err.body())
             done = False
             break
-        if not isinstance(item, dict):  # failed mid-generation (Rejected: the kernel is done with it)
+        if not isinstance(item, protocol.OutputItem):  # failed mid-generation (Rejected: the kernel is done with it)
             await _event(resp, _as_error(item).body())
             done = isinstance(item, protocol.Rejected)
             break

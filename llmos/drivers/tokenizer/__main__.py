@@ -61,13 +61,13 @@ class TokenizerDriver:
                 out.append(delta)
         return protocol.TextDeltas(items=out)
 
-    def _one(self, item: dict) -> dict | None:
-        rid, finish = item["rid"], item["finish"]
+    def _one(self, item: protocol.DetokItem) -> protocol.TextDelta | None:
+        rid, finish = item.rid, item.finish
         if rid in self.finished:
             return None
         state = self.states.get(rid)
-        if item["prior"] is not None:
-            state = self.states[rid] = DetokState(self.tok, list(item["stop"] or []), list(item["prior"]))
+        if item.prior is not None:
+            state = self.states[rid] = DetokState(self.tok, list(item.stop or []), list(item.prior))
         elif state is None:
             # Sent to our predecessor: we lack its context. The kernel re-sends these tokens
             # with their prior once we are ready, so dropping them loses nothing.
@@ -75,12 +75,12 @@ class TokenizerDriver:
         if finish == "abort":
             self._forget(rid)
             return None
-        text, stop_hit = state.feed(list(item["ids"]), final=finish is not None)
-        lp = self._logprobs(item["ids"], item["lp"]) if item["lp"] is not None else None
+        text, stop_hit = state.feed(list(item.ids), final=finish is not None)
+        lp = self._logprobs(item.ids, item.lp) if item.lp is not None else None
         if stop_hit or finish:
             self._forget(rid)
-        return {"rid": rid, "text": text, "n": len(item["ids"]), "lp": lp,
-                "finish": "stop" if stop_hit else finish, "stop_hit": stop_hit}
+        return protocol.TextDelta(rid=rid, text=text, n=len(item.ids), lp=lp,
+                                  finish="stop" if stop_hit else finish, stop_hit=stop_hit)
 
     def _logprobs(self, ids: list[int], entries: list) -> list[dict]:
         """OpenAI chat-style logprob entries, one per token."""

@@ -181,7 +181,7 @@ class JobManager:
         if isinstance(msg, protocol.Outputs):
             done = []
             for item in msg.items:
-                rid = item.get("rid") if isinstance(item, dict) else None
+                rid = item.rid
                 f = self.flights.get(rid)
                 if f is None:
                     continue
