@@ -225,7 +225,7 @@ def test_cli_status_models_ps(home):
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[0].split() == ["NAME", "ROLE", "PID", "STATE", "UPTIME", "RESTARTS"]
-    assert lines[1].split() == ["io", "io", "123", "RUNNING", "12.5s", "0"]
+    assert lines[1].split() == ["io", "io", "123", "running", "12.5s", "0"]
     assert "cmpl-abc" in r.output and "local" in r.output
 
 

@@ -19,6 +19,8 @@ import pytest
 import zmq
 
 from llmos import protocol
+from llmos.kernel.requests import State
+from llmos.kernel.supervisor import DState
 from llmos.paths import Paths
 
 MODEL = "smollm2"
@@ -37,9 +39,10 @@ class FakeKernel:
         self.received: list[protocol.Message] = []
         self.cond = threading.Condition()
         self.health = {"status": "ok", "uptime_s": 1.0}
-        self.ps = {"processes": [{"name": "io", "role": "io", "pid": 123, "state": "RUNNING",
+        # The kernel's own state names, so this fake cannot drift from what the kernel reports.
+        self.ps = {"processes": [{"name": "io", "role": "io", "pid": 123, "state": DState.RUNNING.value,
                                   "uptime_s": 12.5, "restarts": 0}],
-                   "requests": [{"id": "cmpl-abc", "tenant": "local", "state": "RUNNING", "prompt_tokens": 51,
+                   "requests": [{"id": "cmpl-abc", "tenant": "local", "state": State.RUNNING.value, "prompt_tokens": 51,
                                  "output_tokens": 7, "age_s": 0.4, "model": MODEL}]}
         self._due: list[tuple[float, str, protocol.Message]] = []
         self._stop = threading.Event()
