@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LLMOS_MODEL_CACHE", str(REPO / ".cache" / "models"))
+# Tests share 2 cores with whatever else runs: OpenMP threads that spin while they wait
+# (the default) turn a busy machine into a stalled one. Passive waits cost little when
+# quiet; the daemons the tests start inherit this. (Before torch is imported anywhere.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def tiny_model_dir(kind: str, cache: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

@@ -81,5 +81,6 @@ def test_tiny_llama_matches_transformers_generate(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)   # 16 x 64 tokens twice (daemon and transformers) on a contended machine
 def test_smollm2_matches_transformers_generate(tmp_path, smollm2_dir):
     run_case(tmp_path, smollm2_dir, "smollm2")

@@ -37,3 +37,23 @@ def test_a_dead_kernel_loop_makes_health_degraded(tmp_path):
         finally:
             kernel.bus.close()
     asyncio.run(scenario())
+
+
+def test_a_loop_waiting_on_its_wakeup_is_cancelled_even_as_the_event_is_set():
+    """The race that hung test_step_isolation once: cancel and set in the same turn of the loop."""
+    from llmos.kernel.waiting import wait_event
+
+    async def scenario():
+        for _ in range(200):
+            event = asyncio.Event()
+
+            async def loop():
+                while True:
+                    await wait_event(event, 0.5)
+            task = asyncio.ensure_future(loop())
+            await asyncio.sleep(0)
+            event.set()
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=5)
+            assert done and task.cancelled()
+    asyncio.run(scenario())

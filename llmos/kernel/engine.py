@@ -34,6 +34,7 @@ from llmos.kernel.step_plan import build_plan
 from llmos.kernel.stopping import StopRule
 from llmos.kernel.swap import SwapSpace
 from llmos.kernel.tenants import TenantBook
+from llmos.kernel.waiting import wait_event
 
 log = logging.getLogger(__name__)
 MAX_BAD_RESULTS = 3   # invalid step results in a row before the step's requests fail
@@ -196,10 +197,7 @@ class ModelEngine:
         """The step loop. A step that fails in any way fails that step's requests (500
         internal_error naming the cause); the loop goes on with the next one."""
         while True:
-            try:  # wake at least every half second: deadlines expire even when nothing moves
-                await asyncio.wait_for(self.wakeup.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self.wakeup, 0.5)   # at least every half second: deadlines expire
             if not (self.driver_ready and self.scheduler.has_work()):
                 self.wakeup.clear()
                 continue

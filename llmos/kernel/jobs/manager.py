@@ -31,6 +31,7 @@ from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_lin
 from llmos.kernel.jobs.files import Files
 from llmos.kernel.jobs.store import ACTIVE, JobStore, StoreError
 from llmos.kernel.jobs.views import job_view
+from llmos.kernel.waiting import wait_event
 
 log = logging.getLogger(__name__)
 PEER = "@jobs"
@@ -109,10 +110,7 @@ class JobManager:
                 self.files.drop_idle()
             except Exception:  # the job loop must outlive any one bad job
                 log.exception("jobs: feeding failed")
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), 0.5)
-            except asyncio.TimeoutError:
-                pass
+            await wait_event(self.wakeup, 0.5)
 
     def close(self) -> None:
         self.store.close()
