@@ -9,6 +9,7 @@ from functools import cached_property
 # kernel. OpenAI's where it has one; the model-dependent ones (context, vocabulary) are the
 # kernel's (frontdoor.py). Every int also fits the int32/int64 field it travels in.
 MAX_TOP_LOGPROBS = 20          # OpenAI's top_logprobs limit
+MIN_TOP_P = 1e-30              # smaller positive top_p values are raised to this (float32 keeps it)
 MAX_TOKENS_LIMIT = 2**31 - 1   # max_tokens / min_tokens travel as int32; the context bounds them further
 MAX_TOP_K = 2**31 - 1          # int32 on the wire; the kernel bounds it by the vocabulary
 MAX_STOP_STRINGS = 4           # OpenAI's limit
@@ -88,6 +89,9 @@ class SamplingParams:
         _num("top_p", self.top_p, 0.0, 1.0)
         if self.top_p == 0.0:
             raise InvalidParam("top_p", "top_p must be greater than 0")
+        # The plan carries float32: a positive top_p below its range would arrive as 0 and fail the
+        # whole step in the driver. Any top_p this small keeps only the top token, as MIN_TOP_P does.
+        self.top_p = max(self.top_p, MIN_TOP_P)
         _int("top_k", self.top_k, lo=-1, hi=MAX_TOP_K)
         if self.top_k == 0:
             self.top_k = -1  # OpenAI-style clients send 0 for "off"

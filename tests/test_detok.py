@@ -102,3 +102,15 @@ def test_stop_matcher_knows_the_longest_partial_stop_after_every_piece(stop, pie
         text += piece
         brute = max((k for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
         assert m.partial == brute
+
+
+def test_a_request_id_used_again_after_it_finished_gets_its_text(tok):
+    drv = TokenizerDriver(tok)
+    ids = tok(" Paris", add_special_tokens=False)["input_ids"]
+    for _ in range(2):
+        out = drv.detokenize(protocol.Detokenize(items=[protocol.DetokItem(
+            rid="again", ids=ids, prior=[], lp=None, stop=None, finish="length")]))
+        assert [d.text for d in out.items] == [" Paris"]
+    # late tokens of the finished request (no prior) are still ignored
+    assert drv.detokenize(protocol.Detokenize(items=[protocol.DetokItem(
+        rid="again", ids=[5], prior=None, lp=None, stop=None, finish=None)])).items == []

@@ -135,3 +135,37 @@ def test_a_batch_line_the_kernel_refuses_is_that_lines_error_and_the_job_finishe
     assert errors[0]["custom_id"] == "bad" and errors[0]["response"]["status_code"] == 400
     assert errors[0]["response"]["body"]["error"]["param"] == "top_k"
     normal_answer_is_correct(daemon, reference)
+
+
+def test_an_x_request_id_used_again_after_its_request_finished_is_served(daemon, reference):
+    """The tokenizer remembered finished ids to ignore their late tokens, and so ignored the
+    new request's tokens too: the second request with the id never got an answer."""
+    for stream in (False, True, False):
+        with daemon.http(timeout=60) as c:
+            r = c.post("/v1/completions", json={**NORMAL, "ignore_eos": True, "stream": stream},
+                       headers={"X-Request-Id": "used-again"})
+        assert r.status_code == 200, r.text
+        if not stream:
+            assert r.json()["choices"][0]["token_ids"] == reference
+        else:
+            chunks = [json.loads(x[6:]) for x in r.text.split("\n\n") if x.startswith("data: {")]
+            assert sum((ch["choices"][0].get("token_ids") or [] for ch in chunks if ch["choices"]), []) == reference
+
+
+def test_a_top_p_below_float32_keeps_the_top_token_instead_of_failing_the_step(daemon, reference):
+    with daemon.http(timeout=60) as c:
+        r = c.post("/v1/completions", json={**NORMAL, "ignore_eos": True, "temperature": 1, "top_p": 1e-300})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == reference
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_compressed_body_is_a_415_and_the_connection_is_not_left_broken(daemon, reference, encoding):
+    with daemon.http(timeout=60) as c:
+        r = c.post("/v1/completions", content=b"{}", headers={"content-type": "application/json",
+                                                               "Content-Encoding": encoding})
+        if encoding == "gzip":
+            assert r.status_code == 415 and r.json()["error"]["param"] == "Content-Encoding"
+        else:   # aiohttp's own parser refuses these before the handler runs (plain-text 400)
+            assert r.status_code in (400, 415), r.text
+        assert c.get("/health").json()["status"] == "ok"   # the same client, a new connection if needed
+    normal_answer_is_correct(daemon, reference)

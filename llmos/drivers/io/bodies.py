@@ -7,6 +7,8 @@ import asyncio
 import json
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from llmos.openai_format import ApiError
 
@@ -14,11 +16,19 @@ BODY_TIMEOUT_S = 30.0   # a client that trickles its body holds a connection no 
 
 
 async def read_body(request: web.Request, timeout_s: float = BODY_TIMEOUT_S) -> bytes:
-    """The whole body, within the app's client_max_size (413) and `timeout_s` (408)."""
+    """The whole body, within the app's client_max_size (413) and `timeout_s` (408).
+    Compressed bodies are refused (415): no client of this API sends them, and a body
+    that only claims to be compressed made aiohttp fail inside the read."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the body uncompressed",
+                       "Content-Encoding", "unsupported_content_encoding")
     try:  # read() raises HTTPRequestEntityTooLarge past client_max_size
         return await asyncio.wait_for(request.read(), timeout_s)
     except asyncio.TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="body_timeout") from None
+    except (HttpProcessingError, RequestPayloadError) as exc:   # a body aiohttp could not decode
+        raise ApiError(400, f"the request body cannot be read: {' '.join(str(exc).split())[:200]}") from None
 
 
 def parse_json(raw: bytes):

@@ -50,7 +50,10 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
 
 def error_response(err: ApiError) -> web.Response:
     headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))} if err.retry_after else None
-    return web.json_response(err.body(), status=err.status, headers=headers)
+    resp = web.json_response(err.body(), status=err.status, headers=headers)
+    if err.status in (408, 413, 415):   # the body was not read whole: this connection cannot go on
+        resp.force_close()
+    return resp
 
 
 @web.middleware

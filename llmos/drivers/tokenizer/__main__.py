@@ -63,10 +63,11 @@ class TokenizerDriver:
 
     def _one(self, item: protocol.DetokItem) -> protocol.TextDelta | None:
         rid, finish = item.rid, item.finish
-        if rid in self.finished:
+        if rid in self.finished and item.prior is None:   # late tokens of a request that ended
             return None
         state = self.states.get(rid)
-        if item.prior is not None:
+        if item.prior is not None:   # a new state: also a finished request's id used again by a new one
+            self.finished.pop(rid, None)
             state = self.states[rid] = DetokState(self.tok, list(item.stop or []), list(item.prior))
         elif state is None:
             # Sent to our predecessor: we lack its context. The kernel re-sends these tokens
