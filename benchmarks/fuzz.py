@@ -32,17 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import fuzz_bodies as fb  # noqa: E402
-from daemon_harness import Daemon, bench_model_dir  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+from daemon_harness import Daemon, bench_model_dir, cpu_model  # noqa: E402
 
 
 def main() -> None:

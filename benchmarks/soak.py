@@ -52,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LLMOS_MODEL_CACHE", str(REPO / ".cache" / "models"))  # as tests/conftest.py
 
 from chaos import pid_of, wait_running  # noqa: E402
-from daemon_harness import Daemon, bench_model_dir  # noqa: E402
+from daemon_harness import Daemon, bench_model_dir, cpu_model  # noqa: E402
 
 FINISH = {"stop", "length", "cancelled"}
 SYSTEM = ("You are a helpful, concise assistant running on llmos. Answer plainly, in short sentences, "
@@ -675,17 +675,6 @@ def signal_dump(pid: int, path: Path, timeout: float = 60) -> bool:
             return True
         time.sleep(0.2)
     return False
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown"
 
 
 def wait_idle(daemon: Daemon, model: str, timeout: float) -> tuple[bool, float, dict]:

@@ -143,3 +143,15 @@ def serving(home: Path, models: list[str], *extra: str):
         yield d.wait_ready()
     finally:
         d.stop()
+
+
+def cpu_model() -> str:
+    """The CPU's model name, printed next to every benchmark figure."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"

@@ -88,10 +88,6 @@ class ModelEngine:
         """Whether the model driver has been up once (the pool and scheduler exist)."""
         return self.info is not None and self.scheduler is not None
 
-    @property
-    def eos_ids(self) -> frozenset[int]:
-        return self.scheduler.stop_rule.eos_ids if self.scheduler else frozenset()
-
     def driver_up(self, info: dict) -> None:
         """The model driver is loaded: create the pool once, then (re)map it."""
         self.info = info
