@@ -41,17 +41,18 @@ class Message:
 
 
 _REGISTRY: dict[int, type] = {}
-_FIELD_TYPES: dict[type, dict[str, tuple]] = {}   # message or item class -> field -> accepted types
-_ITEM_LISTS: dict[type, dict[str, type]] = {}     # message class -> its list[Item] fields
+_FIELD_TYPES: dict[type, dict[str, tuple]] = {}   # message or item class -> field -> accepted wire types
+_ITEM_FIELDS: dict[type, dict[str, Any]] = {}     # message or item class -> its fields that hold items -> hint
 _ITEMS: set[type] = set()
 
 
 def item(cls):
-    """Class decorator: a typed element of a message's list field (`items: list[X]`),
-    checked field by field on decode like the message itself."""
+    """Class decorator: a typed record inside a message. A field of a message or of another
+    item may hold one (`X`), maybe one (`X | None`), a list (`list[X]`) or a map
+    (`dict[str, X]`) of them; on decode each is checked field by field like the message
+    itself, nested items included. Declare an item before the classes that hold it."""
     cls = dataclass(cls)
-    hints = typing.get_type_hints(cls)
-    _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
+    _register_fields(cls)
     _ITEMS.add(cls)
     return cls
 
@@ -65,13 +66,33 @@ def message(opcode: int, arrays: tuple[str, ...] = ()):
             raise RuntimeError(f"opcode {opcode:#x} declared twice")
         cls.OPCODE, cls.ARRAYS = opcode, arrays
         _REGISTRY[opcode] = cls
-        hints = typing.get_type_hints(cls)
-        _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
-        _ITEM_LISTS[cls] = {name: args[0] for name, hint in hints.items()
-                            if typing.get_origin(hint) is list and (args := typing.get_args(hint)) and args[0] in _ITEMS}
+        _register_fields(cls)
         return cls
 
     return wrap
+
+
+def _register_fields(cls) -> None:
+    hints = typing.get_type_hints(cls)
+    for name, hint in hints.items():
+        if _holds_items(hint) and not _one_shape(hint):
+            raise TypeError(f"{cls.__name__}.{name}: a union may hold one item type and None, not {hint}")
+    _FIELD_TYPES[cls] = {f.name: _accepted(hints[f.name]) for f in dataclasses.fields(cls)}
+    _ITEM_FIELDS[cls] = {f.name: hints[f.name] for f in dataclasses.fields(cls) if _holds_items(hints[f.name])}
+
+
+def _holds_items(hint) -> bool:
+    return hint in _ITEMS or any(_holds_items(arg) for arg in typing.get_args(hint))
+
+
+def _one_shape(hint) -> bool:
+    """No union of two item types (a decoder could not tell which one came)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in args if a is not type(None)]
+        if len(args) != 1:
+            return False
+    return all(_one_shape(a) for a in args)
 
 
 def _accepted(hint) -> tuple:
@@ -87,7 +108,64 @@ def _accepted(hint) -> tuple:
         return (object,)
     if hint is np.ndarray:
         return (np.ndarray,)
+    if hint in _ITEMS:   # an item travels as a map of its fields
+        return (dict,)
     return (origin or hint,)
+
+
+def _is_a(value, accepted: tuple) -> bool:
+    """isinstance, except that a bool is not an int (or a float) unless bool is accepted."""
+    return isinstance(value, accepted) and not (isinstance(value, bool) and bool not in accepted
+                                                and object not in accepted)
+
+
+def _to_wire(hint, value):
+    """A value of a field that holds items, as it travels: items as maps of their fields."""
+    if hint in _ITEMS:
+        if not isinstance(value, hint):
+            raise TypeError(f"expected {hint.__name__}, got {type(value).__name__}")
+        return {k: (_to_wire(_ITEM_FIELDS[hint][k], getattr(value, k)) if k in _ITEM_FIELDS[hint]
+                    else getattr(value, k)) for k in _FIELD_TYPES[hint]}
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _to_wire(next(a for a in args if a is not type(None)), value)
+    if origin is list and isinstance(value, list):
+        return [_to_wire(args[0], x) for x in value]
+    if origin is dict and isinstance(value, dict):
+        return {k: _to_wire(args[1], v) for k, v in value.items()}
+    raise TypeError(f"expected {hint}, got {type(value).__name__}")
+
+
+def _from_wire(where: str, hint, value):
+    """The inverse of _to_wire, checking every level: BadMessage names the first bad place."""
+    if hint in _ITEMS:
+        return _decode_item(where, hint, value)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _from_wire(where, next(a for a in args if a is not type(None)), value)
+    if origin is list and isinstance(value, list):
+        return [_from_wire(f"{where}[{i}]", args[0], x) for i, x in enumerate(value)]
+    if origin is dict and isinstance(value, dict):
+        if not all(_is_a(k, _accepted(args[0])) for k in value):
+            raise BadMessage(f"{where}: unexpected key type")
+        return {k: _from_wire(f"{where}[{k!r:.40}]", args[1], v) for k, v in value.items()}
+    raise BadMessage(f"{where}: unexpected {type(value).__name__}")
+
+
+def plain(value):
+    """An item (or a list or map of items) as plain maps and lists, the form it travels in:
+    what the io driver serialises to JSON."""
+    if type(value) in _ITEMS:
+        return _to_wire(type(value), value)
+    if isinstance(value, list):
+        return [plain(x) for x in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def encode(msg: Message) -> list[bytes]:
@@ -102,8 +180,8 @@ def encode(msg: Message) -> list[bytes]:
                     raise TypeError(f"{f.name}: arrays of {arr.dtype} are not part of the protocol")
                 arrays.append([f.name, str(arr.dtype), list(arr.shape)])
                 frames.append(arr.data)
-            elif f.name in _ITEM_LISTS[type(msg)]:
-                fields[f.name] = [{k: getattr(x, k) for k in _FIELD_TYPES[type(x)]} for x in value]
+            elif f.name in _ITEM_FIELDS[type(msg)]:
+                fields[f.name] = _to_wire(_ITEM_FIELDS[type(msg)][f.name], value)
             else:
                 fields[f.name] = value
         head = msgpack.packb({"v": PROTOCOL_VERSION, "f": fields, "a": arrays}, use_bin_type=True)
@@ -141,10 +219,7 @@ def _decode(frames: list) -> Message:
         raise BadMessage(f"{cls.__name__}: fields are not a map")
     values = dict(values)
     values.update(_decode_arrays(cls, head["a"], frames[2:]))
-    _check_fields(cls.__name__, values, _FIELD_TYPES[cls])
-    for name, item_cls in _ITEM_LISTS[cls].items():
-        values[name] = [_decode_item(f"{cls.__name__}.{name}[{i}]", item_cls, x) for i, x in enumerate(values[name])]
-    return cls(**values)
+    return cls(**_decode_fields(cls.__name__, cls, values))
 
 
 def _check_fields(where: str, values: dict, expected: dict) -> None:
@@ -152,16 +227,22 @@ def _check_fields(where: str, values: dict, expected: dict) -> None:
         missing, extra = set(expected) - set(values), set(values) - set(expected)
         raise BadMessage(f"{where}: missing {sorted(missing)} unknown {sorted(map(str, extra))[:8]}")
     for name, value in values.items():
-        if not isinstance(value, expected[name]) or (isinstance(value, bool) and bool not in expected[name]
-                                                     and object not in expected[name]):
+        if not _is_a(value, expected[name]):
             raise BadMessage(f"{where}.{name}: unexpected {type(value).__name__}")
+
+
+def _decode_fields(where: str, cls, values: dict) -> dict:
+    """The checked constructor arguments of a message or item: its fields, items decoded."""
+    _check_fields(where, values, _FIELD_TYPES[cls])
+    for name, hint in _ITEM_FIELDS[cls].items():
+        values[name] = _from_wire(f"{where}.{name}", hint, values[name])
+    return values
 
 
 def _decode_item(where: str, cls, value):
     if not isinstance(value, dict):
         raise BadMessage(f"{where}: expected a map, got {type(value).__name__}")
-    _check_fields(where, value, _FIELD_TYPES[cls])
-    return cls(**value)
+    return cls(**_decode_fields(where, cls, dict(value)))
 
 
 def _decode_arrays(cls, specs, frames) -> dict[str, np.ndarray]:
@@ -196,12 +277,53 @@ class Hello(Message):
     pid: int
 
 
+@item
+class ModelInfo:
+    """What a loaded model driver tells the kernel: the KV geometry its pool must have,
+    the limits requests are checked against, and where the tokenizer finds the model."""
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str                 # of the KV pool, a torch dtype name ("bfloat16")
+    vocab_size: int
+    max_model_len: int
+    weight_bytes: int
+    eos_token_ids: list        # ints
+    model_type: str            # transformers' config.model_type
+    model_dir: str             # the prepared Hugging Face directory (the tokenizer driver loads it)
+
+
+@item
+class TokenizerInfo:
+    vocab_size: int
+    eos_token_id: int | None
+
+
+@item
+class IoInfo:
+    socket: str                # the API socket it serves
+    pid: int
+
+
+READY_INFO = {"model": ModelInfo, "tokenizer": TokenizerInfo, "io": IoInfo}   # driver role -> its info
+
+
 @message(0x02)
 class Ready(Message):
-    """driver -> kernel: loaded and able to work. `info` is role specific
-    (model: geometry, dtype, weight bytes, eos ids; tokenizer: eos ids, vocab size)."""
+    """driver -> kernel: loaded and able to work. Exactly one info is set, the one of the
+    driver's role (READY_INFO)."""
     name: str
-    info: dict
+    model: ModelInfo | None = None
+    tokenizer: TokenizerInfo | None = None
+    io: IoInfo | None = None
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.model, self.tokenizer, self.io)) != 1:
+            raise ValueError("Ready carries exactly one of model, tokenizer, io")
+
+    @property
+    def info(self) -> ModelInfo | TokenizerInfo | IoInfo:
+        return self.model or self.tokenizer or self.io
 
 
 @message(0x03)

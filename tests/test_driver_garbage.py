@@ -52,7 +52,8 @@ def fake(tmp_path):
 def test_tokenizer_driver_drops_garbage_and_keeps_working(fake, smollm2_dir):
     proc = spawn("llmos.drivers.tokenizer", fake, "tok", "--model-dir", str(smollm2_dir))
     try:
-        peer, _ = fake.recv(protocol.Ready)
+        peer, ready = fake.recv(protocol.Ready)
+        assert ready.tokenizer.vocab_size > 1000 and ready.model is None
         for frames in GARBAGE:
             fake.send(peer, frames)
         fake.send(peer, protocol.encode(protocol.Encode(request_id="r1", prompt="Hello world", messages=None)))
@@ -68,6 +69,8 @@ def test_model_driver_drops_garbage_and_reports_bad_plans(fake, tiny_llama_dir, 
                  "--models-dir", str(tmp_path / "models"))
     try:
         peer, ready = fake.recv(protocol.Ready)
+        assert isinstance(ready.model, protocol.ModelInfo) and ready.model.model_type == "llama"
+        assert ready.model.num_layers >= 1 and ready.model.vocab_size > 0 and ready.tokenizer is None
         for frames in GARBAGE:
             fake.send(peer, frames)
         fake.send(peer, protocol.encode(protocol.MapKVPool(

@@ -175,7 +175,8 @@ def test_socket_is_private_and_ready_reported(stack):
     assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
     hello = kernel.wait_for(lambda m: isinstance(m, protocol.Hello))
     assert (hello.role, hello.name, hello.pid) == ("io", "io", proc.pid)
-    assert kernel.of(protocol.Ready)[0].info["socket"] == str(sock)
+    ready = kernel.of(protocol.Ready)[0]
+    assert ready.io == protocol.IoInfo(socket=str(sock), pid=proc.pid) and ready.model is ready.tokenizer is None
 
 
 def test_health_models_admin(http, stack):

@@ -122,3 +122,60 @@ def test_message_items_are_typed_and_checked_like_messages(bad, why):
     head["f"]["items"] = [bad]
     with pytest.raises(p.BadMessage, match=why):
         p.decode([frames[0], msgpack.packb(head)])
+
+
+def model_info(**over) -> p.ModelInfo:
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32", vocab_size=256, max_model_len=128,
+                  weight_bytes=1000, eos_token_ids=[2], model_type="llama", model_dir="/m")
+    return p.ModelInfo(**{**fields, **over})
+
+
+def test_ready_carries_the_one_typed_info_of_its_role():
+    ready = p.Ready(name="model-x", model=model_info())
+    back = p.decode(p.encode(ready))
+    assert back == ready and back.info == model_info() and back.tokenizer is None and back.io is None
+    tok = p.decode(p.encode(p.Ready(name="t", tokenizer=p.TokenizerInfo(vocab_size=9, eos_token_id=None))))
+    assert tok.info == p.TokenizerInfo(vocab_size=9, eos_token_id=None)
+    with pytest.raises(ValueError, match="exactly one"):
+        p.Ready(name="x")
+    with pytest.raises(ValueError, match="exactly one"):
+        p.Ready(name="x", model=model_info(), io=p.IoInfo(socket="s", pid=1))
+
+
+def _with_field(msg, name, value) -> list:
+    frames = p.encode(msg)
+    head = msgpack.unpackb(frames[1])
+    head["f"][name] = value
+    return [frames[0], msgpack.packb(head)]
+
+
+@pytest.mark.parametrize("bad, why", [
+    ({"vocab_size": 9}, r"Ready\.tokenizer: missing \['eos_token_id'\]"),
+    ({"vocab_size": "9", "eos_token_id": 1}, r"Ready\.tokenizer\.vocab_size"),
+    ({"vocab_size": True, "eos_token_id": 1}, r"Ready\.tokenizer\.vocab_size"),
+    ([9, 1], r"Ready\.tokenizer: unexpected list"),
+])
+def test_a_single_item_is_checked_like_a_message(bad, why):
+    frames = _with_field(p.Ready(name="t", tokenizer=p.TokenizerInfo(vocab_size=9, eos_token_id=1)), "tokenizer", bad)
+    with pytest.raises(p.BadMessage, match=why):
+        p.decode(frames)
+
+
+def test_a_ready_with_two_infos_or_none_is_a_bad_message():
+    ready = p.Ready(name="t", tokenizer=p.TokenizerInfo(vocab_size=9, eos_token_id=1))
+    with pytest.raises(p.BadMessage, match="exactly one"):
+        p.decode(_with_field(ready, "tokenizer", None))
+    with pytest.raises(p.BadMessage, match="exactly one"):
+        p.decode(_with_field(ready, "io", {"socket": "s", "pid": 3}))
+
+
+def test_the_wrong_item_type_cannot_be_sent():
+    with pytest.raises(p.Unencodable, match="expected TokenizerInfo"):
+        p.encode(p.Ready(name="t", tokenizer=p.IoInfo(socket="s", pid=1)))
+
+
+def test_a_union_of_two_item_types_cannot_be_declared():
+    with pytest.raises(TypeError, match="one item type"):
+        @p.item
+        class Either:
+            x: p.TokenizerInfo | p.IoInfo

@@ -16,8 +16,8 @@ from llmos.kernel.requests import Request, State
 from llmos.sampling_params import SamplingParams
 
 VOCAB = 100
-INFO = {"num_layers": 1, "num_kv_heads": 1, "head_dim": 4, "dtype": "float32", "max_model_len": 64,
-        "vocab_size": VOCAB, "eos_token_ids": [0], "weight_bytes": 0}
+INFO = protocol.ModelInfo(num_layers=1, num_kv_heads=1, head_dim=4, dtype="float32", vocab_size=VOCAB,
+                          max_model_len=64, weight_bytes=0, eos_token_ids=[0], model_type="llama", model_dir="/none")
 
 
 class ScriptedDriver:

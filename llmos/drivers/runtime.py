@@ -53,8 +53,16 @@ class DriverRuntime:
         # high-water mark the send never waits.
         self.bus.send(msg)
 
-    def ready(self, info: dict) -> None:
-        self._send(protocol.Ready(name=self.name, info=info))
+    def ready(self, info) -> None:
+        """Announce readiness with this role's info (protocol.READY_INFO), or a dict of its
+        fields (the model driver passes runner.info() plus model_dir); a missing or unknown
+        field raises TypeError here, in the driver, rather than a BadMessage in the kernel."""
+        cls = protocol.READY_INFO[self.role]
+        if isinstance(info, dict):
+            info = cls(**info)
+        if not isinstance(info, cls):
+            raise TypeError(f"a {self.role} driver is ready with a {cls.__name__}, not {type(info).__name__}")
+        self._send(protocol.Ready(name=self.name, **{self.role: info}))
 
     def fatal(self, error: str) -> "NoReturn":  # noqa: F821
         """Report an unrecoverable failure to the kernel, then exit non-zero."""

@@ -109,7 +109,7 @@ class Kernel:
         task.add_done_callback(ended)
         return task
 
-    def _kv_budget(self, info: dict) -> dict:
+    def _kv_budget(self, info: protocol.ModelInfo) -> dict:
         """Size a model's KV pool once its driver has loaded the weights: a fraction applies to
         the device memory still free now (weights and the driver's working memory already
         taken), shared evenly between the served models."""
@@ -121,7 +121,7 @@ class Kernel:
         swap = 0 if self.config.swap_memory in ("0", "") else \
             parse_memory(self.config.swap_memory, cpu_memory().available) // share
         return {"swap_budget_bytes": swap, "device": device.device, "device_total_bytes": device.total,
-                "device_available_bytes": device.available, "weight_bytes": int(info.get("weight_bytes", 0)),
+                "device_available_bytes": device.available, "weight_bytes": info.weight_bytes,
                 "kv_budget_bytes": budget, "kv_memory": self.config.kv_memory}
 
     def _spec(self, name: str, role: str, module: str, *args: str) -> DriverSpec:
@@ -153,7 +153,9 @@ class Kernel:
             self.bus.close()
 
     # ------------------------------------------------------------ drivers
-    def _driver_ready(self, name: str, info: dict) -> None:
+    def _driver_ready(self, name: str, info) -> None:
+        """`info`: a ModelInfo from a model driver, a TokenizerInfo from a tokenizer (checked by
+        the supervisor against the driver's role)."""
         for engine in self.engines.values():
             if name == engine.driver:
                 try:
@@ -164,7 +166,7 @@ class Kernel:
                     return
                 if engine.tokenizer not in self.supervisor.table:
                     self.supervisor.add(self._spec(engine.tokenizer, "tokenizer", "llmos.drivers.tokenizer",
-                                                   "--model-dir", str(info["model_dir"])))
+                                                   "--model-dir", info.model_dir))
             elif name == engine.tokenizer:
                 self.front.tokenizer_restarted(engine)
 

@@ -59,7 +59,7 @@ class ModelEngine:
         self.accounting: dict = {}
         self._send = send                 # (peer, message) -> None
         self._on_outputs = on_outputs     # (engine, EngineOutputs) -> None: the front door's intake
-        self.info: dict | None = None
+        self.info: protocol.ModelInfo | None = None   # from the model driver's Ready
         self.pool: KVPool | None = None
         self.host_pool: SharedKVPool | None = None
         self.scheduler: Scheduler | None = None
@@ -80,7 +80,7 @@ class ModelEngine:
     # ------------------------------------------------------------ driver lifecycle
     @property
     def max_model_len(self) -> int:
-        limit = int(self.info["max_model_len"])
+        limit = self.info.max_model_len
         return min(limit, self.config.max_model_len) if self.config.max_model_len else limit
 
     @property
@@ -88,12 +88,11 @@ class ModelEngine:
         """Whether the model driver has been up once (the pool and scheduler exist)."""
         return self.info is not None and self.scheduler is not None
 
-    def driver_up(self, info: dict) -> None:
+    def driver_up(self, info: protocol.ModelInfo) -> None:
         """The model driver is loaded: create the pool once, then (re)map it."""
         self.info = info
         if self.pool is None:
-            geo = KVGeometry(int(info["num_layers"]), int(info["num_kv_heads"]), int(info["head_dim"]),
-                             str(info["dtype"]), self.config.block_size)
+            geo = KVGeometry(info.num_layers, info.num_kv_heads, info.head_dim, info.dtype, self.config.block_size)
             self.accounting = self._kv_budget(info)
             budget = self.accounting["kv_budget_bytes"]
             num_blocks = budget // geo.block_bytes
@@ -107,7 +106,7 @@ class ModelEngine:
                 self.host_pool = SharedKVPool(f"{self.name}.host", geo, host_blocks)
                 swap = SwapSpace(BlockPool(host_blocks, geo.block_size), geo.block_bytes,
                                  self.config.preemption_mode)
-            stops = StopRule(frozenset(int(t) for t in info.get("eos_token_ids") or []), self.max_model_len)
+            stops = StopRule(frozenset(int(t) for t in info.eos_token_ids), self.max_model_len)
             self.scheduler = Scheduler(kv, self.config.max_num_seqs, self.config.max_batched_tokens,
                                        policy=make_policy(self.config), swap=swap, stop_rule=stops)
         g = self.pool.geometry
@@ -225,7 +224,7 @@ class ModelEngine:
         t1 = time.perf_counter()
         if isinstance(result, protocol.StepResult):
             try:
-                check_result(plan, result, int(self.info.get("vocab_size") or 0))
+                check_result(plan, result, self.info.vocab_size)
             except BadStepResult as exc:
                 return self._bad_result(batch, exc)
         self._bad_results = 0

@@ -63,7 +63,7 @@ class FrontDoor:
             return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver {engine.driver} "
                           f"is {state}{': ' + error if error else ''})")
         try:   # the io driver checked all of this; the kernel never trusts a driver
-            params = check_submit(m, engine.max_model_len, int(engine.info.get("vocab_size") or 0))
+            params = check_submit(m, engine.max_model_len, engine.info.vocab_size)
         except InvalidParam as exc:
             return reject(400, exc.code, str(exc), exc.param)
         if len(self.table) + m.n > MAX_IN_FLIGHT:

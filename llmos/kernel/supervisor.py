@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from llmos import protocol
+
 log = logging.getLogger(__name__)
 
 
@@ -63,7 +65,7 @@ class DriverProcess:
     restarts: int = 0
     restart_times: deque = field(default_factory=deque)
     last_error: str | None = None
-    info: dict = field(default_factory=dict)
+    info: protocol.ModelInfo | protocol.TokenizerInfo | protocol.IoInfo | None = None   # from its Ready
     retry_at: float = 0.0
 
     def change_state(self, new: DState) -> None:
@@ -113,9 +115,14 @@ class Supervisor:
         if name in self.table:
             self.table[name].last_heartbeat = time.monotonic()
 
-    def ready(self, name: str, info: dict) -> None:
+    def ready(self, name: str, info) -> None:
+        """`info`: the Ready's info, which must be the one of the driver's role."""
         d = self.table.get(name)
         if d is None or d.state is not DState.STARTING:
+            return
+        if not isinstance(info, protocol.READY_INFO[d.spec.role]):
+            log.error("driver %s (%s) sent a Ready with %s", name, d.spec.role, type(info).__name__)
+            d.last_error = f"Ready with {type(info).__name__}, not the {d.spec.role} driver's info"
             return
         d.info = info
         d.last_error = None

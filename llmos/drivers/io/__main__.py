@@ -17,6 +17,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from llmos import protocol
 from llmos.drivers.io.kernel_link import KernelLink
 from llmos.drivers.io.limits import GuardedUnixSite, Limits
 from llmos.drivers.io.server import make_app
@@ -81,7 +82,7 @@ async def serve(args) -> None:
         os.umask(old_umask)
     os.chmod(sock, 0o600)
     log.info("serving on %s", sock)
-    runtime.ready({"socket": str(sock), "pid": os.getpid()})
+    runtime.ready(protocol.IoInfo(socket=str(sock), pid=os.getpid()))
     try:
         await stop.wait()
     finally:

@@ -128,7 +128,7 @@ def main() -> None:
     except Exception as exc:
         runtime.fatal(f"cannot load tokenizer from {args.model_dir}: {exc}")
     driver = TokenizerDriver(tokenizer)
-    runtime.ready({"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id})
+    runtime.ready(protocol.TokenizerInfo(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id))
     while True:
         msg = runtime.bus.recv()
         if isinstance(msg, protocol.Shutdown):
