@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 
 from llmos import protocol
+from llmos.drivers.model.threads import configure_openmp
 from llmos.drivers.runtime import DriverRuntime, HeapTrimmer, base_argparser, setup_logging
 
 log = logging.getLogger("llmos.model")
@@ -25,6 +26,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     setup_logging(args.name)
+    applied = configure_openmp()   # before torch loads OpenMP (ModelRunner's import)
+    if applied:
+        log.info("OpenMP defaults: %s", applied)
     runtime = DriverRuntime("model", args.name, args.endpoint)
     try:
         from llmos.drivers.model.runner import ModelRunner

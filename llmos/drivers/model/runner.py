@@ -15,6 +15,7 @@ from llmos import protocol
 from llmos.drivers.model import paged_attention
 from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
+from llmos.drivers.model.threads import physical_cores
 
 WEIGHT_DTYPES = ("float32", "bfloat16")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
 
@@ -22,17 +23,6 @@ WEIGHT_DTYPES = ("float32", "bfloat16")   # (the KV pool also takes float16: pag
 class BadPlan(ValueError):
     """A step plan this runner cannot execute (inconsistent shapes, blocks out of range, ...).
     The driver answers StepFailed; nothing was written to the pool."""
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-        n = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover
-        n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    # Hyperthreads share the matmul units; more torch threads than cores only adds contention.
-    return max(1, min(n or avail, avail))
 
 
 class PackedLinear(torch.nn.Module):

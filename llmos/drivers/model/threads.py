@@ -1,0 +1,38 @@
+"""How the model driver's compute threads behave on the CPU.
+
+Set up before torch is imported: OpenMP reads its environment once, when it starts.
+"""
+from __future__ import annotations
+
+import os
+
+# OpenMP's default is to spin at every barrier, waiting for the other threads. That is
+# right on a machine with nothing else to do, and ruinous on the small ones llmos runs on:
+# the kernel, io and tokenizer processes (and whatever else the user runs) take a core
+# now and then, a spinning thread waits for a descheduled peer, and each of a step's
+# ~1,000 parallel regions pays a time slice. Measured on 2 cores under load (bf16 decode,
+# benchmarks/model_step.py shapes): batch 1 went from 1.3-2.6 s a step to 0.11 s, batch 32
+# from 0.30 s (spin count 10,000) to 0.13 s. docs/model-driver.md has the figures.
+DEFAULT_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def configure_openmp(env=os.environ) -> dict:
+    """Give OpenMP our defaults where the user set nothing; returns what was applied.
+    Must run before torch (and so libgomp) is loaded in this process."""
+    applied = {}
+    for key, value in DEFAULT_ENV.items():
+        if key not in env:
+            env[key] = applied[key] = value
+    return applied
+
+
+def physical_cores() -> int:
+    """Torch threads to use: one per physical core we may run on."""
+    try:
+        import psutil
+        n = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    # Hyperthreads share the matmul units; more torch threads than cores only adds contention.
+    return max(1, min(n or avail, avail))

@@ -1,0 +1,27 @@
+"""The model driver's OpenMP setup: applied before torch loads, never over the user's."""
+import subprocess
+import sys
+
+from llmos.drivers.model.threads import configure_openmp, physical_cores
+
+
+def test_passive_waits_are_the_default_and_the_users_choice_wins():
+    env = {}
+    assert configure_openmp(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert configure_openmp(mine) == {}
+    assert mine["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_driver_module_does_not_load_torch_before_it_configures_openmp():
+    # OpenMP reads its environment when torch loads it: the driver's entry module must not
+    # import torch at import time, or configure_openmp() would come too late.
+    code = "import sys, llmos.drivers.model.__main__; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_one_thread_per_usable_core():
+    import os
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
