@@ -542,17 +542,125 @@ class Abort(Message):
 
 @message(0x35)
 class Query(Message):
-    """io -> kernel: read-only admin query ("models", "ps", "health", "memory")."""
+    """io -> kernel: read-only admin query ("models", "ps", "health", "memory", the jobs'
+    and files' queries)."""
     query_id: str
     what: str
     args: dict
 
 
+# The answers' records. The io driver serialises them (`plain`) to the admin API's JSON,
+# field for field, so their fields and order are that API's.
+
+@item
+class HealthReport:
+    status: str                # "ok" | "starting" | "draining" | "degraded"
+    pid: int
+    uptime_s: float
+    device: str
+    failed_drivers: list       # names of drivers out of restarts
+    dead_loops: dict           # kernel loop -> why it ended
+    step_crashes: int
+    bad_step_results: int
+    models: dict               # model -> "ready" | "loading"
+    requests_in_flight: int
+    rejected_bus_messages: int
+
+
+@item
+class ModelEntry:
+    id: str
+    created: int               # unix time the kernel started
+    owned_by: str
+    max_model_len: int | None  # None while the model loads
+    ready: bool
+
+
+@item
+class ProcessRow:
+    """One row of the process table (the kernel's own first)."""
+    name: str
+    role: str
+    state: str                 # a supervisor DState value
+    pid: int | None            # None when not running
+    restarts: int
+    uptime_s: float | None
+    last_error: str | None
+
+
+@item
+class RequestSummary:
+    """One request of the kernel's table."""
+    id: str
+    model: str
+    tenant: str
+    state: str                 # a request State value, or "preempted" / "swapped" (requests.DISPLAY_STATES)
+    prompt_tokens: int
+    output_tokens: int
+    blocks: int
+    preemptions: int
+    priority: str              # "interactive", "batch:3", ...
+    waited_s: float
+    age_s: float
+
+
+@item
+class ProcessReport:
+    """The answer to "ps"."""
+    processes: list[ProcessRow]
+    requests: list[RequestSummary]
+    scheduler: dict            # model -> its policy's snapshot (the policy's own shape)
+
+
+@item
+class MemoryReport:
+    """One loaded model's KV memory; its nested statistics keep their owners' shapes."""
+    device: str
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+    blocks_free: int
+    blocks_cached_free: int
+    blocks_shared: int
+    prefix_cache: dict         # KVCacheManager.stats()
+    accounting: dict           # how the pool was sized
+    pool_bytes: int
+    swap: dict | None          # SwapSpace.stats(); None without a host tier
+    scheduler: dict            # the policy's snapshot
+    block_bytes: int
+    preemptions: int
+    requests: dict             # request id -> blocks held
+    steps: dict                # StepStats
+    recoveries: list           # per model driver loss: recovery time, recomputed tokens
+    integrity: str             # "ok" or "broken: why"
+
+
 @message(0x36)
 class QueryReply(Message):
+    """kernel -> io: the answer to the Query or Command with the same id. At most one answer
+    field is set: `error` when the kernel refused or failed; else the record of the query
+    (health, models, ps, memory: None for a model still loading); else `data`, the jobs' and
+    files' answers and the commands', JSON-shaped (OpenAI's objects, kernel/jobs/views.py)."""
     query_id: str
-    ok: bool
-    data: Any
+    error: str | None = None
+    health: HealthReport | None = None
+    models: list[ModelEntry] | None = None
+    ps: ProcessReport | None = None
+    memory: dict[str, MemoryReport | None] | None = None
+    data: Any = None
+
+    def __post_init__(self):
+        if sum(x is not None for x in (self.error, self.health, self.models, self.ps, self.memory, self.data)) > 1:
+            raise ValueError("QueryReply carries at most one answer")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def answer(self):
+        """What was answered when ok: the record, or `data`."""
+        return next((x for x in (self.health, self.models, self.ps, self.memory) if x is not None), self.data)
 
 
 @message(0x37)

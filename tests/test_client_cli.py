@@ -41,7 +41,7 @@ def test_client_sync(home):
     with Client(home[0]) as c:
         assert c.health()["status"] == "ok"
         assert [m["id"] for m in c.models()] == [MODEL]
-        assert c.ps()["processes"][0]["name"] == "io" and "blocks_free" in c.memory()
+        assert c.ps()["processes"][0]["name"] == "io" and c.memory()[MODEL]["blocks_free"] == 60
         assert c.chat(MODEL, HI, max_tokens=50)["choices"][0]["message"]["content"] == ANSWER
         assert c.completion(MODEL, "x", max_tokens=2)["choices"][0]["text"] == "Hello world"
         assert "".join(c.stream_chat(MODEL, HI)) == ANSWER

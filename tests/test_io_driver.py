@@ -3,6 +3,7 @@ llmos.protocol in a thread). test_client_cli.py reuses FakeKernel and io_stack."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import socket
@@ -27,6 +28,20 @@ MODEL = "smollm2"
 REPLY = ["Hello", " world", ",", " from", " llmos", "."]
 
 
+def health_report(status: str = "ok") -> protocol.HealthReport:
+    return protocol.HealthReport(status=status, pid=1, uptime_s=1.0, device="cpu", failed_drivers=[], dead_loops={},
+                                 step_crashes=0, bad_step_results=0, models={MODEL: "ready"}, requests_in_flight=0,
+                                 rejected_bus_messages=0)
+
+
+def memory_report() -> protocol.MemoryReport:
+    return protocol.MemoryReport(
+        device="cpu", block_size=16, blocks_total=64, blocks_used=4, blocks_free=60, blocks_cached_free=0,
+        blocks_shared=0, prefix_cache={"hit_rate": 0.0}, accounting={"kv_budget_bytes": 1 << 20}, pool_bytes=1 << 20,
+        swap=None, scheduler={"policy": "fcfs"}, block_bytes=1 << 14, preemptions=0, requests={"cmpl-abc": 2},
+        steps={"steps": 3}, recoveries=[], integrity="ok")
+
+
 class FakeKernel:
     """Answers Query and Submit like the kernel would. Behaviour is chosen by the prompt
     (or last chat message): "slow" streams 200 pieces 50 ms apart, "fail" fails after one
@@ -38,12 +53,16 @@ class FakeKernel:
         self.sock.bind(endpoint)
         self.received: list[protocol.Message] = []
         self.cond = threading.Condition()
-        self.health = {"status": "ok", "uptime_s": 1.0}
-        # The kernel's own state names, so this fake cannot drift from what the kernel reports.
-        self.ps = {"processes": [{"name": "io", "role": "io", "pid": 123, "state": DState.RUNNING.value,
-                                  "uptime_s": 12.5, "restarts": 0}],
-                   "requests": [{"id": "cmpl-abc", "tenant": "local", "state": State.RUNNING.value, "prompt_tokens": 51,
-                                 "output_tokens": 7, "age_s": 0.4, "model": MODEL}]}
+        # The kernel's own records and state names, so this fake cannot drift from what the kernel reports.
+        self.health = health_report()
+        self.ps = protocol.ProcessReport(
+            processes=[protocol.ProcessRow(name="io", role="io", state=DState.RUNNING.value, pid=123, restarts=0,
+                                           uptime_s=12.5, last_error=None)],
+            requests=[protocol.RequestSummary(id="cmpl-abc", model=MODEL, tenant="local", state=State.RUNNING.value,
+                                              prompt_tokens=51, output_tokens=7, blocks=2, preemptions=0,
+                                              priority="interactive", waited_s=0.1, age_s=0.4)],
+            scheduler={MODEL: {"policy": "fcfs"}})
+        self.memory = {MODEL: memory_report(), "loading-model": None}
         self._due: list[tuple[float, str, protocol.Message]] = []
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -90,11 +109,11 @@ class FakeKernel:
 
     def _answer(self, peer: str, msg) -> None:
         if isinstance(msg, protocol.Query):
-            data = {"health": self.health, "ps": self.ps, "memory": {"blocks_total": 64, "blocks_free": 60},
-                    "models": [{"id": MODEL, "created": 1700000000, "owned_by": "llmos", "max_model_len": 2048}]}
-            ok = msg.what in data
-            self._later(peer, protocol.QueryReply(query_id=msg.query_id, ok=ok,
-                                                  data=data.get(msg.what, f"unknown query {msg.what}")))
+            answers = {"health": self.health, "ps": self.ps, "memory": self.memory,
+                       "models": [protocol.ModelEntry(id=MODEL, created=1700000000, owned_by="llmos",
+                                                      max_model_len=2048, ready=True)]}
+            answer = {msg.what: answers[msg.what]} if msg.what in answers else {"error": f"unknown query {msg.what}"}
+            self._later(peer, protocol.QueryReply(query_id=msg.query_id, **answer))
         elif isinstance(msg, protocol.Submit):
             self._generate(peer, msg)
         elif isinstance(msg, protocol.Abort):
@@ -180,19 +199,22 @@ def test_socket_is_private_and_ready_reported(stack):
 
 
 def test_health_models_admin(http, stack):
-    assert http.get("/health").json() == {"status": "ok", "uptime_s": 1.0}
+    health = http.get("/health").json()
+    assert health == dataclasses.asdict(stack[0].health) and list(health)[:3] == ["status", "pid", "uptime_s"]
     models = http.get("/v1/models").json()
     assert models == {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 1700000000,
                                                   "owned_by": "llmos", "max_model_len": 2048}]}
-    assert http.get("/llmos/v1/ps").json() == stack[0].ps
-    assert http.get("/llmos/v1/memory").json()["blocks_total"] == 64
+    ps = http.get("/llmos/v1/ps").json()
+    assert ps == dataclasses.asdict(stack[0].ps) and ps["requests"][0]["state"] == "running"
+    memory = http.get("/llmos/v1/memory").json()
+    assert memory == {MODEL: dataclasses.asdict(memory_report()), "loading-model": {"state": "loading"}}
     r = http.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
-    stack[0].health = {"status": "degraded"}
+    stack[0].health = health_report("degraded")
     try:
         assert http.get("/health").status_code == 503
     finally:
-        stack[0].health = {"status": "ok", "uptime_s": 1.0}
+        stack[0].health = health_report()
 
 
 def test_openai_chat_and_completion(oai, stack):

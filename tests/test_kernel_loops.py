@@ -16,7 +16,7 @@ def test_a_dead_kernel_loop_makes_health_degraded(tmp_path):
         kernel.paths.ensure()
         kernel.bus = KernelBus(kernel.paths.kernel_endpoint)
         try:
-            assert kernel.health()["dead_loops"] == {}
+            assert kernel.health().dead_loops == {}
 
             async def broken():
                 raise RuntimeError("a bug nobody caught")
@@ -28,12 +28,12 @@ def test_a_dead_kernel_loop_makes_health_degraded(tmp_path):
             await asyncio.gather(task, return_exceptions=True)
             await asyncio.sleep(0)   # done-callbacks run on the next turn of the loop
             health = kernel.health()
-            assert health["status"] == "degraded"
-            assert health["dead_loops"] == {"job manager": "RuntimeError: a bug nobody caught"}
+            assert health.status == "degraded"
+            assert health.dead_loops == {"job manager": "RuntimeError: a bug nobody caught"}
             alive.cancel()            # a cancelled loop (shutdown) is not a death
             await asyncio.gather(alive, return_exceptions=True)
             await asyncio.sleep(0)
-            assert list(kernel.health()["dead_loops"]) == ["job manager"]
+            assert list(kernel.health().dead_loops) == ["job manager"]
         finally:
             kernel.bus.close()
     asyncio.run(scenario())

@@ -179,3 +179,37 @@ def test_a_union_of_two_item_types_cannot_be_declared():
         @p.item
         class Either:
             x: p.TokenizerInfo | p.IoInfo
+
+
+def test_query_replies_are_typed_records_that_round_trip():
+    row = p.ProcessRow(name="io", role="io", state="running", pid=3, restarts=0, uptime_s=1.5, last_error=None)
+    ps = p.QueryReply(query_id="q", ps=p.ProcessReport(processes=[row], requests=[], scheduler={"m": {}}))
+    back = p.decode(p.encode(ps))
+    assert back == ps and back.ok and back.answer.processes[0] == row
+    models = p.QueryReply(query_id="q", models=[])
+    assert p.decode(p.encode(models)).answer == []
+    refused = p.decode(p.encode(p.QueryReply(query_id="q", error="unknown query 'x'")))
+    assert not refused.ok and refused.error == "unknown query 'x'"
+    assert p.decode(p.encode(p.QueryReply(query_id="q", data=None))).answer is None
+    with pytest.raises(ValueError, match="at most one answer"):
+        p.QueryReply(query_id="q", error="no", data={"x": 1})
+    assert p.plain(back.ps) == {"processes": [dataclasses.asdict(row)], "requests": [], "scheduler": {"m": {}}}
+
+
+@pytest.mark.parametrize("memory, why", [
+    ({"m": {"device": "cpu"}}, r"QueryReply\.memory\['m'\]: missing"),
+    ({"m": 3}, r"QueryReply\.memory\['m'\]: expected a map"),
+    ({b"m": None}, r"QueryReply\.memory: unexpected key type"),   # (msgpack itself refuses int keys)
+    (["m"], r"QueryReply\.memory: unexpected list"),
+])
+def test_a_map_of_items_is_checked_entry_by_entry(memory, why):
+    frames = _with_field(p.QueryReply(query_id="q", memory={"m": None}), "memory", memory)
+    with pytest.raises(p.BadMessage, match=why):
+        p.decode(frames)
+
+
+def test_a_row_of_a_list_of_items_is_checked():
+    ps = p.QueryReply(query_id="q", ps=p.ProcessReport(processes=[], requests=[], scheduler={}))
+    frames = _with_field(ps, "ps", {"processes": [{"name": "io"}], "requests": [], "scheduler": {}})
+    with pytest.raises(p.BadMessage, match=r"QueryReply\.ps\.processes\[0\]: missing"):
+        p.decode(frames)

@@ -32,7 +32,7 @@ def test_preemption_swaps_out_keeps_progress_and_swaps_back_in():
     out, inn = sched.swap.ops()
     assert out == list(zip(new_blocks, [0, 1])) and inn == []
     assert new.host_blocks == [0, 1] and new.num_computed == 8 and new.blocks == []
-    assert new.summary()["state"] == "swapped"
+    assert new.summary().state == "swapped"
     apply(sched, batch)
     sched.finish_requests([old], "abort")
     batch = sched.schedule()                 # swapped back in: only its next token is computed

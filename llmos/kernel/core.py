@@ -223,47 +223,47 @@ class Kernel:
         """Every query and command gets a reply, whatever its handler raises: a client
         waits for it, and silence would only become a timeout."""
         try:
-            reply = self._query(m.what, m.args) if isinstance(m, protocol.Query) else self._command(m.what, m.args)
+            answer = self._query(m.what, m.args) if isinstance(m, protocol.Query) else self._command(m.what, m.args)
+            reply = protocol.QueryReply(query_id=m.query_id, **answer)
         except Exception as exc:
             log.exception("%s %r failed", type(m).__name__, m.what)
-            reply = {"ok": False, "data": f"{m.what}: internal error: {type(exc).__name__}: {exc}"}
+            reply = protocol.QueryReply(query_id=m.query_id, error=f"{m.what}: internal error: {type(exc).__name__}: {exc}")
         try:
-            self.send(peer, protocol.QueryReply(query_id=m.query_id, **reply))
+            self.send(peer, reply)
         except protocol.Unencodable as exc:
-            self.send(peer, protocol.QueryReply(query_id=m.query_id, ok=False,
-                                                data=f"{m.what}: the answer cannot be encoded: {exc}"))
+            self.send(peer, protocol.QueryReply(query_id=m.query_id, error=f"{m.what}: the answer cannot be encoded: {exc}"))
 
     def _engine_of(self, peer: str) -> ModelEngine | None:
         return next((e for e in self.engines.values() if e.driver == peer), None)
 
     # ------------------------------------------------------------ queries (read only)
     def _query(self, what: str, args: dict) -> dict:
+        """The QueryReply fields answering `what`: its record, `data` or `error`."""
         if what == "health":
-            return {"ok": True, "data": self.health()}
+            return {"health": self.health()}
         if what == "models":
-            return {"ok": True, "data": [
-                {"id": e.name, "created": int(time.time() - (time.monotonic() - self.started)),
-                 "owned_by": "llmos", "max_model_len": e.max_model_len if e.info else None,
-                 "ready": e.driver_ready} for e in self.engines.values()]}
+            created = int(time.time() - (time.monotonic() - self.started))
+            return {"models": [protocol.ModelEntry(id=e.name, created=created, owned_by="llmos",
+                                                   max_model_len=e.max_model_len if e.info else None,
+                                                   ready=e.driver_ready) for e in self.engines.values()]}
         if what == "ps":
-            return {"ok": True, "data": {
-                "processes": self.supervisor.processes(),
-                "requests": [r.summary() for r in self.front.table.values()],
-                "scheduler": {n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded}}}
+            return {"ps": protocol.ProcessReport(
+                processes=self.supervisor.processes(), requests=[r.summary() for r in self.front.table.values()],
+                scheduler={n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded})}
         if what == "memory":
-            return {"ok": True, "data": self.memory()}
+            return {"memory": self.memory()}
         if what in self.queries:
             return self._command(what, args, self.queries)
-        return {"ok": False, "data": f"unknown query {what!r}"}
+        return {"error": f"unknown query {what!r}"}
 
     def _command(self, what: str, args: dict, table: dict | None = None) -> dict:
         handler = (self.commands if table is None else table).get(what)
         if handler is None:
-            return {"ok": False, "data": f"unknown command {what!r}"}
+            return {"error": f"unknown command {what!r}"}
         try:
-            return {"ok": True, "data": handler(args)}
+            return {"data": handler(args)}
         except (KeyError, ValueError, TypeError) as exc:
-            return {"ok": False, "data": f"{what}: {exc}"}
+            return {"error": f"{what}: {exc}"}
 
     def _restart_driver(self, args: dict) -> dict:
         name = args.get("name")
@@ -272,19 +272,21 @@ class Kernel:
         self.supervisor.restart(name)
         return {"restarting": name}
 
-    def health(self) -> dict:
+    def health(self) -> protocol.HealthReport:
         ready = all(e.driver_ready and self.supervisor.is_running(e.tokenizer) for e in self.engines.values())
         io_up = self.supervisor.is_running("io")
         status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
         failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]
         if failed or self.dead_loops:
             status = "degraded"
-        return {"status": status, "pid": os.getpid(), "uptime_s": round(time.monotonic() - self.started, 1),
-                "device": self.device.device, "failed_drivers": failed, "dead_loops": dict(self.dead_loops),
-                "step_crashes": sum(e.step_crashes for e in self.engines.values()),
-                "bad_step_results": sum(e.bad_results_total for e in self.engines.values()),
-                "models": {n: ("ready" if e.driver_ready else "loading") for n, e in self.engines.items()},
-                "requests_in_flight": len(self.front.table), "rejected_bus_messages": self.bus.rejected}
+        return protocol.HealthReport(
+            status=status, pid=os.getpid(), uptime_s=round(time.monotonic() - self.started, 1),
+            device=self.device.device, failed_drivers=failed, dead_loops=dict(self.dead_loops),
+            step_crashes=sum(e.step_crashes for e in self.engines.values()),
+            bad_step_results=sum(e.bad_results_total for e in self.engines.values()),
+            models={n: ("ready" if e.driver_ready else "loading") for n, e in self.engines.items()},
+            requests_in_flight=len(self.front.table), rejected_bus_messages=self.bus.rejected)
 
-    def memory(self) -> dict:
-        return {name: e.memory_report() if e.loaded else {"state": "loading"} for name, e in self.engines.items()}
+    def memory(self) -> dict[str, protocol.MemoryReport | None]:
+        """Per model its memory report; None while it loads."""
+        return {name: e.memory_report() if e.loaded else None for name, e in self.engines.items()}

@@ -168,16 +168,16 @@ class ModelEngine:
     def policy_snapshot(self) -> dict:
         return self.scheduler.policy.snapshot(time.monotonic())
 
-    def memory_report(self) -> dict:
+    def memory_report(self) -> protocol.MemoryReport:
         s, pool = self.scheduler, self.scheduler.pool
-        return {"device": self.pool.device, "block_size": pool.block_size, "blocks_total": pool.num_blocks,
-                "blocks_used": pool.num_used, "blocks_free": pool.num_free,
-                "blocks_cached_free": pool.num_cached_free, "blocks_shared": pool.num_shared,
-                "prefix_cache": s.kv.stats(), "accounting": self.accounting, "pool_bytes": self.pool.nbytes,
-                "swap": s.swap.stats() if s.swap else None, "scheduler": self.policy_snapshot(),
-                "block_bytes": self.pool.geometry.block_bytes, "preemptions": s.preemptions,
-                "requests": {r.id: len(r.blocks) for r in s.running + s.waiting},
-                "steps": self.stats.to_dict(), "recoveries": self.recoveries, "integrity": self._integrity()}
+        return protocol.MemoryReport(
+            device=self.pool.device, block_size=pool.block_size, blocks_total=pool.num_blocks,
+            blocks_used=pool.num_used, blocks_free=pool.num_free, blocks_cached_free=pool.num_cached_free,
+            blocks_shared=pool.num_shared, prefix_cache=s.kv.stats(), accounting=self.accounting,
+            pool_bytes=self.pool.nbytes, swap=s.swap.stats() if s.swap else None, scheduler=self.policy_snapshot(),
+            block_bytes=self.pool.geometry.block_bytes, preemptions=s.preemptions,
+            requests={r.id: len(r.blocks) for r in s.running + s.waiting}, steps=self.stats.to_dict(),
+            recoveries=list(self.recoveries), integrity=self._integrity())
 
     def _integrity(self) -> str:
         try:

@@ -9,6 +9,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from llmos import protocol
 from llmos.kernel.policy import Priority
 from llmos.sampling_params import SamplingParams
 
@@ -98,11 +99,10 @@ class Request:
             return "preempted"
         return self.state.value
 
-    def summary(self) -> dict:
-        return {
-            "id": self.id, "model": self.model, "tenant": self.tenant, "state": self.display_state,
-            "prompt_tokens": len(self.prompt_ids), "output_tokens": len(self.output_ids),
-            "blocks": len(self.blocks), "preemptions": self.preemptions, "priority": self.priority.name,
-            "waited_s": round((self.started_at or time.monotonic()) - self.arrival, 3),
-            "age_s": round(time.monotonic() - self.arrival, 3),
-        }
+    def summary(self) -> protocol.RequestSummary:
+        return protocol.RequestSummary(
+            id=self.id, model=self.model, tenant=self.tenant, state=self.display_state,
+            prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output_ids), blocks=len(self.blocks),
+            preemptions=self.preemptions, priority=self.priority.name,
+            waited_s=round((self.started_at or time.monotonic()) - self.arrival, 3),
+            age_s=round(time.monotonic() - self.arrival, 3))

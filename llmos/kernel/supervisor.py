@@ -74,14 +74,12 @@ class DriverProcess:
         log.info("driver %s: %s -> %s", self.spec.name, self.state.value, new.value)
         self.state = new
 
-    def summary(self) -> dict:
+    def summary(self) -> protocol.ProcessRow:
         alive = self.proc is not None and self.proc.poll() is None
-        return {
-            "name": self.spec.name, "role": self.spec.role, "state": self.state.value,
-            "pid": self.proc.pid if alive else None, "restarts": self.restarts,
-            "uptime_s": round(time.monotonic() - self.started_at, 1) if alive else 0.0,
-            "last_error": self.last_error,
-        }
+        return protocol.ProcessRow(
+            name=self.spec.name, role=self.spec.role, state=self.state.value,
+            pid=self.proc.pid if alive else None, restarts=self.restarts,
+            uptime_s=round(time.monotonic() - self.started_at, 1) if alive else 0.0, last_error=self.last_error)
 
 
 class Supervisor:
@@ -219,7 +217,7 @@ class Supervisor:
                 d.proc.wait()
             d.change_state(DState.EXITED)
 
-    def processes(self) -> list[dict]:
-        rows = [{"name": "kernel", "role": "kernel", "state": "running", "pid": os.getpid(),
-                 "restarts": 0, "uptime_s": None, "last_error": None}]
+    def processes(self) -> list[protocol.ProcessRow]:
+        rows = [protocol.ProcessRow(name="kernel", role="kernel", state="running", pid=os.getpid(), restarts=0,
+                                    uptime_s=None, last_error=None)]
         return rows + [self.table[n].summary() for n in self.order]

@@ -34,7 +34,7 @@ class KernelUnavailable(Exception):
 
 
 class QueryFailed(Exception):
-    """The kernel answered a Query with ok=False; the message is its data."""
+    """The kernel refused or failed a Query or Command; the message is its error."""
 
 
 class KernelLink:
@@ -100,7 +100,8 @@ class KernelLink:
     # ------------------------------------------------------------ queries
 
     async def query(self, what: str, args: dict | None = None, timeout: float = 5.0) -> Any:
-        """The kernel's answer to Query(what). Raises KernelUnavailable (503 link down,
+        """The kernel's answer to Query(what) (QueryReply.answer: the query's record, such as
+        a protocol.HealthReport, or JSON-shaped data). Raises KernelUnavailable (503 link down,
         504 no answer in `timeout` s) or QueryFailed (the kernel said ok=False)."""
         return await self._ask(protocol.Query, what, args, timeout)
 
@@ -123,8 +124,8 @@ class KernelLink:
         finally:
             self._queries.pop(qid, None)
         if not reply.ok:
-            raise QueryFailed(str(reply.data))
-        return reply.data
+            raise QueryFailed(reply.error)
+        return reply.answer
 
     # ------------------------------------------------------------ the reader
 

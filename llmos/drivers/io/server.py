@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 LINK = web.AppKey("link", KernelLink)
 TIMEOUT = web.AppKey("timeout", float)
-# Admin routes: path -> the kernel Query whose data is passed through as JSON.
-ADMIN_QUERIES = {"/llmos/v1/ps": "ps", "/llmos/v1/memory": "memory"}
+# Admin routes: path -> (the kernel Query, its answer -> the JSON served).
+ADMIN_QUERIES = {
+    "/llmos/v1/ps": ("ps", protocol.plain),
+    "/llmos/v1/memory": ("memory", lambda models: {name: protocol.plain(report) if report is not None
+                                                   else {"state": "loading"} for name, report in models.items()}),
+}
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")   # a client's own X-Request-Id
 
 
@@ -40,8 +44,8 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
-    for path, what in ADMIN_QUERIES.items():
-        app.router.add_get(path, _query_route(what))
+    for path, (what, to_json) in ADMIN_QUERIES.items():
+        app.router.add_get(path, _query_route(what, to_json))
     app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
     app.router.add_post("/llmos/v1/requests/{id}/cancel", cancel_request)
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
@@ -89,14 +93,14 @@ async def health(request: web.Request) -> web.Response:
         data = await request.app[LINK].query("health")
     except KernelUnavailable as exc:
         return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
-    ok = isinstance(data, dict) and data.get("status") == "ok"
-    return web.json_response(data, status=200 if ok else 503)
+    report: protocol.HealthReport = data
+    return web.json_response(protocol.plain(report), status=200 if report.status == "ok" else 503)
 
 
 async def models(request: web.Request) -> web.Response:
-    data = await request.app[LINK].query("models")
-    out = [{"id": m.get("id"), "object": "model", "created": m.get("created", 0), "owned_by": "llmos",
-            "max_model_len": m.get("max_model_len")} for m in data or [] if isinstance(m, dict)]
+    entries: list[protocol.ModelEntry] = await request.app[LINK].query("models")
+    out = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by,
+            "max_model_len": m.max_model_len} for m in entries]
     return web.json_response({"object": "list", "data": out})
 
 
@@ -119,9 +123,9 @@ async def cancel_request(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
-def _query_route(what: str):
+def _query_route(what: str, to_json):
     async def route(request: web.Request) -> web.Response:
-        return web.json_response(await request.app[LINK].query(what, dict(request.query)))
+        return web.json_response(to_json(await request.app[LINK].query(what, dict(request.query))))
     route.__name__ = f"query_{what}"
     return route
 
