@@ -15,12 +15,15 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from llmos import names
 from llmos.cli.format import add_row, console as output_console, dur, show, table
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
 
-STATES = ("tokenizing", "waiting", "preempted", "swapped", "running", "finishing")
-CLASSES = ("realtime", "interactive", "batch")
+# The queue columns: every state ps shows but FORKING (a choice waiting the few steps until
+# its first choice's prompt is computed, left out as it always was).
+STATES = tuple(s for s in names.SHOWN_STATES if s != names.FORKING)
+CLASSES = names.PRIORITY_CLASSES
 
 
 def request_class(req: dict) -> str:

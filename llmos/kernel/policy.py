@@ -94,7 +94,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from llmos.kernel.tenants import PRIORITY_CLASSES, QuotaExceeded, TenantBook, TenantConfig
+from llmos.kernel.tenants import QuotaExceeded, TenantBook, TenantConfig
+from llmos.names import PRIORITY_CLASSES
 from llmos.sampling_params import InvalidParam
 
 __all__ = ["Priority", "parse_priority", "PriorityPolicy", "PolicyStats", "expired", "deadline",

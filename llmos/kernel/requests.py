@@ -9,18 +9,19 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from llmos import protocol
+from llmos import names, protocol
 from llmos.kernel.policy import Priority
 from llmos.sampling_params import SamplingParams
 
 
 class State(enum.Enum):
-    TOKENIZING = "tokenizing"   # waiting for the tokenizer driver
-    FORKING = "forking"         # choice 1..n-1 of an n > 1 request: waits for choice 0's prompt
-    WAITING = "waiting"         # queued for the scheduler (also after preemption)
-    RUNNING = "running"         # in the running batch, owns blocks
-    FINISHING = "finishing"     # done generating, blocks freed, final text in flight
-    DONE = "done"               # final output sent; removed from the table
+    """llmos/names.py says what each state means (the names the kernel reports)."""
+    TOKENIZING = names.TOKENIZING
+    FORKING = names.FORKING
+    WAITING = names.WAITING
+    RUNNING = names.RUNNING
+    FINISHING = names.FINISHING
+    DONE = names.DONE
 
 
 _ALLOWED = {
@@ -94,9 +95,9 @@ class Request:
     @property
     def display_state(self) -> str:
         if self.state is State.WAITING and self.swapped:
-            return "swapped"
+            return names.SWAPPED
         if self.state is State.WAITING and self.preemptions:
-            return "preempted"
+            return names.PREEMPTED
         return self.state.value
 
     def summary(self) -> protocol.RequestSummary:

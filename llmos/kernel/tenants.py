@@ -39,9 +39,8 @@ import math
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-# Priority classes, index = class number (lower runs first). They live here, not in
-# policy.py, because tenant configs name a default class and policy.py imports this module.
-PRIORITY_CLASSES = ("realtime", "interactive", "batch")
+from llmos.names import PRIORITY_CLASSES   # (tenant configs name a default class)
+
 WINDOW_S = 60.0   # tokens_per_minute is counted over a sliding window this long
 ALL = "*"         # the configs entry (and `llmosd --tenant '*:...'`) that sets the default config
 SWEEP_MIN = 1024  # the book never sweeps while it holds fewer tenants than this
