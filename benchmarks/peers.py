@@ -20,7 +20,6 @@ import contextlib
 import datetime
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -230,10 +229,7 @@ def main() -> None:
     print(table(results, args.concurrency))
     if args.json:
         Path(args.json).write_text(json.dumps({**header, "results": results}, indent=2))
-    if any("error" in r for r in results.values()):
-        print(f"servers' logs kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"servers' logs: {workdir}")
 
 
 if __name__ == "__main__":
