@@ -22,7 +22,7 @@ def prefilled(kv, prompt_len, i=0):
     """The KV manager alone (no scheduler): a prompt written and committed."""
     r = req(i, range(prompt_len))
     assert kv.allocate_slots(r, prompt_len)
-    r.num_computed = prompt_len
+    r.kv.num_computed = prompt_len
     kv.commit(r)
     return r
 
@@ -30,12 +30,12 @@ def prefilled(kv, prompt_len, i=0):
 def forked(kv, parent, i):
     child = req(i, parent.prompt_ids)
     kv.fork(parent, child)
-    child.num_computed = parent.num_computed - 1
+    child.kv.num_computed = parent.kv.num_computed - 1
     return child
 
 
 def owners(kv, *reqs):
-    out = {r.id: r.blocks for r in reqs if r.blocks}
+    out = {r.id: r.kv.blocks for r in reqs if r.kv.blocks}
     if kv.copy_sources:
         out["copies"] = kv.copy_sources
     return out
@@ -46,7 +46,7 @@ def test_fork_shares_every_block_with_one_more_reference():
     kv = KVCacheManager(pool)
     parent = prefilled(kv, 6)
     child = forked(kv, parent, 1)
-    assert parent.blocks == child.blocks == [0, 1]
+    assert parent.kv.blocks == child.kv.blocks == [0, 1]
     assert [pool.ref_count(b) for b in (0, 1)] == [2, 2]
     assert pool.num_used == 2
     pool.check_integrity(owners(kv, parent, child))
@@ -58,7 +58,7 @@ def test_the_first_write_into_a_shared_block_copies_it_and_the_source_is_held_un
     parent = prefilled(kv, 6)
     child = forked(kv, parent, 1)
     assert kv.allocate_slots(child, 1)          # rewrites position 5, in shared block 1
-    assert child.blocks == [0, 2] and kv.copy_ops() == [(1, 2)]
+    assert child.kv.blocks == [0, 2] and kv.copy_ops() == [(1, 2)]
     assert pool.ref_count(1) == 2               # the parent and the copy in flight
     pool.check_integrity(owners(kv, parent, child))
     kv.step_done()
@@ -74,8 +74,8 @@ def test_the_last_owner_writes_in_place_so_n_choices_cost_n_minus_1_copies():
     for c in children:
         assert kv.allocate_slots(c, 1)
     assert kv.allocate_slots(parent, 1)          # position 6, block 1: only the parent owns it now
-    assert parent.blocks == [0, 1]
-    assert kv.copy_ops() == [(1, 2), (1, 3)] and [c.blocks for c in children] == [[0, 2], [0, 3]]
+    assert parent.kv.blocks == [0, 1]
+    assert kv.copy_ops() == [(1, 2), (1, 3)] and [c.kv.blocks for c in children] == [[0, 2], [0, 3]]
     kv.step_done()
     assert [pool.ref_count(b) for b in range(4)] == [3, 1, 1, 1]
     pool.check_integrity(owners(kv, parent, *children))
@@ -87,12 +87,12 @@ def test_full_prompt_blocks_stay_shared_and_only_the_written_one_is_copied():
     parent = prefilled(kv, 8)                    # two full blocks, both in the prefix cache
     child = forked(kv, parent, 1)
     assert kv.allocate_slots(child, 2)           # positions 7 (block 1, shared) and 8 (a new block)
-    assert kv.copy_ops() == [(1, 3)] and child.blocks == [0, 3, 2]
-    assert child.cached_blocks == 1              # its copy of block 1 is registered again on commit
+    assert kv.copy_ops() == [(1, 3)] and child.kv.blocks == [0, 3, 2]
+    assert child.kv.cached_blocks == 1              # its copy of block 1 is registered again on commit
     kv.step_done()
-    child.num_computed = 9
+    child.kv.num_computed = 9
     kv.commit(child)
-    assert child.cached_blocks == 2 and pool.ref_count(0) == 2
+    assert child.kv.cached_blocks == 2 and pool.ref_count(0) == 2
 
 
 def test_a_lost_step_makes_the_writer_recompute_and_releases_the_copy_source():
@@ -102,7 +102,7 @@ def test_a_lost_step_makes_the_writer_recompute_and_releases_the_copy_source():
     child = forked(kv, parent, 1)
     assert kv.allocate_slots(child, 1)
     kv.step_lost()
-    assert child.blocks == [] and child.num_computed == 0 and child.num_tokens == 6
+    assert child.kv.blocks == [] and child.kv.num_computed == 0 and child.num_tokens == 6
     assert [pool.ref_count(b) for b in (0, 1, 2)] == [1, 1, 0]
     pool.check_integrity(owners(kv, parent, child))
 
@@ -113,7 +113,7 @@ def test_a_copy_that_does_not_fit_changes_nothing():
     parent = prefilled(kv, 6)
     child = forked(kv, parent, 1)
     assert not kv.allocate_slots(child, 1)
-    assert child.blocks == [0, 1] and kv.copy_ops() == [] and pool.ref_count(1) == 2
+    assert child.kv.blocks == [0, 1] and kv.copy_ops() == [] and pool.ref_count(1) == 2
 
 
 def test_the_scheduler_forks_waiting_choices_and_frees_everything_at_the_end():
@@ -124,7 +124,7 @@ def test_the_scheduler_forks_waiting_choices_and_frees_everything_at_the_end():
     choices = [parent, *parent.forks]
     sched.add(parent)
     run_step(sched)                           # the prompt's step forks the choices
-    assert all(c.state is State.WAITING and c.num_computed == 5 and c.blocks == [0, 1] for c in sched.waiting)
+    assert all(c.state is State.WAITING and c.kv.num_computed == 5 and c.kv.blocks == [0, 1] for c in sched.waiting)
     assert sched.waiting == choices[1:] and parent.output_ids == [token_at(0, 6)]
     batch = sched.schedule()
     assert [(s.req.id, s.num_new) for s in batch] == [("r0", 1), ("r1", 1), ("r2", 1)]
@@ -155,7 +155,7 @@ class ShadowKV:
         self.run_copies()
         tokens = r.prompt_ids + r.output_ids
         for p in range(start, end):
-            self.dev.setdefault(r.blocks[p // self.bs], [None] * self.bs)[p % self.bs] = tokens[p]
+            self.dev.setdefault(r.kv.blocks[p // self.bs], [None] * self.bs)[p % self.bs] = tokens[p]
 
     def move(self, pairs, src, dst):
         for a, b in pairs:
@@ -163,11 +163,11 @@ class ShadowKV:
 
     def check(self, live):
         for r in live:
-            if r.host_blocks:
+            if r.kv.host_blocks:
                 continue
             tokens = r.prompt_ids + r.output_ids
-            seen = [self.dev.get(r.blocks[p // self.bs], [None] * self.bs)[p % self.bs] for p in range(r.num_computed)]
-            assert seen == tokens[: r.num_computed], f"{r.id} reads KV it did not write"
+            seen = [self.dev.get(r.kv.blocks[p // self.bs], [None] * self.bs)[p % self.bs] for p in range(r.kv.num_computed)]
+            assert seen == tokens[: r.kv.num_computed], f"{r.id} reads KV it did not write"
 
 
 @settings(max_examples=300, deadline=None)
@@ -187,28 +187,28 @@ def test_random_allocate_append_fork_free_evict_swap_keep_invariants(ops):
         if op == "a" and r is None:
             r = reqs[key] = req(key, [t % 3 for t in range(n)])
             kv.attach_prefix(r)
-        elif op == "g" and r is not None and not r.host_blocks:
-            if r.num_computed == r.num_tokens:
+        elif op == "g" and r is not None and not r.kv.host_blocks:
+            if r.kv.num_computed == r.num_tokens:
                 r.output_ids.extend([key + 10 * i for i in range(n)])   # tokens of its own: sharing shows
-            grow = r.num_tokens - r.num_computed
+            grow = r.num_tokens - r.kv.num_computed
             if kv.allocate_slots(r, grow):
-                shadow.write(r, r.num_computed, r.num_tokens)
-                r.num_computed += grow
+                shadow.write(r, r.kv.num_computed, r.num_tokens)
+                r.kv.num_computed += grow
                 kv.commit(r)
-        elif op == "f" and r is not None and r.blocks and r.num_computed and (key + 1) % 6 not in reqs:
-            child = reqs[(key + 1) % 6] = req((key + 1) % 6, (r.prompt_ids + r.output_ids)[: r.num_computed])
+        elif op == "f" and r is not None and r.kv.blocks and r.kv.num_computed and (key + 1) % 6 not in reqs:
+            child = reqs[(key + 1) % 6] = req((key + 1) % 6, (r.prompt_ids + r.output_ids)[: r.kv.num_computed])
             kv.fork(r, child)
-            child.num_computed = r.num_computed - 1
+            child.kv.num_computed = r.kv.num_computed - 1
         elif op == "x" and r is not None:
             swap.drop(r)
             kv.free(reqs.pop(key))
-        elif op == "o" and r is not None and r.blocks and swap.should_swap(r):
+        elif op == "o" and r is not None and r.kv.blocks and swap.should_swap(r):
             swap.swap_out(r, kv)
-            pairs = swap.ops()[0][-len(r.host_blocks):]
+            pairs = swap.ops()[0][-len(r.kv.host_blocks):]
             shadow.move(pairs, shadow.dev, shadow.host)
-        elif op == "s" and r is not None and r.host_blocks:
+        elif op == "s" and r is not None and r.kv.host_blocks:
             if swap.swap_in(r, kv):
-                shadow.move(swap.ops()[1][-len(r.blocks):], shadow.host, shadow.dev)
+                shadow.move(swap.ops()[1][-len(r.kv.blocks):], shadow.host, shadow.dev)
         elif op in "dl":
             shadow.run_copies()
             (kv.step_done if op == "d" else kv.step_lost)()
@@ -216,7 +216,7 @@ def test_random_allocate_append_fork_free_evict_swap_keep_invariants(ops):
             shadow.copied = 0
         live = list(reqs.values())
         pool.check_integrity(owners(kv, *live))
-        used = {b for v in live for b in v.blocks} | set(kv.copy_sources)
+        used = {b for v in live for b in v.kv.blocks} | set(kv.copy_sources)
         assert pool.num_free + len(used) == pool.num_blocks
         shadow.check(live)
     kv.step_done()

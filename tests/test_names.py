@@ -17,7 +17,7 @@ def test_the_kernels_states_are_the_names():
     assert req.summary().state == names.WAITING
     req.preemptions = 1
     assert req.summary().state == names.PREEMPTED
-    req.swapped = True
+    req.kv.swapped = True
     assert req.summary().state == names.SWAPPED
 
 

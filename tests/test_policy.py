@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from llmos.kernel.policy import (BATCH, INTERACTIVE, MAX_LEVEL, REALTIME, Priority, PriorityPolicy,
                                  QuotaExceeded, TenantBook, TenantConfig, deadline, expired, parse_priority)
+from llmos.kernel.requests import KVState
 from llmos.sampling_params import InvalidParam
 
 
@@ -26,7 +27,7 @@ class Req:
     timeout_s: float | None = None
     queue_timeout_s: float | None = None
     tokens: int = 100   # what serving it costs, in the simulations
-    num_computed: int = 0
+    kv: KVState = field(default_factory=KVState)   # the real type: policy reads kv.num_computed
 
     def __post_init__(self):
         if self.queued_at is None:
@@ -316,7 +317,7 @@ def weighted(**weights) -> PriorityPolicy:
 
 def test_fairness_takes_whole_slots_from_the_most_over_share_tenant_cheapest_first():
     pol = weighted(a=1, b=3)
-    run = running(pol, *[Req(f"a{i}", P("interactive"), tenant="a", arrival=i, num_computed=50 - i) for i in range(8)])
+    run = running(pol, *[Req(f"a{i}", P("interactive"), tenant="a", arrival=i, kv=KVState(num_computed=50 - i)) for i in range(8)])
     head = Req("b0", P("interactive"), tenant="b", arrival=10)
     # b gains one slot per head, so a gives while it keeps (running - 1) / 1 >= 1/3, the
     # cheapest first (fewest tokens in KV). The scheduler takes only what makes room.

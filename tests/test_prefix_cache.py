@@ -18,8 +18,8 @@ def req(i, prompt, max_tokens=100):
 
 def prefill(kv, r):
     """The KV manager alone (no scheduler): the whole prompt is written and committed."""
-    assert kv.allocate_slots(r, r.num_tokens - r.num_computed)
-    r.num_computed = r.num_tokens
+    assert kv.allocate_slots(r, r.num_tokens - r.kv.num_computed)
+    r.kv.num_computed = r.num_tokens
     kv.commit(r)
 
 
@@ -29,12 +29,12 @@ def test_second_request_reuses_the_cached_prefix_blocks():
     a = req(1, range(10))                 # 2 full blocks + 2 tokens
     assert kv.attach_prefix(a) == 0
     prefill(kv, a)
-    assert a.blocks == [0, 1, 2] and a.cached_blocks == 2
+    assert a.kv.blocks == [0, 1, 2] and a.kv.cached_blocks == 2
     b = req(2, list(range(8)) + [99, 98, 97])
     assert kv.attach_prefix(b) == 8       # both full blocks reused
-    assert b.blocks == [0, 1] and [pool.ref_count(x) for x in (0, 1, 2)] == [2, 2, 1]
+    assert b.kv.blocks == [0, 1] and [pool.ref_count(x) for x in (0, 1, 2)] == [2, 2, 1]
     c = req(3, [5] + list(range(1, 10)))  # differs in the first token: nothing reused
-    assert kv.attach_prefix(c) == 0 and c.blocks == []
+    assert kv.attach_prefix(c) == 0 and c.kv.blocks == []
     assert kv.stats()["hit_tokens"] == 8 and kv.stats()["lookups"] == 3
 
 
@@ -44,7 +44,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     prefill(kv, a)
     b = req(2, range(8))
     assert kv.attach_prefix(b) == 4       # the second block holds the last token: recompute it
-    assert b.blocks == [0]
+    assert b.kv.blocks == [0]
 
 
 def test_freed_cached_blocks_stay_reusable_until_evicted_lru_first():
@@ -55,9 +55,9 @@ def test_freed_cached_blocks_stay_reusable_until_evicted_lru_first():
     kv.free(a)                            # freed tail first: queue 3, 2, 1, 0
     assert pool.num_free == 4 and pool.num_cached_free == 2
     prefill(kv, b)                        # takes 3, 2, 1: evicts cached block 1
-    assert b.blocks == [3, 2, 1] and pool.evictions == 1
+    assert b.kv.blocks == [3, 2, 1] and pool.evictions == 1
     again = req(3, range(9))
-    assert kv.attach_prefix(again) == 4 and again.blocks == [0]
+    assert kv.attach_prefix(again) == 4 and again.kv.blocks == [0]
 
 
 def test_tokens_are_confirmed_not_just_hashes():
@@ -76,7 +76,7 @@ def test_preempted_request_recomputes_only_what_was_evicted():
     run_step(sched)
     sched._preempt(a, "memory", 0.0)
     (s,) = sched.schedule()               # its 2 full blocks are still cached
-    assert s.num_new == 1 and a.num_computed == 8
+    assert s.num_new == 1 and a.kv.num_computed == 8
 
 
 def test_leak_200_requests_random_lengths_cancellations_and_preemption():
@@ -123,9 +123,9 @@ def test_random_attach_grow_commit_free_keep_invariants(ops):
         elif op == "f" and r is not None:
             kv.free(reqs.pop(key))
         elif op == "s" and r is not None:
-            grow = min(n, r.num_tokens - r.num_computed)
+            grow = min(n, r.num_tokens - r.kv.num_computed)
             if grow and kv.allocate_slots(r, grow):
-                r.num_computed += grow
+                r.kv.num_computed += grow
                 kv.commit(r)
-        pool.check_integrity({k: v.blocks for k, v in reqs.items()})
-        assert pool.num_free + len({b for v in reqs.values() for b in v.blocks}) == pool.num_blocks
+        pool.check_integrity({k: v.kv.blocks for k, v in reqs.items()})
+        assert pool.num_free + len({b for v in reqs.values() for b in v.kv.blocks}) == pool.num_blocks

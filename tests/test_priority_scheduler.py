@@ -20,7 +20,7 @@ def test_admission_order_is_class_then_level_then_arrival():
         sched.add(r)
     order = []
     for _ in range(6):
-        (s,) = [b for b in sched.schedule() if b.req.state is State.RUNNING and b.req.num_computed == 0]
+        (s,) = [b for b in sched.schedule() if b.req.state is State.RUNNING and b.req.kv.num_computed == 0]
         order.append(s.req.priority.name)
         sched.finish_requests([s.req], "abort")
     assert order == ["realtime:0", "realtime:5", "interactive:0", "interactive:2", "batch:0", "batch:0"]

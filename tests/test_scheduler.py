@@ -36,7 +36,7 @@ def test_long_prompt_is_chunked_under_the_token_budget_and_decodes_keep_going():
         assert batch[0].req is short and batch[0].num_new == 1  # the decode never waits
         chunks.append([(s.num_new, s.sample) for s in batch[1:]])
     assert chunks == [[(7, False)], [(7, False)], [(6, True)], [(1, True)]]
-    assert long.num_computed == 21 and long.output_ids == [token_at(2, 20), token_at(2, 21)]
+    assert long.kv.num_computed == 21 and long.output_ids == [token_at(2, 20), token_at(2, 21)]
     assert short.output_ids == expected_output(short) and len(short.output_ids) == 5
 
 
@@ -46,11 +46,11 @@ def test_blocks_grow_on_demand_and_are_freed_on_finish():
     r = make(1, 4)
     sched.add(r)
     run_step(sched)
-    assert r.blocks == [0]
+    assert r.kv.blocks == [0]
     run_step(sched)                     # position 4 needs a second block
-    assert r.blocks == [0, 1]
+    assert r.kv.blocks == [0, 1]
     assert sched.finish_requests([r], "abort") == [r]
-    assert pool.num_free == 8 and r.blocks == [] and r.state is State.FINISHING
+    assert pool.num_free == 8 and r.kv.blocks == [] and r.state is State.FINISHING
     sched.check_integrity()
 
 
@@ -64,7 +64,7 @@ def test_memory_pressure_preempts_the_newest_by_recompute():
     assert pool.num_free == 0
     batch = run_step(sched).batch              # both need a third block: the newer is preempted
     assert [s.req.id for s in batch] == ["r1"]
-    assert new.state is State.WAITING and new.num_computed == 0 and new.blocks == []
+    assert new.state is State.WAITING and new.kv.num_computed == 0 and new.kv.blocks == []
     assert sched.waiting[0] is new and sched.preemptions == 1
     sched.finish_requests([old], "abort")
     batch = run_step(sched).batch              # recompute prompt + the token it had generated
@@ -114,7 +114,7 @@ def test_a_lost_step_applies_nothing_and_is_planned_again():
     sched.add(r)
     run_step(sched)
     lost = run_step(sched, lost=True)
-    assert lost.changed == [] and r.num_computed == 6 and r.output_ids == [token_at(1, 6)]
+    assert lost.changed == [] and r.kv.num_computed == 6 and r.output_ids == [token_at(1, 6)]
     again = run_step(sched)
     assert [(s.num_new, s.sample) for s in again.batch] == [(s.num_new, s.sample) for s in lost.batch] == [(1, True)]
     assert r.output_ids == [token_at(1, 6), token_at(1, 7)]

@@ -183,7 +183,7 @@ class FrontDoor:
         """End a request without output: free its memory and its tokenizer state."""
         engine = self.engines[req.model]
         engine.drop(req)
-        if req.detok_epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
+        if req.detok.epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
             self._send(engine.tokenizer, protocol.Detokenize(items=[protocol.DetokItem(
                 rid=req.id, ids=[], prior=None, lp=None, stop=None, finish="abort")]))
         self._forget(req)
@@ -200,22 +200,22 @@ class FrontDoor:
     def tokens_ready(self, engine, reqs: list[Request]) -> None:
         """Hand new output tokens (and finishes) to the tokenizer driver, in one message."""
         if self._driver_state(engine.tokenizer)[0] != "running":
-            return  # held: a new incarnation gets everything from text_acked on when it is ready
+            return  # held: a new incarnation gets everything from detok.acked on when it is ready
         epoch = self.tokenizer_epoch.get(engine.tokenizer, 0)
         items = []
         for req in reqs:
             if req.state is State.DONE:
                 continue   # ended with its group (n > 1) earlier in this list
             prior = None
-            if req.detok_epoch != epoch:   # this tokenizer has no state for us: resend the acked prefix
-                prior, req.detok_sent, req.detok_epoch = req.output_ids[: req.text_acked], req.text_acked, epoch
+            if req.detok.epoch != epoch:   # this tokenizer has no state for us: resend the acked prefix
+                prior, req.detok.sent, req.detok.epoch = req.output_ids[: req.detok.acked], req.detok.acked, epoch
             visible = len(req.output_ids) - (req.hidden_tail if req.finish_reason else 0)
-            ids = req.output_ids[req.detok_sent:visible]
-            lp = req.logprobs[req.detok_sent:visible] if req.params.logprobs is not None else None
+            ids = req.output_ids[req.detok.sent:visible]
+            lp = req.logprobs[req.detok.sent:visible] if req.params.logprobs is not None else None
             # The stop strings travel once per tokenizer incarnation: with the item that starts its state.
             items.append(protocol.DetokItem(rid=req.id, ids=ids, prior=prior, lp=lp, finish=req.finish_reason,
                                             stop=req.params.stop if prior is not None else None))
-            req.detok_sent = len(req.output_ids)
+            req.detok.sent = len(req.output_ids)
         if items:
             self._send_items(engine.tokenizer, protocol.Detokenize, items)
 
@@ -226,8 +226,8 @@ class FrontDoor:
             if req is None:
                 continue
             n, stop_hit = item.n, item.stop_hit
-            start = req.text_acked
-            req.text_acked += n
+            start = req.detok.acked
+            req.detok.acked += n
             if stop_hit and req.state is not State.FINISHING:
                 self.engines[req.model].stop([req], "stop")
             final = req.finish_reason if (item.finish or stop_hit) else None
@@ -247,7 +247,7 @@ class FrontDoor:
         req = self.table.get(item.rid)
         if req is None or req.state is State.DONE:
             return None
-        if not 0 <= item.n <= req.detok_sent - req.text_acked:
+        if not 0 <= item.n <= req.detok.sent - req.detok.acked:
             log.warning("dropped a TextDelta that does not fit request %s: %.200r", item.rid, item)
             return None
         return req

@@ -38,7 +38,7 @@ class KVCacheManager:
 
     def _hashes(self, req, upto_blocks: int) -> list[int]:
         """The chained hashes of req's first `upto_blocks` full blocks (memoised on req)."""
-        hashes = req.block_hashes
+        hashes = req.kv.block_hashes
         bs = self.block_size
         while len(hashes) < upto_blocks:
             i = len(hashes)
@@ -49,8 +49,8 @@ class KVCacheManager:
     def attach_prefix(self, req) -> int:
         """For a request with no blocks: take every cached block of its longest cached prefix.
         At least one token is always left to compute (its logits give the next token).
-        Returns the number of tokens reused (req.num_computed is set to it)."""
-        assert not req.blocks and req.num_computed == 0
+        Returns the number of tokens reused (req.kv.num_computed is set to it)."""
+        assert not req.kv.blocks and req.kv.num_computed == 0
         if not self.prefix_caching:
             return 0
         bs = self.block_size
@@ -64,40 +64,40 @@ class KVCacheManager:
                 break
             hits.append(b)
         self.pool.share(hits)
-        req.blocks = hits
-        req.cached_blocks = len(hits)
-        req.num_computed = len(hits) * bs
-        self.hit_tokens += req.num_computed
-        return req.num_computed
+        req.kv.blocks = hits
+        req.kv.cached_blocks = len(hits)
+        req.kv.num_computed = len(hits) * bs
+        self.hit_tokens += req.kv.num_computed
+        return req.kv.num_computed
 
     def allocate_slots(self, req, num_new: int) -> bool:
         """Make room for num_new more tokens of req, copying shared blocks they land in;
         False (nothing changed) if the pool is short."""
-        first = req.num_computed // self.block_size   # the block the first new token lands in
-        shared = [i for i in range(first, len(req.blocks)) if self._owners(req.blocks[i]) > 1]
-        need = max(0, blocks_needed(req.num_computed + num_new, self.block_size) - len(req.blocks))
+        first = req.kv.num_computed // self.block_size   # the block the first new token lands in
+        shared = [i for i in range(first, len(req.kv.blocks)) if self._owners(req.kv.blocks[i]) > 1]
+        need = max(0, blocks_needed(req.kv.num_computed + num_new, self.block_size) - len(req.kv.blocks))
         if need + len(shared) == 0:
             return True
         got = self.pool.allocate(need + len(shared))
         if got is None:
             return False
         for i in shared:
-            src, dst = req.blocks[i], got.pop()
-            req.blocks[i] = dst
+            src, dst = req.kv.blocks[i], got.pop()
+            req.kv.blocks[i] = dst
             self._copies.append((req, src, dst))
             self.copies += 1
         if shared:   # the copies are not in the prefix cache: commit registers them again
-            req.cached_blocks = min(req.cached_blocks, shared[0])
-        req.blocks.extend(got)
+            req.kv.cached_blocks = min(req.kv.cached_blocks, shared[0])
+        req.kv.blocks.extend(got)
         return True
 
     def fork(self, parent, child) -> None:
         """Give child (no blocks yet) parent's KV: shared blocks, copied when first written."""
-        assert not child.blocks
-        self.pool.share(parent.blocks)
-        child.blocks = list(parent.blocks)
-        child.block_hashes = list(parent.block_hashes)
-        child.cached_blocks = parent.cached_blocks
+        assert not child.kv.blocks
+        self.pool.share(parent.kv.blocks)
+        child.kv.blocks = list(parent.kv.blocks)
+        child.kv.block_hashes = list(parent.kv.block_hashes)
+        child.kv.cached_blocks = parent.kv.cached_blocks
         self.forks += 1
 
     # ------------------------------------------------------------ copies of the step in flight
@@ -120,26 +120,26 @@ class KVCacheManager:
         """The copies may not have happened: every writer that still holds its copy's
         destination recomputes (like a preemption by recompute, keeping its tokens)."""
         for req, src, dst in self._copies:
-            if dst in req.blocks:
+            if dst in req.kv.blocks:
                 self.free(req)
-                req.num_computed = 0
+                req.kv.num_computed = 0
         self.step_done()
 
     def commit(self, req) -> None:
         """After a step wrote req's KV: register its newly full blocks in the prefix cache."""
         if not self.prefix_caching:
             return
-        full = min(req.num_computed // self.block_size, len(req.blocks))
+        full = min(req.kv.num_computed // self.block_size, len(req.kv.blocks))
         bs = self.block_size
-        first_new = req.cached_blocks
+        first_new = req.kv.cached_blocks
         for i, h in enumerate(self._hashes(req, full)[first_new:], start=first_new):
-            self.pool.cache(req.blocks[i], h, tuple(req.token_at(i * bs, (i + 1) * bs)))
-        req.cached_blocks = max(first_new, full)
+            self.pool.cache(req.kv.blocks[i], h, tuple(req.token_at(i * bs, (i + 1) * bs)))
+        req.kv.cached_blocks = max(first_new, full)
 
     def free(self, req) -> None:
-        self.pool.free(req.blocks)
-        req.blocks = []
-        req.cached_blocks = 0
+        self.pool.free(req.kv.blocks)
+        req.kv.blocks = []
+        req.kv.cached_blocks = 0
 
     def stats(self) -> dict:
         return {"prefix_caching": self.prefix_caching, "lookups": self.lookups,

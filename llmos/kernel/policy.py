@@ -64,7 +64,7 @@ Request attributes this module reads (never writes):
                               None until first admitted (kept on preemption)
   preemptions: int            times preempted so far, any cause
   timeout_s, queue_timeout_s: float | None   only for expired()/deadline(); None = no limit
-  num_computed: int           tokens in KV now: the cost of preempting it (fairness victims)
+  kv.num_computed: int        tokens in KV now: the cost of preempting it (fairness victims)
 (.num_tokens and .output_ids are not used.)
 
 Scheduler contract (who calls what, when; `policy` is a PriorityPolicy):
@@ -295,7 +295,7 @@ class PriorityPolicy:
             if r.tenant != head.tenant and r.priority >= head.priority and not self.protected(r, now):
                 pools.setdefault(r.tenant, []).append(r)
         for reqs in pools.values():
-            reqs.sort(key=lambda r: (r.priority, -r.num_computed, r.arrival))   # pop() = cheapest
+            reqs.sort(key=lambda r: (r.priority, -r.kv.num_computed, r.arrival))   # pop() = cheapest
         held = {t: book.counts(t)[1] for t in pools}
         found = []
         while pools:

@@ -35,6 +35,27 @@ _ALLOWED = {
 
 
 @dataclass(eq=False)
+class KVState:
+    """Where a request's KV lives. Written only by the KV layers: KVCacheManager (attach_prefix,
+    allocate_slots, commit, fork, free), SwapSpace (swap out and in) and the Scheduler (advance
+    num_computed after a step, reset it to recompute)."""
+    num_computed: int = 0             # tokens whose KV is in the pool
+    blocks: list[int] = field(default_factory=list)          # the block table, in order
+    block_hashes: list[int] = field(default_factory=list)    # chained hashes of full blocks (memo)
+    cached_blocks: int = 0            # leading blocks of `blocks` registered in the prefix cache
+    host_blocks: list[int] = field(default_factory=list)     # KV swapped out to the host pool
+    swapped: bool = False             # its KV is on the host (host_blocks), none on the device
+
+
+@dataclass
+class DetokProgress:
+    """How far the tokenizer driver has got with a request's output. Written only by FrontDoor."""
+    epoch: int = -1                   # tokenizer incarnation that holds our detok state
+    sent: int = 0                     # output tokens handed to the tokenizer
+    acked: int = 0                    # output tokens whose text came back
+
+
+@dataclass(eq=False)
 class Request:
     id: str
     seq_id: int                       # compact numeric id used on the model bus
@@ -46,12 +67,7 @@ class Request:
     prompt_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     state: State = State.TOKENIZING
-    num_computed: int = 0             # tokens whose KV is in the pool
-    blocks: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)   # chained hashes of full blocks (memo)
-    cached_blocks: int = 0            # leading blocks of `blocks` registered in the prefix cache
-    host_blocks: list[int] = field(default_factory=list)    # KV swapped out to the host pool
-    swapped: bool = False
+    kv: KVState = field(default_factory=KVState)
     max_tokens: int = 0               # resolved at admission
     finish_reason: str | None = None
     arrival: float = field(default_factory=time.monotonic)
@@ -68,9 +84,7 @@ class Request:
     group: str | None = None          # n > 1: the client's request id (ours is "<group>#<index>")
     index: int = 0                    # which choice of the group this is
     forks: list = field(default_factory=list)   # choice 0 only: the FORKING choices it will fork
-    detok_epoch: int = -1             # tokenizer incarnation that holds our detok state
-    detok_sent: int = 0               # output tokens handed to the tokenizer
-    text_acked: int = 0               # output tokens whose text came back
+    detok: DetokProgress = field(default_factory=DetokProgress)
 
     @property
     def client_id(self) -> str:
@@ -94,7 +108,7 @@ class Request:
 
     @property
     def display_state(self) -> str:
-        if self.state is State.WAITING and self.swapped:
+        if self.state is State.WAITING and self.kv.swapped:
             return names.SWAPPED
         if self.state is State.WAITING and self.preemptions:
             return names.PREEMPTED
@@ -103,7 +117,7 @@ class Request:
     def summary(self) -> protocol.RequestSummary:
         return protocol.RequestSummary(
             id=self.id, model=self.model, tenant=self.tenant, state=self.display_state,
-            prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output_ids), blocks=len(self.blocks),
+            prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output_ids), blocks=len(self.kv.blocks),
             preemptions=self.preemptions, priority=self.priority.name,
             waited_s=round((self.started_at or time.monotonic()) - self.arrival, 3),
             age_s=round(time.monotonic() - self.arrival, 3))

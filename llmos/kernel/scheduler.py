@@ -66,7 +66,7 @@ class Scheduler:
                 break
             if req.state is not State.RUNNING:
                 continue  # preempted as a victim earlier in this loop
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.num_tokens - req.kv.num_computed, budget)
             if n > 1 and reserve and head.priority < req.priority:
                 n = max(0, min(n, budget - reserve))   # a lower-priority prompt chunk leaves the head room
                 if n == 0:
@@ -77,25 +77,25 @@ class Scheduler:
                 if victim is req:
                     break
             if req.state is State.RUNNING:
-                batch.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
+                batch.append(ScheduledSeq(req, n, req.kv.num_computed + n == req.num_tokens))
                 scheduled.add(req.seq_id)
                 budget -= n
         self.waiting = self.policy.order(self.waiting, now)   # victims re-queued above take their place
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            if req.host_blocks:
+            if req.kv.host_blocks:
                 # Swap in only if the step's tokens fit too: a swap-in that could not grow would
                 # be dropped below as if recomputing, losing the host copy it was read from.
-                n = min(req.num_tokens - req.num_computed, budget)
-                grow = max(0, blocks_needed(req.num_computed + n, self.pool.block_size) - len(req.host_blocks))
-                if not self.pool.can_allocate(len(req.host_blocks) + grow) or not self.swap.swap_in(req, self.kv):
+                n = min(req.num_tokens - req.kv.num_computed, budget)
+                grow = max(0, blocks_needed(req.kv.num_computed + n, self.pool.block_size) - len(req.kv.host_blocks))
+                if not self.pool.can_allocate(len(req.kv.host_blocks) + grow) or not self.swap.swap_in(req, self.kv):
                     break
-            elif not req.blocks:
+            elif not req.kv.blocks:
                 self.kv.attach_prefix(req)
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = min(req.num_tokens - req.kv.num_computed, budget)
             if not self._grow(req, n):
                 self.kv.free(req)  # give the prefix hits back: they stay cached
-                req.num_computed = 0
+                req.kv.num_computed = 0
                 break  # head of line waits for memory: the policy's order is kept
             self.waiting.pop(0)
             req.to(State.RUNNING)
@@ -103,7 +103,7 @@ class Scheduler:
             self.policy.on_started(req, now)
             self.running.append(req)
             self.waiting = self.policy.order(self.waiting, now)   # shares changed: rank again
-            batch.append(ScheduledSeq(req, n, req.num_computed + n == req.num_tokens))
+            batch.append(ScheduledSeq(req, n, req.kv.num_computed + n == req.num_tokens))
             budget -= n
         for s in batch:
             self.policy.charge(s.req, s.num_new, now)
@@ -117,7 +117,7 @@ class Scheduler:
         if not self.waiting or len(self.running) >= self.max_num_seqs:
             return None, 0
         head = self.waiting[0]
-        return head, min(head.num_tokens - head.num_computed, self.max_batched_tokens // 2)
+        return head, min(head.num_tokens - head.kv.num_computed, self.max_batched_tokens // 2)
 
     def _make_room_for_head(self, now: float) -> None:
         """When the waiting head has no room (no free batch slot, or too few free blocks),
@@ -128,7 +128,7 @@ class Scheduler:
         if not self.waiting:
             return
         head = self.waiting[0]
-        need = len(head.host_blocks) + 1 if head.host_blocks else \
+        need = len(head.kv.host_blocks) + 1 if head.kv.host_blocks else \
             blocks_needed(min(head.num_tokens, self.max_batched_tokens), self.pool.block_size)
         free, slot_free = self.pool.num_free, len(self.running) < self.max_num_seqs
         if slot_free and free >= need:
@@ -148,7 +148,7 @@ class Scheduler:
         victims = []
         for v in candidates:
             victims.append(v)
-            free += sum(1 for b in v.blocks if self.pool.ref_count(b) == 1)
+            free += sum(1 for b in v.kv.blocks if self.pool.ref_count(b) == 1)
             if free >= need:
                 return victims
         return []
@@ -176,7 +176,7 @@ class Scheduler:
             req = s.req
             if req.state is not State.RUNNING:
                 continue  # ended while the step ran; its blocks are already free
-            req.num_computed += s.num_new
+            req.kv.num_computed += s.num_new
             self.kv.commit(req)
             if i is None:
                 continue
@@ -236,7 +236,7 @@ class Scheduler:
             self.swap.swap_out(req, self.kv)
         else:
             self.kv.free(req)
-            req.num_computed = 0
+            req.kv.num_computed = 0
         req.preemptions += 1
         self.preemptions += 1
         self.running.remove(req)
@@ -252,7 +252,7 @@ class Scheduler:
         for child in parent.forks:
             if child.state is State.FORKING:   # not aborted meanwhile
                 self.kv.fork(parent, child)
-                child.num_computed = parent.num_computed - 1
+                child.kv.num_computed = parent.kv.num_computed - 1
                 self.add(child)
         parent.forks = []
 
@@ -272,7 +272,7 @@ class Scheduler:
             self.swap.drop(req)
 
     def owners(self) -> dict[str, list[int]]:
-        owners = {r.id: r.blocks for r in self.running + self.waiting if r.blocks}
+        owners = {r.id: r.kv.blocks for r in self.running + self.waiting if r.kv.blocks}
         if self.kv.copy_sources:   # a copy-on-write source stays referenced until its copy is done
             owners["(copies in flight)"] = self.kv.copy_sources
         return owners

@@ -11,18 +11,18 @@ from llmos.kernel.scheduler import ScheduledSeq
 def build_plan(step_id: int, batch: list[ScheduledSeq], ops: dict[str, list]) -> protocol.StepPlan:
     """`ops`: Scheduler.step_ops() of this step. Every value was validated at admission
     (admission.py), so each fits the int32/int64 array it goes into."""
-    width = max(len(s.req.blocks) for s in batch)
+    width = max(len(s.req.kv.blocks) for s in batch)
     tables = np.full((len(batch), width), -1, dtype=np.int32)
     tokens = []
     for i, s in enumerate(batch):
-        tables[i, : len(s.req.blocks)] = s.req.blocks
-        tokens.extend(s.req.token_at(s.req.num_computed, s.req.num_computed + s.num_new))
+        tables[i, : len(s.req.kv.blocks)] = s.req.kv.blocks
+        tokens.extend(s.req.token_at(s.req.kv.num_computed, s.req.kv.num_computed + s.num_new))
     p = [s.req.params for s in batch]
     return protocol.StepPlan(
         step_id=step_id,
         seq_ids=protocol.i32([s.req.seq_id for s in batch]),
         num_new=protocol.i32([s.num_new for s in batch]),
-        start_pos=protocol.i32([s.req.num_computed for s in batch]),
+        start_pos=protocol.i32([s.req.kv.num_computed for s in batch]),
         tokens=protocol.i32(tokens),
         block_tables=tables,
         sample=protocol.i32([s.sample for s in batch]),

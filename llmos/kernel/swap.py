@@ -34,32 +34,32 @@ class SwapSpace:
         self.fallbacks = 0
 
     def should_swap(self, req) -> bool:
-        if self.mode == "recompute" or not req.blocks or not self.host.can_allocate(len(req.blocks)):
+        if self.mode == "recompute" or not req.kv.blocks or not self.host.can_allocate(len(req.kv.blocks)):
             return False
         if self.mode == "swap":
             return True
-        swap_s = 2 * len(req.blocks) * self.block_bytes / self.copy_bytes_per_s
-        recompute_s = req.num_computed / max(1.0, self.recompute_tokens_per_s)
+        swap_s = 2 * len(req.kv.blocks) * self.block_bytes / self.copy_bytes_per_s
+        recompute_s = req.kv.num_computed / max(1.0, self.recompute_tokens_per_s)
         return swap_s < recompute_s
 
     def swap_out(self, req, kv) -> None:
         """Copy req's KV to host blocks; its device blocks are freed for others now."""
-        host_ids = self.host.allocate(len(req.blocks))
-        self._out.append((req, list(zip(req.blocks, host_ids)), host_ids))
+        host_ids = self.host.allocate(len(req.kv.blocks))
+        self._out.append((req, list(zip(req.kv.blocks, host_ids)), host_ids))
         kv.free(req)
-        req.host_blocks = host_ids
-        req.swapped = True
+        req.kv.host_blocks = host_ids
+        req.kv.swapped = True
         self.swap_outs += 1
         self.blocks_out += len(host_ids)
 
     def swap_in(self, req, kv) -> bool:
         """Give a swapped request device blocks again; False (no change) if the pool is short."""
-        dev = kv.pool.allocate(len(req.host_blocks))
+        dev = kv.pool.allocate(len(req.kv.host_blocks))
         if dev is None:
             return False
-        self._in.append((req, list(zip(req.host_blocks, dev)), req.host_blocks))
-        req.blocks, req.host_blocks, req.swapped = dev, [], False
-        req.cached_blocks = 0  # new block ids: the prefix cache learns them again on commit
+        self._in.append((req, list(zip(req.kv.host_blocks, dev)), req.kv.host_blocks))
+        req.kv.blocks, req.kv.host_blocks, req.kv.swapped = dev, [], False
+        req.kv.cached_blocks = 0  # new block ids: the prefix cache learns them again on commit
         self.swap_ins += 1
         self.blocks_in += len(dev)
         return True
@@ -75,20 +75,20 @@ class SwapSpace:
 
     def step_lost(self) -> None:
         for req, _, host_ids in self._out:
-            if req.host_blocks is host_ids:   # still swapped out: its copy may be incomplete
+            if req.kv.host_blocks is host_ids:   # still swapped out: its copy may be incomplete
                 self.host.free(host_ids)
-                req.host_blocks, req.swapped, req.num_computed = [], False, 0
+                req.kv.host_blocks, req.kv.swapped, req.kv.num_computed = [], False, 0
                 self.fallbacks += 1
         self._out = []                        # swap-ins stay queued: re-sent with the next plan
 
     def drop(self, req) -> None:
         """A swapped request ended (finished, aborted): release its host blocks."""
-        if req.host_blocks:
+        if req.kv.host_blocks:
             if not any(req is r for r, _, _ in self._out):
-                self.host.free(req.host_blocks)
+                self.host.free(req.kv.host_blocks)
             else:                             # the copy is in flight: free with the step
-                self._in.append((req, [], req.host_blocks))
-            req.host_blocks, req.swapped = [], False
+                self._in.append((req, [], req.kv.host_blocks))
+            req.kv.host_blocks, req.kv.swapped = [], False
 
     def stats(self) -> dict:
         return {"mode": self.mode, "host_blocks_total": self.host.num_blocks, "host_blocks_used": self.host.num_used,
