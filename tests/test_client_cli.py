@@ -1,5 +1,5 @@
 """The client SDK and the `llmos` CLI against the real io driver and a fake kernel
-(FakeKernel from test_io_driver). `start`/`stop` run a fake llmosd: this file run as a script.
+(FakeKernel from fake_kernel.py). `start`/`stop` run a fake llmosd: this file run as a script.
 Client and AsyncClient are compared request by request on a mock transport, and
 AsyncClient.restart_driver runs against a real daemon."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from llmos import protocol
 from llmos.cli import main as cli_main
 from llmos.client import AsyncClient, Client, DaemonNotRunning, NotFound, RequestRejected, ServerError, openai_client
 from llmos.paths import Paths
-from test_io_driver import MODEL, REPLY, io_stack
+from fake_kernel import MODEL, REPLY, io_stack
 
 ANSWER = "".join(REPLY)
 HI = [{"role": "user", "content": "hi"}]

@@ -1,14 +1,11 @@
 """Slow and greedy clients against the real io driver process (FakeKernel from
-test_io_driver.py): the connection cap, the header deadline (slowloris), bounded keep-alive
+fake_kernel.py): the connection cap, the header deadline (slowloris), bounded keep-alive
 and the send-stall deadline. Each bad case is followed by a normal request that must get its
 correct answer. Deadlines in the asserts are generous; only "it happened" is asserted."""
 from __future__ import annotations
 
-import contextlib
 import select
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +15,7 @@ import pytest
 from llmos import protocol
 from llmos.drivers.io.__main__ import parse_args
 from llmos.drivers.io.limits import Limits
-from llmos.paths import Paths
-from test_io_driver import MODEL, REPLY, FakeKernel
+from fake_kernel import MODEL, REPLY, io_stack
 
 CAP = 4
 HEADER_TIMEOUT = 1.0
@@ -27,27 +23,11 @@ KEEPALIVE = 30.0     # longer than any deadline below: a disconnect seen here is
 DEADLINE = 15.0      # generous upper bound for a disconnect that is due after about 1 s
 
 
-@contextlib.contextmanager
-def limited_io(home: Path, *options: str):
-    paths = Paths.from_env(home)
-    paths.ensure()
-    kernel = FakeKernel(paths.kernel_endpoint)
-    proc = subprocess.Popen([sys.executable, "-m", "llmos.drivers.io", "--endpoint", paths.kernel_endpoint,
-                             "--name", "io", "--socket", str(paths.api_socket), "--timeout", "10", *options])
-    try:
-        assert kernel.wait_for(lambda m: isinstance(m, protocol.Ready), 20), "io driver never became ready"
-        yield kernel, proc, paths.api_socket
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        kernel.close()
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with limited_io(tmp_path_factory.mktemp("io-limits"), "--max-connections", str(CAP),
+    with io_stack(tmp_path_factory.mktemp("io-limits"), "--max-connections", str(CAP),
                     "--header-timeout", str(HEADER_TIMEOUT), "--keepalive-timeout", str(KEEPALIVE),
-                    "--send-timeout", "1") as s:
+                    "--send-timeout", "1", timeout=10) as s:
         yield s
 
 
@@ -196,7 +176,8 @@ def test_connections_past_the_cap_get_503_and_served_ones_go_on(stack):
 def test_client_that_reads_nothing_is_cut_off(stack):
     kernel = stack[0]
     saved = kernel.ps
-    kernel.ps = {"processes": [], "requests": [], "pad": "x" * (4 << 20)}  # far more than socket buffers hold
+    # far more than socket buffers hold
+    kernel.ps = protocol.ProcessReport(processes=[], requests=[], scheduler={"pad": "x" * (4 << 20)})
     try:
         s = _connect(stack[2])
         s.sendall(b"GET /llmos/v1/ps HTTP/1.1\r\nHost: llmos\r\n\r\n")
@@ -214,7 +195,7 @@ def test_client_that_reads_nothing_is_cut_off(stack):
 
 
 def test_idle_keepalive_connection_is_closed_and_frees_its_slot(tmp_path):
-    with limited_io(tmp_path, "--max-connections", "1", "--keepalive-timeout", "1") as stack:
+    with io_stack(tmp_path, "--max-connections", "1", "--keepalive-timeout", "1", timeout=10) as stack:
         s = _connect(stack[2])
         assert _get_health(s).startswith(b"HTTP/1.1 200")
         with _client(stack[2]) as http:   # the idle connection holds the only slot (unless already closed)
