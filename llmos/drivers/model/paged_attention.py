@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from llmos import protocol
+from llmos.drivers.model import decode_backends
 
 ATTN_IMPLEMENTATION = "llmos_paged"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -69,12 +70,22 @@ class KVPool:
         """k, v of one layer as [num_blocks, block_size * KVH * D] (row = block)."""
         return self._blocks[layer, 0], self._blocks[layer, 1]
 
+    def block_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of one layer as [num_blocks, block_size, KVH, D] (what the decode backends read)."""
+        return self.kv[layer, 0], self.kv[layer, 1]
+
     def workspace(self, name: str, numel: int) -> torch.Tensor:
         # Gathers write into reused buffers: a fresh multi-MB tensor per layer costs page faults.
         buf = self._ws.get(name)
         if buf is None or buf.numel() < numel:
             buf = self._ws[name] = torch.empty(max(numel, 1 << 16), dtype=self.dtype, device=self.kv.device)
         return buf[:numel]
+
+    def workspace_bytes(self, name: str, nbytes: int) -> torch.Tensor:
+        buf = self._ws.get(name)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._ws[name] = torch.empty(nbytes, dtype=torch.uint8, device=self.kv.device)
+        return buf
 
 
 def open_cuda_ipc(handle: list, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -108,17 +119,30 @@ class PagedStep:
     pool: KVPool
     slots: torch.Tensor                      # [T] pool slot of each new token
     dec_idx: torch.Tensor | None             # [Nd] packed index of each single-token sequence; None: all are
-    dec_blocks: torch.Tensor | None          # [Nd * MB] blocks of the decode contexts, padded with block 0
-    dec_mask: torch.Tensor | None            # [Nd, 1, 1, MB * block_size] additive: 0 in context, -inf beyond
+    dec_tables: torch.Tensor | None          # [Nd, MB] int64 blocks of the decode contexts, padded with block 0
+    dec_ctx: torch.Tensor | None             # [Nd] int64 context length of each (its new token included)
     prefills: list[_Prefill] = field(default_factory=list)
+    backend: str = "gather"                  # decode_backends name
+    backend_state: dict = field(default_factory=dict)   # what a backend plans once per step (its mask, ...)
 
     @property
     def num_decodes(self) -> int:
-        return 0 if self.dec_mask is None else self.dec_mask.shape[0]
+        return 0 if self.dec_ctx is None else self.dec_ctx.shape[0]
+
+    def decode_mask(self) -> torch.Tensor:
+        """[Nd, 1, 1, MB * block_size] additive, in the pool dtype: 0 in context, -inf beyond
+        (a bool mask would be converted by SDPA in every layer)."""
+        mask = self.backend_state.get("mask")
+        if mask is None:
+            width = self.dec_tables.shape[1] * self.pool.block_size
+            outside = torch.arange(width, device=self.dec_ctx.device)[None, :] >= self.dec_ctx[:, None]
+            mask = torch.zeros(outside.shape, dtype=self.pool.dtype, device=outside.device)
+            mask = self.backend_state["mask"] = mask.masked_fill_(outside, float("-inf"))[:, None, None, :]
+        return mask
 
 
 def plan_step(pool: KVPool, num_new: np.ndarray, start_pos: np.ndarray, block_tables: np.ndarray,
-              device: torch.device | str = "cpu") -> tuple[PagedStep, np.ndarray]:
+              device: torch.device | str = "cpu", backend: str = "gather") -> tuple[PagedStep, np.ndarray]:
     """Turn a StepPlan's geometry into a PagedStep and the packed position of every new token.
     Inputs are assumed validated (see runner.check_plan)."""
     bs = pool.block_size
@@ -133,15 +157,12 @@ def plan_step(pool: KVPool, num_new: np.ndarray, start_pos: np.ndarray, block_ta
     as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
 
     dec = num_new == 1
-    dec_idx = dec_blocks = dec_mask = None
+    dec_idx = dec_tables = dec_ctx = None
     if dec.any():
         ctx = start_pos[dec] + 1
         mb = int(-(-ctx.max() // bs))
-        blocks = np.maximum(block_tables[dec, :mb], 0)  # -1 padding -> block 0, masked out below
-        dec_blocks = as_t(blocks.astype(np.int64).reshape(-1))
-        # Additive float mask in the pool dtype: SDPA would convert a bool mask in every layer.
-        outside = as_t((np.arange(mb * bs)[None, :] >= ctx[:, None])[:, None, None, :])
-        dec_mask = torch.zeros(outside.shape, dtype=pool.dtype, device=device).masked_fill_(outside, float("-inf"))
+        dec_tables = as_t(np.maximum(block_tables[dec, :mb], 0).astype(np.int64))  # -1 padding -> block 0
+        dec_ctx = as_t(ctx)
         if not dec.all():
             dec_idx = as_t(cu[:-1][dec])
     prefills = []
@@ -153,7 +174,7 @@ def plan_step(pool: KVPool, num_new: np.ndarray, start_pos: np.ndarray, block_ta
             k = torch.arange(s + m, device=device)
             mask = k[None, :] <= (s + torch.arange(m, device=device))[:, None]
         prefills.append(_Prefill(int(cu[i]), int(cu[i + 1]), s, blocks, mask))
-    return PagedStep(pool, as_t(slots), dec_idx, dec_blocks, dec_mask, prefills), pos
+    return PagedStep(pool, as_t(slots), dec_idx, dec_tables, dec_ctx, prefills, backend), pos
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -177,11 +198,11 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     q = query[0].transpose(0, 1)  # [T, H, D]
 
     if step.num_decodes and not step.prefills and step.dec_idx is None:
-        return _decode(step, layer, q, scale, KVH, G, D).to(query.dtype).unsqueeze(0), None
+        return decode(step, layer, q, scale).to(query.dtype).unsqueeze(0), None
     out = query.new_empty(T, H, D)
     if step.num_decodes:
         qd = q if step.dec_idx is None else q.index_select(0, step.dec_idx)
-        out.index_copy_(0, step.dec_idx, _decode(step, layer, qd, scale, KVH, G, D).to(out.dtype))
+        out.index_copy_(0, step.dec_idx, decode(step, layer, qd, scale).to(out.dtype))
     for p in step.prefills:
         qp = query[:, :, p.q0:p.q1]  # [1, H, m, D]
         if p.blocks is None:  # a fresh prompt: its whole context is the new tokens
@@ -198,19 +219,9 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     return out.unsqueeze(0), None
 
 
-def _decode(step: PagedStep, layer: int, q: torch.Tensor, scale: float, KVH: int, G: int, D: int):
-    """All single-token sequences at once: one gather of their context blocks, one SDPA.
-    GQA without repeating k/v: the G query heads sharing a kv head become G query rows."""
-    pool, Nd = step.pool, q.shape[0]
-    kb, vb = pool.blocks(layer)
-    rows = step.dec_blocks.numel()
-    k = torch.index_select(kb, 0, step.dec_blocks, out=pool.workspace("k", rows * kb.shape[1]).view(rows, -1))
-    v = torch.index_select(vb, 0, step.dec_blocks, out=pool.workspace("v", rows * vb.shape[1]).view(rows, -1))
-    k = k.view(Nd, -1, KVH, D).transpose(1, 2)  # [Nd, KVH, L, D]
-    v = v.view(Nd, -1, KVH, D).transpose(1, 2)
-    qg = q.reshape(Nd, KVH, G, D).to(k.dtype)
-    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=step.dec_mask, scale=scale)
-    return o.reshape(Nd, KVH * G, D)
+def decode(step: PagedStep, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [Nd, H, D] of the step's single-token sequences -> [Nd, H, D], by the step's backend."""
+    return decode_backends.get(step.backend)(step, layer, q, scale)
 
 
 def _repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llmos import protocol
-from llmos.drivers.model import paged_attention
+from llmos.drivers.model import decode_backends, paged_attention
 from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
 from llmos.drivers.model.threads import physical_cores
@@ -88,6 +88,7 @@ class ModelRunner:
         if pack_weights is None:
             pack_weights = os.environ.get("LLMOS_PACK_WEIGHTS", "1") != "0"
         self.packed = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
+        self.decode_backend = decode_backends.choose(self.device)
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
 
@@ -211,7 +212,8 @@ class ModelRunner:
         self.check_plan(plan)
         self._swap(plan.swap_out, plan.swap_in)
         self._copy(plan.copy)
-        step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device)
+        step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device,
+                              self.decode_backend)
         rows = np.flatnonzero(plan.sample != 0)
         last = np.cumsum(plan.num_new.astype(np.int64))[rows] - 1  # logits only where we sample
         out = self.model(

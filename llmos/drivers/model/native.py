@@ -1,0 +1,69 @@
+"""The model driver's C++ kernels (csrc/), compiled once per machine and cached.
+
+Built at install time (`python -m llmos.drivers.model.native`, run by scripts/install.sh)
+or on first use, into a folder keyed by the source, torch's version and this CPU's
+model: the code is compiled with -march=native, so a cache copied to another CPU is
+never picked up. Where no compiler is available the driver falls back to pure torch
+(`load()` returns None and says why once); LLMOS_NATIVE=0 forces that fallback.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+log = logging.getLogger("llmos.model")
+SOURCES = [Path(__file__).with_name("csrc") / "paged_decode.cpp"]
+_loaded: dict[str, object] = {}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line   # the model name on x86, else the feature flags
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def build_dir() -> Path:
+    import torch
+
+    key = hashlib.sha256()
+    for src in SOURCES:
+        key.update(src.read_bytes())
+    key.update(f"{torch.__version__}|{sys.version_info[:2]}|{cpu_model()}".encode())
+    root = Path(os.environ.get("LLMOS_NATIVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
+                                                              Path.home() / ".cache") / "llmos" / "native")
+    return root / key.hexdigest()[:16]
+
+
+def load(verbose: bool = False):
+    """The compiled module (with .paged_decode), or None where it cannot be had."""
+    if "ext" in _loaded:
+        return _loaded["ext"]
+    ext = None
+    if os.environ.get("LLMOS_NATIVE", "1") != "0":
+        try:
+            from torch.utils import cpp_extension
+
+            where = build_dir()
+            where.mkdir(parents=True, exist_ok=True)
+            ext = cpp_extension.load(
+                name="llmos_native", sources=[str(s) for s in SOURCES], build_directory=str(where),
+                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
+        except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit...
+            log.warning("C++ kernels unavailable, using the pure torch path: %s: %s",
+                        type(exc).__name__, str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else "")
+    _loaded["ext"] = ext
+    return ext
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)
+    print(f"llmos native kernels: {'built' if load(verbose='-v' in sys.argv) else 'NOT available'} "
+          f"in {build_dir()}")

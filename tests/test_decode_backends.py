@@ -1,0 +1,121 @@
+"""Decode attention backends agree with each other and with plain attention, on ragged
+contexts in shuffled blocks; the choice of backend is checked."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from llmos import protocol
+from llmos.drivers.model import decode_backends, native
+from llmos.drivers.model.paged_attention import KVPool, plan_step
+
+needs_native = pytest.mark.skipif(native.load() is None, reason="the C++ kernels did not build here")
+
+
+def make_pool(dtype, blocks=40, bs=4, kvh=2, d=16, layers=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kv = torch.randn(layers, 2, blocks, bs, kvh, d, generator=gen).to(dtype)
+    msg = protocol.MapKVPool("", "cpu", str(dtype).removeprefix("torch."), blocks, bs, layers, kvh, d)
+    return KVPool(msg, tensor=kv)
+
+
+def decode_step(pool, ctx_lens, seed=0, backend="gather"):
+    """A step of single-token sequences with these context lengths, each in random blocks."""
+    rng = np.random.default_rng(seed)
+    bs = pool.block_size
+    width = max(-(-c // bs) for c in ctx_lens) + 1
+    ids = rng.permutation(pool.num_blocks)
+    tables, used = np.full((len(ctx_lens), width), -1, dtype=np.int32), 0
+    for i, c in enumerate(ctx_lens):
+        n = -(-c // bs)
+        tables[i, :n] = ids[used:used + n]
+        used += n
+    ones = np.ones(len(ctx_lens), dtype=np.int32)
+    step, _ = plan_step(pool, ones, np.array(ctx_lens, dtype=np.int32) - 1, tables, backend=backend)
+    return step, tables
+
+
+def reference(pool, layer, q, tables, ctx_lens, scale):
+    """Attention written out: each sequence alone, its context read slot by slot."""
+    k_all, v_all = pool.slots(layer)
+    kvh, g = pool.msg.num_kv_heads, q.shape[1] // pool.msg.num_kv_heads
+    out = []
+    for i, c in enumerate(ctx_lens):
+        slots = [int(tables[i, t // pool.block_size]) * pool.block_size + t % pool.block_size for t in range(c)]
+        k, v = k_all[slots].float(), v_all[slots].float()          # [c, KVH, D]
+        qi = q[i].float().view(kvh, g, -1)
+        w = torch.softmax(torch.einsum("hgd,thd->hgt", qi, k) * scale, dim=-1)
+        out.append(torch.einsum("hgt,thd->hgd", w, v).reshape(kvh * g, -1))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kvh,groups,d", [(2, 1, 16), (3, 3, 64), (1, 4, 128), (2, 2, 24)])
+@pytest.mark.parametrize("backend", ["gather", pytest.param("native", marks=needs_native)])
+def test_backend_matches_attention_written_out(backend, dtype, tol, kvh, groups, d):
+    pool = make_pool(dtype, kvh=kvh, d=d)
+    ctx = [1, 4, 5, 13, 31, 2]       # a lone token, exactly one block, ragged tails, the longest
+    step, tables = decode_step(pool, ctx, backend=backend)
+    q = torch.randn(len(ctx), kvh * groups, d, generator=torch.Generator().manual_seed(1)).to(dtype)
+    for layer in range(2):
+        got = decode_backends.get(backend)(step, layer, q, d ** -0.5).float()
+        want = reference(pool, layer, q, tables, ctx, d ** -0.5)
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+@needs_native
+def test_native_reads_only_the_context_not_the_padding():
+    pool = make_pool(torch.float32)
+    ctx = [3, 9]
+    step, tables = decode_step(pool, ctx, backend="native")
+    q = torch.randn(2, 2, 16)
+    before = decode_backends.native(step, 0, q, 0.25)
+    unused = sorted(set(range(pool.num_blocks)) - set(int(b) for b in tables[tables >= 0]))
+    pool.kv[:, :, unused] = float("nan")               # poison every block nobody owns
+    for i, c in enumerate(ctx):                        # and the slots past each context
+        last = int(tables[i, (c - 1) // pool.block_size])
+        pool.kv[:, :, last, (c - 1) % pool.block_size + 1:] = float("nan")
+    assert torch.equal(decode_backends.native(step, 0, q, 0.25), before)
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="choose one of"):
+        decode_backends.choose(torch.device("cpu"))
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", "native")
+    with pytest.raises(ValueError, match="CPU only"):
+        decode_backends.choose(torch.device("cuda"))
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", "gather")
+    assert decode_backends.choose(torch.device("cpu")) == "gather"
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", "auto")
+    assert decode_backends.choose(torch.device("cpu")) == ("native" if native.load() is not None else "gather")
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setenv("LLMOS_NATIVE", "0")             # no C++: auto falls back, native refuses
+    assert decode_backends.choose(torch.device("cpu")) == "gather"
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", "native")
+    with pytest.raises(RuntimeError, match="did not build"):
+        decode_backends.choose(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["gather", pytest.param("native", marks=needs_native)])
+def test_runner_on_each_backend_generates_what_transformers_does(backend, tiny_model_dirs, tmp_path, monkeypatch):
+    from conftest_model import PROMPTS, MiniKernel, hf_greedy
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmos.drivers.model.runner import ModelRunner
+
+    d = tiny_model_dirs["llama"]
+    monkeypatch.setenv("LLMOS_DECODE_BACKEND", backend)
+    runner = ModelRunner(d)
+    assert runner.decode_backend == backend
+    ref = AutoModelForCausalLM.from_pretrained(d, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(d)
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    k = MiniKernel(runner, tmp_path, block_size=4)
+    seqs = [k.add(p, 20) for p in prompts]
+    k.run()
+    for s, p in zip(seqs, prompts):
+        want = hf_greedy(ref, p, 20)
+        assert s.out[: len(want)] == want
