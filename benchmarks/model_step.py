@@ -18,11 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmos.drivers.model.threads import configure_openmp  # noqa: E402
+
+configure_openmp()   # what the model driver does, before torch loads OpenMP
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from llmos import protocol  # noqa: E402
 from llmos.drivers.model.runner import ModelRunner  # noqa: E402
