@@ -81,7 +81,9 @@ def summarize(streams: list[Stream], wall: float) -> dict:
 def client_for(base_url: str, uds: str | None = None, timeout: float = 3600) -> httpx.AsyncClient:
     """A client for a TCP base URL, or for a Unix socket when `uds` is given."""
     transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    # A connection per request: llama-server closes idle keep-alive connections after a few
+    # seconds, and httpx reusing one it just closed fails the request (RemoteProtocolError).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     return httpx.AsyncClient(transport=transport, base_url=base_url, timeout=timeout, limits=limits)
 
 

@@ -54,6 +54,14 @@ def llmos_version() -> str:
     return f"{where} @ {git.stdout.strip() or 'no git'}"
 
 
+def tcmalloc() -> list[Path]:
+    for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"):
+        for name in ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4"):
+            if (Path(d) / name).exists():
+                return [Path(d) / name]
+    return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +88,8 @@ class Server:
         self.name, self.port, self.workdir = name, port, workdir
         self.log_path = workdir / f"{name}.log"
         self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+        env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}  # None: unset it
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
     def wait_ready(self, timeout: float) -> None:
@@ -115,7 +124,8 @@ def serve(system: str, args, workdir: Path):
     if system.startswith("llmos"):
         from daemon_harness import Daemon
         dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32"}[system]
-        d = Daemon(workdir / system, [f"{MODEL}={hf_dir()}"], "--dtype", dtype, "--kv-memory", "2GiB")
+        d = Daemon(workdir / system, [f"{MODEL}={hf_dir()}"], "--dtype", dtype, "--kv-memory", "2GiB",
+                   *args.llmos_arg)
         try:
             d.wait_ready(args.start_timeout)
             yield "http://llmos", str(d.socket)
@@ -129,17 +139,24 @@ def serve(system: str, args, workdir: Path):
         argv = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
                 "--model", str(hf_dir()), "--served-model-name", MODEL,
                 "--dtype", "bfloat16", "--host", "127.0.0.1", "--port", str(port),
-                "--max-num-seqs", str(args.concurrency), "--max-model-len", "2048"]
+                "--max-num-seqs", str(args.concurrency), "--max-model-len", "2048", *args.vllm_arg]
         env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_KVCACHE_SPACE": "4",
                "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                "DO_NOT_TRACK": "1", "VIRTUAL_ENV": str(venv),
-               "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}"}
-        env.pop("PYTHONPATH", None)
-    elif system == "llamacpp":
+               "PATH": f"{venv / 'bin'}:{os.environ.get('PATH', '')}", "PYTHONPATH": None}
+        # vLLM's CPU guide preloads Intel's OpenMP (vllm-cpu depends on intel-openmp for it)
+        # and tcmalloc; it warns at start when they are missing. Give it what is here.
+        preload = [str(p) for p in [venv / "lib" / "libiomp5.so", *tcmalloc()] if p.exists()]
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+    elif system in ("llamacpp", "llamacpp-t1"):
         # --parallel slots share -c: 512 tokens each holds a chat (~60) plus 128 output tokens.
+        # llamacpp-t1: one thread. ggml's threads meet at a barrier after every op, so when other
+        # work shares the cores, two threads wait on each other and a step takes 10-100x longer.
+        n = 1 if system == "llamacpp-t1" else threads
         argv = [str(PEERS / "llama-server"), "-m", str(gguf_path()), "--alias", MODEL,
-                "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb", str(threads),
-                "--parallel", str(args.concurrency), "-c", str(512 * args.concurrency)]
+                "--host", "127.0.0.1", "--port", str(port), "-t", str(n), "-tb", str(n),
+                "--parallel", str(args.concurrency), "-c", str(512 * args.concurrency), *args.llamacpp_arg]
         env = {}
     else:
         raise SystemExit(f"unknown system {system!r}")
@@ -161,7 +178,8 @@ async def measure(base_url: str, uds: str | None, prompts: list[str], args) -> d
     return {"concurrent": many, "single": one}
 
 
-LABELS = {"vllm": "vLLM-CPU, bf16", "llamacpp": "llama.cpp llama-server, GGUF Q4_1",
+LABELS = {"vllm": "vLLM-CPU, bf16", "llamacpp": f"llama.cpp llama-server, GGUF Q4_1, {os.cpu_count()} threads",
+          "llamacpp-t1": "llama.cpp llama-server, GGUF Q4_1, 1 thread",
           "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32"}
 
 
@@ -169,11 +187,11 @@ def table(results: dict, concurrency: int) -> str:
     def f(x, fmt):
         return "–" if x is None else format(x, fmt)
 
-    def ratio(sys_, phase, peer):
-        a, b = results.get(sys_), results.get(peer)
-        if not (a and b and "error" not in a and "error" not in b):
-            return ""
-        return f" ({a[phase]['tok_s'] / b[phase]['tok_s']:.2f}× {'vLLM' if peer == 'vllm' else 'llama.cpp'})"
+    def ratio(sys_, phase, peers, label):
+        """sys_'s tokens/s over the best of `peers` that ran."""
+        best = max((results[p][phase]["tok_s"] for p in peers if "error" not in results.get(p, {"error": 1})),
+                   default=None)
+        return f" ({results[sys_][phase]['tok_s'] / best:.2f}× {label})" if best else ""
 
     rows = [f"| system | {concurrency} concurrent: tok/s | median TTFT @{concurrency} | 1 stream: tok/s "
             "| inter-token @1 | load avg (1 min) before → after |", "| --- | --- | --- | --- | --- | --- |"]
@@ -183,8 +201,9 @@ def table(results: dict, concurrency: int) -> str:
             continue
         c, s = r["concurrent"], r["single"]
         itl = None if s["itl_p50"] is None else 1000 * s["itl_p50"]
-        extra_c = ratio(name, "concurrent", "vllm") if name.startswith("llmos") else ""
-        extra_s = ratio(name, "single", "llamacpp") if name.startswith("llmos") else ""
+        ours = name.startswith("llmos")
+        extra_c = ratio(name, "concurrent", ["vllm"], "vLLM") if ours else ""
+        extra_s = ratio(name, "single", ["llamacpp", "llamacpp-t1"], "llama.cpp") if ours else ""
         rows.append(f"| {LABELS.get(name, name)} | {c['tok_s']:.1f}{extra_c} | {f(c['ttft_p50'], '.2f')} s "
                     f"| {s['tok_s']:.1f}{extra_s} | {f(itl, '.1f')} ms "
                     f"| {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |")
@@ -193,13 +212,17 @@ def table(results: dict, concurrency: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default="llmos,vllm,llamacpp",
-                    help="comma-separated: llmos (= llmos-bf16,llmos-fp32), llmos-bf16, llmos-fp32, vllm, llamacpp")
+    ap.add_argument("--systems", default="llmos,vllm,llamacpp,llamacpp-t1",
+                    help="comma-separated: llmos (= llmos-bf16,llmos-fp32), llmos-bf16, llmos-fp32, vllm, "
+                    "llamacpp (as many threads as cores), llamacpp-t1 (one thread)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--single-prompts", type=int, default=4, help="prompts for the one-stream run")
     ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to start")
     ap.add_argument("--json", help="write the figures here")
+    for peer in ("llmos", "vllm", "llamacpp"):
+        ap.add_argument(f"--{peer}-arg", action="append", default=[], metavar="ARG",
+                        help=f"extra option for the {peer} server (repeatable; use --{peer}-arg=--flag)")
     args = ap.parse_args()
 
     systems = []
