@@ -106,7 +106,7 @@ def bench_hf(model, prompts, steps) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--no-hf", action="store_true")
@@ -118,7 +118,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(model_dir)
     runner = ModelRunner(model_dir, dtype=args.dtype)
     hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=getattr(torch, args.dtype), local_files_only=True).eval()
+        model_dir, dtype=getattr(torch, runner.info()["dtype"]), local_files_only=True).eval()   # int4: vs bf16
     print(f"model {args.model} dtype {args.dtype} threads {torch.get_num_threads()} steps {args.steps}")
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         for b in map(int, args.batches.split(",")):

@@ -62,7 +62,8 @@ def parse_tenant(spec: str):
 @click.option("--home", envvar="LLMOS_HOME", default=None, help="state directory (default ~/.llmos)")
 @click.option("--model", "models", multiple=True, default=["smollm2"],
               help="model to serve: a built-in name, name=/path/to/hf-dir, or name=/path/file.gguf")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "int4"]), default="float32",
+              help="weights and KV; int4: 4-bit linears (the GGUF's own Q4_1 codes), bf16 KV, CPU only")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 @click.option("--kv-memory", default="1GiB", help="KV pool budget: bytes, '4GiB', or a fraction of free memory")
 @click.option("--block-size", type=int, default=16)

@@ -17,7 +17,8 @@ from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
 from llmos.drivers.model.threads import physical_cores
 
-WEIGHT_DTYPES = ("float32", "bfloat16")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
+WEIGHT_DTYPES = ("float32", "bfloat16", "int4")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
+KV_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "int4": "bfloat16"}   # int4: 4-bit linears, bf16 else
 
 
 class BadPlan(ValueError):
@@ -65,7 +66,8 @@ def pack_linears(model: torch.nn.Module, batch_hint: int = 32) -> int:
 class ModelRunner:
     """Owned by the model driver's main loop (one thread). map_pool before execute; execute
     raises BadPlan for a plan it refuses and lets other errors through (the caller answers
-    StepFailed either way). dtype "float32" | "bfloat16"; the pool must have the same dtype."""
+    StepFailed either way). dtype "float32" | "bfloat16" | "int4" (CPU: 4-bit linears, see quant.py);
+    the pool holds KV_DTYPE[dtype]."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu",
                  pack_weights: bool | None = None):
@@ -73,21 +75,31 @@ class ModelRunner:
 
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(WEIGHT_DTYPES)}")
-        self.model_dir, self.dtype_name, self.device = Path(model_dir), dtype, torch.device(device)
-        self.dtype = paged_attention.TORCH_DTYPES[dtype]
+        if dtype == "int4" and torch.device(device).type != "cpu":
+            raise ValueError("--dtype int4 runs on the CPU only (torch's int4 CPU kernel)")
+        self.model_dir, self.weights, self.device = Path(model_dir), dtype, torch.device(device)
+        self.dtype_name = KV_DTYPE[dtype]
+        self.dtype = paged_attention.TORCH_DTYPES[self.dtype_name]
         if self.device.type == "cpu":
             torch.set_num_threads(physical_cores())
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.model_dir, dtype=self.dtype, local_files_only=True,
+        self.model = AutoModelForCausalLM.from_pretrained(   # int4: quantized from the fp32 weights
+            self.model_dir, dtype=torch.float32 if dtype == "int4" else self.dtype, local_files_only=True,
             attn_implementation=paged_attention.register()).to(self.device).eval()
         self.config = self.model.config.get_text_config()
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
             raise NotImplementedError(f"{self.config.model_type}: sliding-window layers are not supported")
-        # Counted before packing (packing drops the Linear parameters): what a step must read.
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         if pack_weights is None:
             pack_weights = os.environ.get("LLMOS_PACK_WEIGHTS", "1") != "0"
-        self.packed = pack_linears(self.model) if pack_weights and self.device.type == "cpu" else 0
+        self.packed, self.exact_4bit = 0, None
+        if dtype == "int4":
+            from llmos.drivers.model.quant import quantize_linears
+            self.packed, self.exact_4bit = quantize_linears(self.model)
+            self.model.to(self.dtype)
+        # What a step must read: counted before packing, which drops the Linear parameters.
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
+            m.nbytes() for m in self.model.modules() if hasattr(m, "nbytes"))
+        if pack_weights and self.device.type == "cpu" and dtype != "int4":
+            self.packed = pack_linears(self.model)
         self.decode_backend = decode_backends.choose(self.device)
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
