@@ -90,10 +90,9 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "gather")
     assert decode_backends.choose(torch.device("cpu")) == "gather"
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "auto")
-    assert decode_backends.choose(torch.device("cpu")) == ("native" if native.load() is not None else "gather")
+    assert decode_backends.choose(torch.device("cpu")) == "gather"   # native is opt-in on the CPU
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setenv("LLMOS_NATIVE", "0")             # no C++: auto falls back, native refuses
-    assert decode_backends.choose(torch.device("cpu")) == "gather"
+    monkeypatch.setenv("LLMOS_NATIVE", "0")             # no C++: native refuses, saying why
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "native")
     with pytest.raises(RuntimeError, match="did not build"):
         decode_backends.choose(torch.device("cpu"))

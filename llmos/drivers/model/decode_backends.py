@@ -6,12 +6,13 @@ to one backend. Each reads the same thing, one layer of the kernel's pool as
 and returns [Nd, H, D]. Choose with LLMOS_DECODE_BACKEND (default "auto"):
 
 - "native": our C++ kernel (csrc/paged_decode.cpp) reads context rows in place from
-  their blocks. CPU; 1.7-5.7x faster than "gather" here (docs/model-driver.md).
+  their blocks. CPU, opt-in: faster per layer at short contexts, slower from ~1,000 tokens,
+  and ~5% slower end to end in the daemon on a quiet machine (docs/model-driver.md).
 - "flashinfer": FlashInfer's paged decode on CUDA, which reads the same layout in place.
 - "gather": pure torch, anywhere: index_select the context blocks into a padded buffer,
   then one SDPA with an additive mask. The fallback, and the reference in the tests.
 
-"auto" takes native on a CPU where it compiles, flashinfer on CUDA where installed, else gather.
+"auto" takes flashinfer on CUDA where installed, else gather.
 """
 from __future__ import annotations
 
@@ -85,9 +86,6 @@ def choose(device: torch.device) -> str:
     if want not in BACKENDS:
         raise ValueError(f"LLMOS_DECODE_BACKEND={want!r}: choose one of {', '.join(BACKENDS)}")
     if want == "auto":
-        if device.type == "cpu":
-            from llmos.drivers.model import native as ext
-            return "native" if ext.load() is not None else "gather"
         if device.type == "cuda":
             try:
                 import flashinfer  # noqa: F401
