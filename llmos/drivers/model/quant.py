@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from llmos.drivers.model.packed import PackedLinear
+
 GROUP = 32
 SMALL_STEP = 4   # tokens in a step up to which the int4 kernel beats dense bf16 here
 
@@ -47,8 +49,6 @@ class Int4Linear(torch.nn.Module):
 
     def __init__(self, linear: torch.nn.Linear, dense_hint: int = 32):
         super().__init__()
-        from llmos.drivers.model.runner import PackedLinear
-
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale, zero, self.exact_share = quantize_groups(linear.weight.detach().float())
         self.codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -82,8 +82,6 @@ def quantize_linears(model: torch.nn.Module, min_exact: float = 0.99) -> tuple[i
     its groups come back exactly) for an Int4Linear; the others (smollm2's tied lm_head, which
     the GGUF keeps at higher precision) stay dense bf16: int4 never loses what the file had.
     Returns (how many were swapped, the share of their groups that were exact)."""
-    from llmos.drivers.model.runner import PackedLinear
-
     swapped, exact = 0, 0.0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
