@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from llmos.drivers.model.threads import configure_openmp  # noqa: E402
+from llmos.drivers.model.threads import configure_cpu_env  # noqa: E402
 
-configure_openmp()   # as the model driver does, before torch loads OpenMP
+configure_cpu_env()   # as the model driver does, before torch loads OpenMP
 import torch  # noqa: E402
 
 from test_decode_backends import decode_step, make_pool  # noqa: E402

@@ -20,9 +20,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from llmos.drivers.model.threads import configure_openmp  # noqa: E402
+from llmos.drivers.model.threads import configure_cpu_env  # noqa: E402
 
-configure_openmp()   # what the model driver does, before torch loads OpenMP
+configure_cpu_env()   # what the model driver does, before torch loads OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 

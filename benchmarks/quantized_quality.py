@@ -23,9 +23,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from llmos.drivers.model.threads import configure_openmp  # noqa: E402
+from llmos.drivers.model.threads import configure_cpu_env  # noqa: E402
 
-configure_openmp()
+configure_cpu_env()
 import torch  # noqa: E402
 
 from llmos.drivers.model.quant import quantize_linears  # noqa: E402

@@ -1,22 +1,22 @@
-"""The model driver's OpenMP setup: applied before torch loads, never over the user's."""
+"""The model driver's OpenMP and oneDNN setup: applied before torch loads, never over the user's."""
 import subprocess
 import sys
 
-from llmos.drivers.model.threads import configure_openmp, physical_cores
+from llmos.drivers.model.threads import configure_cpu_env, physical_cores
 
 
 def test_passive_waits_are_the_default_and_the_users_choice_wins():
     env = {}
-    assert configure_openmp(env) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert configure_cpu_env(env) == {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
-    mine = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert configure_openmp(mine) == {}
-    assert mine["OMP_WAIT_POLICY"] == "ACTIVE"
+    mine = {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+    assert configure_cpu_env(mine) == {}
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
 
 
 def test_the_driver_module_does_not_load_torch_before_it_configures_openmp():
     # OpenMP reads its environment when torch loads it: the driver's entry module must not
-    # import torch at import time, or configure_openmp() would come too late.
+    # import torch at import time, or configure_cpu_env() would come too late.
     code = "import sys, llmos.drivers.model.__main__; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 
 from llmos import protocol
-from llmos.drivers.model.threads import configure_openmp
+from llmos.drivers.model.threads import configure_cpu_env
 from llmos.drivers.runtime import DriverRuntime, HeapTrimmer, base_argparser, setup_logging
 
 log = logging.getLogger("llmos.model")
@@ -26,9 +26,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     setup_logging(args.name)
-    applied = configure_openmp()   # before torch loads OpenMP (ModelRunner's import)
+    applied = configure_cpu_env()   # before torch loads OpenMP and oneDNN (ModelRunner imports it)
     if applied:
-        log.info("OpenMP defaults: %s", applied)
+        log.info("CPU runtime defaults: %s", applied)
     runtime = DriverRuntime("model", args.name, args.endpoint)
     try:
         from llmos.drivers.model.runner import ModelRunner

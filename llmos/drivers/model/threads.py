@@ -1,6 +1,6 @@
-"""How the model driver's compute threads behave on the CPU.
+"""How the model driver's compute threads and oneDNN's caches behave on the CPU.
 
-Set up before torch is imported: OpenMP reads its environment once, when it starts.
+Set up before torch is imported: OpenMP and oneDNN read their environment once, when they start.
 """
 from __future__ import annotations
 
@@ -13,12 +13,18 @@ import os
 # ~1,000 parallel regions pays a time slice. Measured on 2 cores under load (bf16 decode,
 # benchmarks/model_step.py shapes): batch 1 went from 1.3-2.6 s a step to 0.11 s, batch 32
 # from 0.30 s (spin count 10,000) to 0.13 s. docs/model-driver.md has the figures.
-DEFAULT_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+#
+# oneDNN keeps a compiled primitive for every linear shape and every number of tokens a
+# step has seen, up to 1,024 of them; rare step sizes keep arriving for a long time, so
+# the driver's memory crept up ~100 MiB over 15-20 minutes of mixed traffic. 256 keeps it
+# flat (30-minute soaks: +11.9% / +5.2% per driver incarnation with 1,024, +3.0% / -1.1%
+# with 256, about 100 MiB less) for ~3% of throughput at 32 streams (docs/benchmarks.md).
+DEFAULT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
 
 
-def configure_openmp(env=os.environ) -> dict:
-    """Give OpenMP our defaults where the user set nothing; returns what was applied.
-    Must run before torch (and so libgomp) is loaded in this process."""
+def configure_cpu_env(env=os.environ) -> dict:
+    """Give OpenMP and oneDNN our defaults where the user set nothing; returns what was
+    applied. Must run before torch (and so libgomp and oneDNN) is loaded in this process."""
     applied = {}
     for key, value in DEFAULT_ENV.items():
         if key not in env:
