@@ -7,11 +7,12 @@ from llmos.drivers.model.threads import configure_cpu_env, physical_cores
 
 def test_passive_waits_are_the_default_and_the_users_choice_wins():
     env = {}
-    assert configure_cpu_env(env) == {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+    assert configure_cpu_env(env) == {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
+                                      "LRU_CACHE_CAPACITY": "64"}
     assert env["OMP_WAIT_POLICY"] == "PASSIVE"
-    mine = {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+    mine = {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}
     assert configure_cpu_env(mine) == {}
-    assert mine == {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024"}
+    assert mine == {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}
 
 
 def test_the_driver_module_does_not_load_torch_before_it_configures_openmp():

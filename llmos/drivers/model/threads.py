@@ -14,12 +14,14 @@ import os
 # benchmarks/model_step.py shapes): batch 1 went from 1.3-2.6 s a step to 0.11 s, batch 32
 # from 0.30 s (spin count 10,000) to 0.13 s. docs/model-driver.md has the figures.
 #
-# oneDNN keeps a compiled primitive for every linear shape and every number of tokens a
-# step has seen, up to 1,024 of them; rare step sizes keep arriving for a long time, so
-# the driver's memory crept up ~100 MiB over 15-20 minutes of mixed traffic. 256 keeps it
-# flat (30-minute soaks: +11.9% / +5.2% per driver incarnation with 1,024, +3.0% / -1.1%
-# with 256, about 100 MiB less) for ~3% of throughput at 32 streams (docs/benchmarks.md).
-DEFAULT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "256"}
+# oneDNN, and ideep above it (torch's mkldnn ops), keep a compiled primitive for every linear
+# shape and every number of tokens a step has seen, up to 1,024 each; rare step sizes keep
+# arriving for a long time, so the driver's memory crept up ~100 MiB over 15-20 minutes of
+# mixed traffic. 30-minute soaks (docs/benchmarks.md), RSS per driver incarnation after
+# warm-up: +11.9% / +5.2% at the defaults (~860 MiB); +3.0% / -1.1% with oneDNN's cache at
+# 256 (~760 MiB); +2.9% / -6.2% with both at 64 (~490 MiB). Throughput at 32 streams with
+# both at 64, quiet machine: 322 / 322 tok/s against 315 / 306 with oneDNN's at 256 alone.
+DEFAULT_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
 
 def configure_cpu_env(env=os.environ) -> dict:
