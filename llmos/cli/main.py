@@ -19,6 +19,7 @@ import psutil
 import llmos
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
+from llmos.cli.models import models
 from llmos.cli.top import top
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
@@ -316,18 +317,9 @@ def mem(paths: Paths):
             print_table(["REQUEST", "BLOCKS"], [[rid, n] for rid, n in m["requests"].items()])
 
 
-@cli.command()
-@click.pass_obj
-def models(paths: Paths):
-    """Models the daemon serves."""
-    with _client(paths, timeout=10) as c:
-        data = c.models()
-    print_table(["MODEL", "MAX_MODEL_LEN", "OWNED_BY"],
-                [[m.get("id"), m.get("max_model_len"), m.get("owned_by")] for m in data])
-
-
-# ---------------------------------------------------------------- batch jobs and top (llmos.cli.jobs, .top)
+# ---------------------------------------------------------------- batch jobs, models and top (llmos.cli.*)
 
 cli.add_command(submit)
 cli.add_command(jobs)
+cli.add_command(models)
 cli.add_command(top)

@@ -62,10 +62,7 @@ def safetensors_header(path: Path) -> dict:
 def read_facts(directory: Path) -> Facts:
     directory = Path(directory)
     config = read_config(directory)
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
     archs = config.get("architectures")
-    context = next((v for c in (config, text) for k in CONTEXT_KEYS
-                    if isinstance(v := c.get(k), int) and not isinstance(v, bool)), None)
     parameters, by_dtype = None, Counter()
     try:
         files = sorted(directory.glob("*.safetensors"))
@@ -80,7 +77,14 @@ def read_facts(directory: Path) -> Facts:
     dtype = DTYPES.get(disk, disk) if disk else config.get("dtype") or config.get("torch_dtype")
     return Facts(architecture=archs[0] if isinstance(archs, list) and archs else None,
                  model_type=config.get("model_type"), parameters=parameters, dtype=dtype,
-                 context_length=context, size_bytes=dir_size(directory))
+                 context_length=context_length(config), size_bytes=dir_size(directory))
+
+
+def context_length(config: dict) -> int | None:
+    """The context limit a config states (multimodal configs keep it in text_config)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    return next((v for c in (config, text) for k in CONTEXT_KEYS
+                 if isinstance(v := c.get(k), int) and not isinstance(v, bool)), None)
 
 
 def dir_size(directory: Path) -> int:
