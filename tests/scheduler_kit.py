@@ -39,7 +39,7 @@ def token_at(seq_id: int, pos: int) -> int:
 def expected_output(req: Request) -> list[int]:
     """The output req must hold now: the fake model's token for each of its positions."""
     start = len(req.prompt_ids)
-    return [token_at(req.seq_id, start + k) for k in range(len(req.output_ids))]
+    return [token_at(req.seq_id, start + k) for k in range(len(req.output.ids))]
 
 
 class FakeClock:
@@ -73,7 +73,7 @@ def make_request(prompt: int | list[int] = 4, *, i: int | None = None, max_token
     r.max_tokens = max_tokens
     if priority is not None:
         r.priority = parse_priority(priority)
-    r.arrival = float(i) if arrival is None else arrival
+    r.sched.arrival = float(i) if arrival is None else arrival
     return r
 
 
@@ -128,7 +128,7 @@ def apply(sched: Scheduler, batch: list[ScheduledSeq], lost: bool = False) -> St
     check_result(plan, result, VOCAB)
     changed = sched.update_from_output(batch, result)
     for req in changed:   # the newest token is the one for the position it was sampled at
-        assert req.output_ids[-1] == token_at(req.seq_id, req.num_tokens - 1), req.id
+        assert req.output.ids[-1] == token_at(req.seq_id, req.num_tokens - 1), req.id
     return Step(batch, changed, plan)
 
 

@@ -125,16 +125,16 @@ def test_the_scheduler_forks_waiting_choices_and_frees_everything_at_the_end():
     sched.add(parent)
     run_step(sched)                           # the prompt's step forks the choices
     assert all(c.state is State.WAITING and c.kv.num_computed == 5 and c.kv.blocks == [0, 1] for c in sched.waiting)
-    assert sched.waiting == choices[1:] and parent.output_ids == [token_at(0, 6)]
+    assert sched.waiting == choices[1:] and parent.output.ids == [token_at(0, 6)]
     batch = sched.schedule()
     assert [(s.req.id, s.num_new) for s in batch] == [("r0", 1), ("r1", 1), ("r2", 1)]
     assert sorted(sched.kv.copy_ops()) == [(1, 2), (1, 3)]   # the choices copy, the parent writes in place
     apply(sched, batch)
-    assert sched.kv.copy_ops() == [] and [c.output_ids for c in choices[1:]] == [[token_at(1, 6)], [token_at(2, 6)]]
+    assert sched.kv.copy_ops() == [] and [c.output.ids for c in choices[1:]] == [[token_at(1, 6)], [token_at(2, 6)]]
     drain(sched)                              # each choice samples its own tokens up to max_tokens
     for c in choices:
-        assert (c.state, c.finish_reason, c.output_ids) == (State.FINISHING, "length", expected_output(c))
-        assert len(c.output_ids) == 3
+        assert (c.state, c.output.finish_reason, c.output.ids) == (State.FINISHING, "length", expected_output(c))
+        assert len(c.output.ids) == 3
     assert pool.num_used == 0
     pool.check_integrity({})
 
@@ -153,7 +153,7 @@ class ShadowKV:
 
     def write(self, r, start, end):
         self.run_copies()
-        tokens = r.prompt_ids + r.output_ids
+        tokens = r.prompt_ids + r.output.ids
         for p in range(start, end):
             self.dev.setdefault(r.kv.blocks[p // self.bs], [None] * self.bs)[p % self.bs] = tokens[p]
 
@@ -165,7 +165,7 @@ class ShadowKV:
         for r in live:
             if r.kv.host_blocks:
                 continue
-            tokens = r.prompt_ids + r.output_ids
+            tokens = r.prompt_ids + r.output.ids
             seen = [self.dev.get(r.kv.blocks[p // self.bs], [None] * self.bs)[p % self.bs] for p in range(r.kv.num_computed)]
             assert seen == tokens[: r.kv.num_computed], f"{r.id} reads KV it did not write"
 
@@ -189,14 +189,14 @@ def test_random_allocate_append_fork_free_evict_swap_keep_invariants(ops):
             kv.attach_prefix(r)
         elif op == "g" and r is not None and not r.kv.host_blocks:
             if r.kv.num_computed == r.num_tokens:
-                r.output_ids.extend([key + 10 * i for i in range(n)])   # tokens of its own: sharing shows
+                r.output.ids.extend([key + 10 * i for i in range(n)])   # tokens of its own: sharing shows
             grow = r.num_tokens - r.kv.num_computed
             if kv.allocate_slots(r, grow):
                 shadow.write(r, r.kv.num_computed, r.num_tokens)
                 r.kv.num_computed += grow
                 kv.commit(r)
         elif op == "f" and r is not None and r.kv.blocks and r.kv.num_computed and (key + 1) % 6 not in reqs:
-            child = reqs[(key + 1) % 6] = req((key + 1) % 6, (r.prompt_ids + r.output_ids)[: r.kv.num_computed])
+            child = reqs[(key + 1) % 6] = req((key + 1) % 6, (r.prompt_ids + r.output.ids)[: r.kv.num_computed])
             kv.fork(r, child)
             child.kv.num_computed = r.kv.num_computed - 1
         elif op == "x" and r is not None:
@@ -252,9 +252,9 @@ def test_leak_200_requests_with_n_up_to_4_random_lengths_cancellations_and_swap(
                 sched.finish_requests([r, *r.forks], "abort")
         for r in list(live):
             if r.state is State.FINISHING:
-                assert r.output_ids == expected_output(r), r.id
-                assert r.finish_reason == "abort" or len(r.output_ids) == r.max_tokens, r.id
-                reasons[r.finish_reason] += 1
+                assert r.output.ids == expected_output(r), r.id
+                assert r.output.finish_reason == "abort" or len(r.output.ids) == r.max_tokens, r.id
+                reasons[r.output.finish_reason] += 1
                 r.to(State.DONE)
                 live.remove(r)
         sched.check_integrity()

@@ -31,9 +31,9 @@ def assert_exact_outputs(reqs) -> None:
     """Every request holds exactly the tokens of its positions (none lost or repeated),
     and those the scheduler ended stopped at their max_tokens."""
     for r in reqs:
-        assert r.output_ids == expected_output(r), r.id
+        assert r.output.ids == expected_output(r), r.id
         if r.state is State.FINISHING:
-            assert (r.finish_reason, len(r.output_ids)) == ("length", r.max_tokens), r.id
+            assert (r.output.finish_reason, len(r.output.ids)) == ("length", r.max_tokens), r.id
 
 
 def test_a_batch_filled_by_one_tenant_converges_to_the_weights_one_slot_per_step():
@@ -55,8 +55,8 @@ def test_a_batch_filled_by_one_tenant_converges_to_the_weights_one_slot_per_step
     assert history[4:11] == [Counter(a=8 - k, b=k) for k in range(7)]
     assert history[11:] == [Counter(a=2, b=6)] * 30
     assert sched.policy.stats.preemptions == {"priority": 0, "memory": 0, "fairness": 6}
-    victims = [r for r in sched.waiting if r.preemptions]
-    assert len(victims) == 6 and all(r.tenant == "a" and r.preemptions == 1 for r in victims)
+    victims = [r for r in sched.waiting if r.sched.preemptions]
+    assert len(victims) == 6 and all(r.tenant == "a" and r.sched.preemptions == 1 for r in victims)
     assert_exact_outputs(reqs)
 
 
@@ -83,7 +83,7 @@ def test_saturating_tenants_one_to_three_receive_tokens_one_to_three():
             batches[tuple(sorted(Counter(s.req.tenant for s in ran.batch).items()))] += 1
     assert abs(delivered["b"] / delivered["a"] - 3) < 0.3, delivered
     assert batches == {(("a", 4), ("b", 12)): 2900}    # every step's batch is 4:12
-    assert fairness(sched) == 12 and max(r.preemptions for r in reqs) == 1
+    assert fairness(sched) == 12 and max(r.sched.preemptions for r in reqs) == 1
     assert sched.policy.stats.promotions["interactive"] > 0   # aging is on, and does not undo the weights
     finished = Counter(r.tenant for r in reqs if r.state is State.FINISHING)
     assert finished["a"] > 50 and finished["b"] > 150, finished
@@ -103,7 +103,7 @@ def test_no_fairness_preemption_when_everything_fits():
         run_step(sched)
     # 5:3 is not 1:3, but nobody waits: every request runs (the shares apply under contention).
     assert shares(sched) == Counter(a=5, b=3) and not sched.waiting and sched.preemptions == 0
-    assert [len(r.output_ids) for r in reqs] == [51] * 5 + [50] * 3
+    assert [len(r.output.ids) for r in reqs] == [51] * 5 + [50] * 3
     assert_exact_outputs(reqs)
 
 
@@ -128,7 +128,7 @@ def test_no_fairness_preemption_across_priorities():
     sched.add(make_request(priority="interactive:5", tenant="b", max_tokens=1000))
     for _ in range(10):
         run_step(sched)
-    assert low.state is State.WAITING and low.preemptions == 1 and fairness(sched) == 1
+    assert low.state is State.WAITING and low.sched.preemptions == 1 and fairness(sched) == 1
 
 
 def test_equal_weights_no_ping_pong_with_three_tenants():
@@ -192,8 +192,8 @@ def test_fairness_victims_keep_their_tokens_by_swap_and_by_recompute():
         b = make_request(tenant="b", max_tokens=4)
         sched.add(b)
         run_step(sched)
-        victim = next(r for r in a if r.preemptions)
-        kept = list(victim.output_ids)
+        victim = next(r for r in a if r.sched.preemptions)
+        kept = list(victim.output.ids)
         assert fairness(sched) == 1 and len(kept) == 3 and victim.state is State.WAITING, mode
         resumed = None
         for _ in range(60):
@@ -201,7 +201,7 @@ def test_fairness_victims_keep_their_tokens_by_swap_and_by_recompute():
             resumed = resumed or next((s.num_new for s in batch if s.req is victim), None)
         # Swapped: only the next token is computed; recomputed: prompt + the 3 tokens it had.
         assert resumed == (1 if mode == "swap" else 4 + 3), mode
-        assert victim.output_ids[:3] == kept == [token_at(victim.seq_id, 4 + k) for k in range(3)]
+        assert victim.output.ids[:3] == kept == [token_at(victim.seq_id, 4 + k) for k in range(3)]
         assert fairness(sched) == 1
         assert all(r.state is State.FINISHING for r in a + [b]), mode
         assert_exact_outputs(a + [b])

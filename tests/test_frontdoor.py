@@ -95,7 +95,7 @@ def test_a_stop_string_ends_generation_through_the_engine(door):
     out = door.text("c1", "the end", stop_hit=True)
     assert [(i.text, i.finish, i.usage) for i in out] == [("the end", "stop",
                                                            {"prompt_tokens": 3, "completion_tokens": 1})]
-    assert door.front.table == {} and req.state is State.DONE and req.finish_reason == "stop"
+    assert door.front.table == {} and req.state is State.DONE and req.output.finish_reason == "stop"
     assert door.engine.scheduler.pool.num_used == 0 and not door.engine.scheduler.has_work()
 
 

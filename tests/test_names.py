@@ -15,7 +15,7 @@ def test_the_kernels_states_are_the_names():
     req = Request(id="r", seq_id=1, model="m", tenant="t", params=SamplingParams())
     req.to(State.WAITING)
     assert req.summary().state == names.WAITING
-    req.preemptions = 1
+    req.sched.preemptions = 1
     assert req.summary().state == names.PREEMPTED
     req.kv.swapped = True
     assert req.summary().state == names.SWAPPED

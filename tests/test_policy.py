@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 import pytest
 from hypothesis import given, settings
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from llmos.kernel.policy import (BATCH, INTERACTIVE, MAX_LEVEL, REALTIME, Priority, PriorityPolicy,
                                  QuotaExceeded, TenantBook, TenantConfig, deadline, expired, parse_priority)
-from llmos.kernel.requests import KVState
+from llmos.kernel.requests import KVState, SchedState
 from llmos.sampling_params import InvalidParam
 
 
@@ -20,18 +20,17 @@ class Req:
     name: str
     priority: Priority
     tenant: str = "t"
-    arrival: float = 0.0
-    queued_at: float | None = None
-    started_at: float | None = None
-    preemptions: int = 0
-    timeout_s: float | None = None
-    queue_timeout_s: float | None = None
+    arrival: InitVar[float] = 0.0
+    timeout_s: InitVar[float | None] = None
+    queue_timeout_s: InitVar[float | None] = None
+    started_at: InitVar[float | None] = None
     tokens: int = 100   # what serving it costs, in the simulations
-    kv: KVState = field(default_factory=KVState)   # the real type: policy reads kv.num_computed
+    kv: KVState = field(default_factory=KVState)   # the real types: the policy reads kv and sched
+    sched: SchedState = field(init=False)
 
-    def __post_init__(self):
-        if self.queued_at is None:
-            self.queued_at = self.arrival
+    def __post_init__(self, arrival, timeout_s, queue_timeout_s, started_at):
+        self.sched = SchedState(arrival=arrival, queued_at=arrival, started_at=started_at,
+                                timeout_s=timeout_s, queue_timeout_s=queue_timeout_s)
 
 
 def P(text: str) -> Priority:
@@ -121,7 +120,7 @@ def test_equal_priority_goes_to_the_tenant_with_less_service():
 def running(pol, *reqs, now=0.0):
     for r in reqs:
         pol.on_queued(r)
-        r.started_at = r.arrival
+        r.sched.started_at = r.sched.arrival
         pol.on_started(r, now)
     return list(reqs)
 
@@ -168,12 +167,12 @@ def test_min_run_protects_recent_admissions_with_backoff():
     pol = PriorityPolicy(min_run_s=2.0)
     victim = Req("v", P("batch"), arrival=0)
     running(pol, victim)
-    victim.started_at = 10.0
+    victim.sched.started_at = 10.0
     head = Req("rt", P("realtime"), arrival=10)
     assert pol.preemption_candidates(head, [victim], now=11.9) == []
     assert pol.preemption_candidates(head, [victim], now=12.0)[:1] == [victim]
     # A request preempted before is protected for min_run_s * 2**preemptions.
-    victim.preemptions = 2
+    victim.sched.preemptions = 2
     assert pol.preemption_candidates(head, [victim], now=17.9) == []
     assert pol.preemption_candidates(head, [victim], now=18.0)[:1] == [victim]
     # A protected victim is skipped for an unprotected one.
@@ -214,7 +213,7 @@ def test_aging_promotes_one_class_per_period():
     # Defaults: realtime is not aged; batch 30 + interactive 10.
     assert [PriorityPolicy().aging_bound_s(c) for c in (REALTIME, INTERACTIVE, BATCH)] == [float("inf"), 10, 40]
     # Aging restarts from queued_at (a preempted request's re-queue time).
-    b.queued_at = 35
+    b.sched.queued_at = 35
     assert pol.rank(b, 40) == (BATCH, False)
 
 
@@ -269,7 +268,7 @@ def test_aging_bound_under_a_sustained_realtime_stream():
             waiting.append(r)
         head = pol.order(waiting, now)[0]
         waiting.remove(head)
-        head.started_at = now
+        head.sched.started_at = now
         pol.on_started(head, now)
         pol.charge(head, head.tokens, now)
         if head is victim:
@@ -289,7 +288,7 @@ def test_aging_bound_counts_older_waiting_requests():
     waiting = [*olds, victim]
     for r in waiting:
         pol.on_queued(r)
-    due = victim.queued_at + pol.aging_bound_s(INTERACTIVE)
+    due = victim.sched.queued_at + pol.aging_bound_s(INTERACTIVE)
     k, after, order = None, 0, []
     for step in range(1, 100):
         now = float(step)
@@ -298,7 +297,7 @@ def test_aging_bound_counts_older_waiting_requests():
             pol.on_queued(r)
             waiting.append(r)
         if now >= due and k is None:
-            k = sum(w.queued_at < victim.queued_at for w in waiting)
+            k = sum(w.sched.queued_at < victim.sched.queued_at for w in waiting)
         head = pol.order(waiting, now)[0]
         waiting.remove(head)
         pol.on_started(head, now)
@@ -354,7 +353,7 @@ def test_fairness_never_takes_higher_priority_or_protected_work():
                   Req("i0", P("interactive"), tenant="a", arrival=1),
                   Req("b5", P("batch:5"), tenant="a", arrival=2),
                   Req("fresh", P("batch:5"), tenant="a", arrival=3))
-    run[3].started_at = 4.5   # admitted 0.5 s ago: protected (min_run_s 1)
+    run[3].sched.started_at = 4.5   # admitted 0.5 s ago: protected (min_run_s 1)
     # An interactive head of b: only a's interactive and lower; the fresh one is protected,
     # and a keeps (4 - 2) / 1 >= 1/3 after two moves, so both unprotected ones go, lowest first.
     assert names(pol.fairness_candidates(Req("h", P("interactive"), tenant="b"), run, now=5)) == ["b5", "i0"]
@@ -461,7 +460,7 @@ def test_expired_reasons():
     assert expired(r, 105.0) is None
     assert expired(r, 105.1) == "queue timeout"
     assert deadline(r) == (105.0, "queue timeout")
-    r.started_at = 104.0                                     # admitted: only the total limit remains
+    r.sched.started_at = 104.0                                     # admitted: only the total limit remains
     assert expired(r, 120.0) is None and deadline(r) == (130.0, "total timeout")
     assert expired(r, 130.5) == "total timeout"
     free = Req("f", P("batch"), arrival=0.0)

@@ -97,9 +97,9 @@ def test_leak_200_requests_random_lengths_cancellations_and_preemption():
             if r.state is not State.FINISHING and rng.random() < 0.02:   # cancel, waiting or running
                 sched.finish_requests([r], "abort")
             if r.state is State.FINISHING:
-                assert r.output_ids == expected_output(r), r.id
-                assert r.finish_reason == "abort" or len(r.output_ids) == r.max_tokens, r.id
-                reasons[r.finish_reason] += 1
+                assert r.output.ids == expected_output(r), r.id
+                assert r.output.finish_reason == "abort" or len(r.output.ids) == r.max_tokens, r.id
+                reasons[r.output.finish_reason] += 1
                 r.to(State.DONE)
                 live.remove(r)
                 finished += 1

@@ -35,7 +35,7 @@ def test_a_waiting_higher_priority_request_preempts_the_lowest_running_one():
     hi = make_request(priority="realtime")
     sched.add(hi)
     batch = run_step(sched).batch
-    assert low.state is State.WAITING and low.preemptions == 1
+    assert low.state is State.WAITING and low.sched.preemptions == 1
     assert [s.req for s in batch] == [mid, hi]
     assert sched.policy.stats.snapshot()["preemptions"]["priority"] == 1
 
@@ -48,10 +48,10 @@ def test_no_preemption_for_equal_priority_or_recently_admitted_work():
     sched.add(make_request(priority="batch"))
     sched.add(make_request(priority="realtime"))
     run_step(sched)                  # realtime waits: `a` ran for less than min_run_s
-    assert a.state is State.RUNNING and a.preemptions == 0
+    assert a.state is State.RUNNING and a.sched.preemptions == 0
     clock.advance(5)
     run_step(sched)
-    assert a.state is State.WAITING and a.preemptions == 1
+    assert a.state is State.WAITING and a.sched.preemptions == 1
 
 
 def test_preempted_request_finishes_with_all_its_tokens():
@@ -64,10 +64,10 @@ def test_preempted_request_finishes_with_all_its_tokens():
     sched.add(urgent)
     for _ in range(20):
         run_step(sched)
-    assert low.preemptions == 1
+    assert low.sched.preemptions == 1
     for r in (low, urgent):
-        assert (r.state, r.finish_reason, len(r.output_ids)) == (State.FINISHING, "length", r.max_tokens)
-        assert r.output_ids == expected_output(r)   # none lost or repeated across the preemption
+        assert (r.state, r.output.finish_reason, len(r.output.ids)) == (State.FINISHING, "length", r.max_tokens)
+        assert r.output.ids == expected_output(r)   # none lost or repeated across the preemption
 
 
 def test_weighted_fair_share_between_two_saturating_tenants():
@@ -98,14 +98,14 @@ def test_aging_bound_under_sustained_realtime_load():
         if any(s.req is old for s in batch):
             admitted_at = clock.t - 0.25
             break
-    assert admitted_at is not None and admitted_at - old.queued_at <= bound + 0.5
+    assert admitted_at is not None and admitted_at - old.sched.queued_at <= bound + 0.5
 
 
 def test_deadlines_are_found_for_queued_and_running_requests():
     sched, clock = priority_scheduler(seqs=1)
     running = make_request(priority="interactive", arrival=clock())
     queued = make_request(priority="batch", arrival=clock())
-    running.timeout_s, queued.queue_timeout_s = 10.0, 2.0
+    running.sched.timeout_s, queued.sched.queue_timeout_s = 10.0, 2.0
     sched.add(running)
     sched.add(queued)
     run_step(sched)
@@ -143,7 +143,7 @@ def test_a_higher_priority_prompt_is_admitted_while_a_long_lower_priority_prompt
     # The long prompt yields the head its 100 tokens instead of taking all 256 again.
     step = run_step(sched).batch
     assert [(s.req, s.num_new, s.sample) for s in step] == [(long, 156, False), (urgent, 100, True)]
-    assert urgent.output_ids == [token_at(urgent.seq_id, 100)]
+    assert urgent.output.ids == [token_at(urgent.seq_id, 100)]
     # A long head gets at most half the budget; the long prompt keeps the rest.
     other = make_request(priority="interactive", prompt=1000, max_tokens=4)
     sched.add(other)

@@ -36,8 +36,8 @@ def test_long_prompt_is_chunked_under_the_token_budget_and_decodes_keep_going():
         assert batch[0].req is short and batch[0].num_new == 1  # the decode never waits
         chunks.append([(s.num_new, s.sample) for s in batch[1:]])
     assert chunks == [[(7, False)], [(7, False)], [(6, True)], [(1, True)]]
-    assert long.kv.num_computed == 21 and long.output_ids == [token_at(2, 20), token_at(2, 21)]
-    assert short.output_ids == expected_output(short) and len(short.output_ids) == 5
+    assert long.kv.num_computed == 21 and long.output.ids == [token_at(2, 20), token_at(2, 21)]
+    assert short.output.ids == expected_output(short) and len(short.output.ids) == 5
 
 
 def test_blocks_grow_on_demand_and_are_freed_on_finish():
@@ -69,7 +69,7 @@ def test_memory_pressure_preempts_the_newest_by_recompute():
     sched.finish_requests([old], "abort")
     batch = run_step(sched).batch              # recompute prompt + the token it had generated
     assert [(s.req.id, s.num_new, s.sample) for s in batch] == [("r2", 9, True)]
-    assert new.output_ids == [token_at(2, 8), token_at(2, 9)]   # kept its token, sampled the next
+    assert new.output.ids == [token_at(2, 8), token_at(2, 9)]   # kept its token, sampled the next
 
 
 def test_head_of_line_waits_when_memory_is_short():
@@ -99,11 +99,11 @@ def test_the_step_result_ends_requests_by_the_stop_rule_and_carries_logprobs():
     assert run_step(sched).changed == [by_length, by_stop]
     for _ in range(2):
         run_step(sched)
-    assert (by_length.state, by_length.finish_reason, by_length.output_ids) == \
-        (State.FINISHING, "length", expected_output(by_length)) and len(by_length.output_ids) == 3
-    assert (by_stop.state, by_stop.finish_reason, by_stop.hidden_tail) == (State.FINISHING, "stop", 1)
-    assert by_stop.output_ids == [token_at(2, 4), token_at(2, 5), token_at(2, 6)]
-    assert [len(top) for _, top in by_stop.logprobs] == [2, 2, 2] and by_length.logprobs == []
+    assert (by_length.state, by_length.output.finish_reason, by_length.output.ids) == \
+        (State.FINISHING, "length", expected_output(by_length)) and len(by_length.output.ids) == 3
+    assert (by_stop.state, by_stop.output.finish_reason, by_stop.output.hidden_tail) == (State.FINISHING, "stop", 1)
+    assert by_stop.output.ids == [token_at(2, 4), token_at(2, 5), token_at(2, 6)]
+    assert [len(top) for _, top in by_stop.output.logprobs] == [2, 2, 2] and by_length.output.logprobs == []
     assert not sched.has_work()
     sched.check_integrity()
 
@@ -114,7 +114,7 @@ def test_a_lost_step_applies_nothing_and_is_planned_again():
     sched.add(r)
     run_step(sched)
     lost = run_step(sched, lost=True)
-    assert lost.changed == [] and r.kv.num_computed == 6 and r.output_ids == [token_at(1, 6)]
+    assert lost.changed == [] and r.kv.num_computed == 6 and r.output.ids == [token_at(1, 6)]
     again = run_step(sched)
     assert [(s.num_new, s.sample) for s in again.batch] == [(s.num_new, s.sample) for s in lost.batch] == [(1, True)]
-    assert r.output_ids == [token_at(1, 6), token_at(1, 7)]
+    assert r.output.ids == [token_at(1, 6), token_at(1, 7)]

@@ -99,15 +99,15 @@ def test_a_step_that_raises_fails_its_requests_and_the_next_request_is_served(ma
     async def scenario():
         bad = request(1)
         engine.submit(bad)
-        await run_until(engine, lambda: bad.finish_reason == "error")
+        await run_until(engine, lambda: bad.output.finish_reason == "error")
         failure = failures["r1"]
         assert failure.status == 500 and failure.code == "internal_error"
         assert "OverflowError" in failure.message and engine.step_crashes == 1
         assert engine.scheduler.pool.num_used == 0           # its blocks are back
         good = request(2)
         engine.submit(good)
-        await run_until(engine, lambda: good.finish_reason is not None)
-        assert good.finish_reason == "length" and good.output_ids == [4, 5, 6, 7]
+        await run_until(engine, lambda: good.output.finish_reason is not None)
+        assert good.output.finish_reason == "length" and good.output.ids == [4, 5, 6, 7]
         engine.scheduler.check_integrity()
     asyncio.run(scenario())
 
@@ -121,10 +121,10 @@ def test_a_result_that_does_not_answer_its_plan_is_a_lost_step(make_engine):
     async def scenario():
         req = request(1)
         engine.submit(req)
-        await run_until(engine, lambda: req.finish_reason is not None)
+        await run_until(engine, lambda: req.output.finish_reason is not None)
         # Nothing of the two bad answers was applied: the prompt was planned three times.
         assert [p.num_new.tolist() for p in driver.plans[:3]] == [[3], [3], [3]]
-        assert req.output_ids == [4, 5, 6, 7] and engine.bad_results_total == 2
+        assert req.output.ids == [4, 5, 6, 7] and engine.bad_results_total == 2
         assert engine.scheduler.pool.num_used == 0
     asyncio.run(scenario())
 
@@ -137,11 +137,11 @@ def test_a_driver_that_keeps_answering_badly_fails_the_step_not_the_model(make_e
     async def scenario():
         req = request(1)
         engine.submit(req)
-        await run_until(engine, lambda: req.finish_reason == "error")
+        await run_until(engine, lambda: req.output.finish_reason == "error")
         assert len(driver.plans) == MAX_BAD_RESULTS and "invalid results" in failures["r1"].message
         state["bad"] = False
         good = request(2)
         engine.submit(good)
-        await run_until(engine, lambda: good.finish_reason is not None)
-        assert good.output_ids == [4, 5, 6, 7] and good.state is State.FINISHING
+        await run_until(engine, lambda: good.output.finish_reason is not None)
+        assert good.output.ids == [4, 5, 6, 7] and good.state is State.FINISHING
     asyncio.run(scenario())

@@ -42,8 +42,8 @@ def test_preemption_swaps_out_keeps_progress_and_swaps_back_in():
     assert sched.swap.host.num_used == 2     # host blocks are held until the step succeeded
     apply(sched, batch)
     assert sched.swap.host.num_used == 0 and sched.swap.stats()["swap_ins"] == 1
-    assert new.output_ids == [token_at(2, 8), token_at(2, 9)] and new.kv.num_computed == 9
-    assert old.output_ids == expected_output(old) and len(old.output_ids) == 2
+    assert new.output.ids == [token_at(2, 8), token_at(2, 9)] and new.kv.num_computed == 9
+    assert old.output.ids == expected_output(old) and len(old.output.ids) == 2
     sched.check_integrity()
 
 
@@ -69,11 +69,11 @@ def test_a_lost_step_turns_swap_out_victims_into_recompute_and_reissues_swap_ins
     run_step(sched, lost=True)               # the driver died before or while copying
     assert new.kv.host_blocks == [] and new.kv.num_computed == 0 and sched.swap.host.num_used == 0
     assert sched.swap.stats()["fallbacks_to_recompute"] == 1
-    assert old.kv.num_computed == 8 and [len(r.output_ids) for r in (old, new)] == [1, 1]   # nothing applied
+    assert old.kv.num_computed == 8 and [len(r.output.ids) for r in (old, new)] == [1, 1]   # nothing applied
     run_step(sched)                          # the lost step again: old decodes, new waits
     sched.finish_requests([old], "abort")
     assert [(s.req, s.num_new) for s in run_step(sched).batch] == [(new, 9)]   # recomputed, token kept
-    assert new.output_ids == [token_at(2, 8), token_at(2, 9)]
+    assert new.output.ids == [token_at(2, 8), token_at(2, 9)]
 
 
 def test_aborting_a_swapped_request_frees_its_host_blocks():

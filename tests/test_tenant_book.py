@@ -232,7 +232,7 @@ def test_the_scheduler_with_thousands_of_one_shot_tenants():
             reqs.append(r)
         run_step(sched)
         most = max(most, policy.tenants.num_tenants)
-    assert len(reqs) == total and all(r.state is State.FINISHING and r.output_ids == expected_output(r) for r in reqs)
+    assert len(reqs) == total and all(r.state is State.FINISHING and r.output.ids == expected_output(r) for r in reqs)
     assert most <= SWEEP_MIN and policy.tenants.forgotten >= total - SWEEP_MIN
 
 

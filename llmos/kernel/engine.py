@@ -301,8 +301,8 @@ class ModelEngine:
         """Requests past their deadline end with a clear error (408) and free their memory."""
         failed = []
         for req, reason in self.scheduler.find_expired():
-            message = (f"request {req.id} expired: {reason} (waited {time.monotonic() - req.arrival:.1f} s, "
-                       f"{len(req.output_ids)} tokens generated)")
+            message = (f"request {req.id} expired: {reason} (waited {time.monotonic() - req.sched.arrival:.1f} s, "
+                       f"{len(req.output.ids)} tokens generated)")
             failed += [(r, Failure(408, reason.replace(" ", "_"), message))
                        for r in self.scheduler.finish_requests([req], "error")]
         self._emit(EngineOutputs(failed=failed))

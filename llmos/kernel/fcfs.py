@@ -17,10 +17,10 @@ class FCFSPolicy:
         return None
 
     def order(self, waiting, now):
-        return sorted(waiting, key=lambda r: r.arrival)
+        return sorted(waiting, key=lambda r: r.sched.arrival)
 
     def pick_victim(self, running, now):
-        return max(running, key=lambda r: r.arrival)
+        return max(running, key=lambda r: r.sched.arrival)
 
     def preemption_candidates(self, head, running, now):
         return []

@@ -12,7 +12,7 @@ import logging
 import time
 
 from llmos import protocol
-from llmos.kernel.requests import Request, State
+from llmos.kernel.requests import Request, SchedState, State
 from llmos.kernel.admission import check_submit
 from llmos.kernel.blocks import blocks_needed
 from llmos.sampling_params import InvalidParam
@@ -80,8 +80,8 @@ class FrontDoor:
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
-                      timeout_s=m.timeout_s or cfg.request_timeout_s,
-                      queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s)
+                      sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
+                                       queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s))
         self._enter(req)
         if m.n > 1:   # the other choices are made once the prompt is tokenized (_admit)
             req.group, self.groups[req.id] = req.id, [req]
@@ -142,7 +142,8 @@ class FrontDoor:
             params = dataclasses.replace(params, seed=(params.seed + index) % 2**63)
         req = Request(id=f"{first.id}#{index}", seq_id=next(self._seq_ids), model=first.model,
                       tenant=first.tenant, params=params, client=first.client, priority=first.priority,
-                      timeout_s=first.timeout_s, queue_timeout_s=first.queue_timeout_s, arrival=first.arrival,
+                      sched=SchedState(arrival=first.sched.arrival, timeout_s=first.sched.timeout_s,
+                                       queue_timeout_s=first.sched.queue_timeout_s),
                       prompt_ids=first.prompt_ids, max_tokens=first.max_tokens, state=State.FORKING,
                       group=first.group, index=index)
         self._enter(req)
@@ -208,14 +209,14 @@ class FrontDoor:
                 continue   # ended with its group (n > 1) earlier in this list
             prior = None
             if req.detok.epoch != epoch:   # this tokenizer has no state for us: resend the acked prefix
-                prior, req.detok.sent, req.detok.epoch = req.output_ids[: req.detok.acked], req.detok.acked, epoch
-            visible = len(req.output_ids) - (req.hidden_tail if req.finish_reason else 0)
-            ids = req.output_ids[req.detok.sent:visible]
-            lp = req.logprobs[req.detok.sent:visible] if req.params.logprobs is not None else None
+                prior, req.detok.sent, req.detok.epoch = req.output.ids[: req.detok.acked], req.detok.acked, epoch
+            visible = len(req.output.ids) - (req.output.hidden_tail if req.output.finish_reason else 0)
+            ids = req.output.ids[req.detok.sent:visible]
+            lp = req.output.logprobs[req.detok.sent:visible] if req.params.logprobs is not None else None
             # The stop strings travel once per tokenizer incarnation: with the item that starts its state.
-            items.append(protocol.DetokItem(rid=req.id, ids=ids, prior=prior, lp=lp, finish=req.finish_reason,
+            items.append(protocol.DetokItem(rid=req.id, ids=ids, prior=prior, lp=lp, finish=req.output.finish_reason,
                                             stop=req.params.stop if prior is not None else None))
-            req.detok.sent = len(req.output_ids)
+            req.detok.sent = len(req.output.ids)
         if items:
             self._send_items(engine.tokenizer, protocol.Detokenize, items)
 
@@ -230,10 +231,10 @@ class FrontDoor:
             req.detok.acked += n
             if stop_hit and req.state is not State.FINISHING:
                 self.engines[req.model].stop([req], "stop")
-            final = req.finish_reason if (item.finish or stop_hit) else None
+            final = req.output.finish_reason if (item.finish or stop_hit) else None
             # The final item also carries the hidden stop token, as transformers' generate returns it.
-            ids = req.output_ids[start:] if final and not stop_hit else req.output_ids[start:start + n]
-            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids)} if final else None
+            ids = req.output.ids[start:] if final and not stop_hit else req.output.ids[start:start + n]
+            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output.ids)} if final else None
             out.setdefault(req.client, []).append(protocol.OutputItem(
                 rid=req.client_id, index=req.index, text=item.text, n=n, ids=ids, lp=item.lp, finish=final, usage=usage))
             if final:
@@ -310,7 +311,7 @@ class FrontDoor:
             if req.state is State.TOKENIZING:
                 self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=req.prompt,
                                                              messages=req.messages))
-            elif req.output_ids or req.state is State.FINISHING:   # (a cancelled choice may have none)
+            elif req.output.ids or req.state is State.FINISHING:   # (a cancelled choice may have none)
                 pending.append(req)
         if pending:
             self.tokens_ready(engine, pending)

@@ -1,7 +1,7 @@
 """Priority scheduling policy: which waiting request runs next, and who gives way.
 
 Pure decisions for the kernel's scheduler: no torch, no I/O, no clock of its own. Every
-time-dependent call takes `now` (seconds on the monotonic clock, like Request.arrival).
+time-dependent call takes `now` (seconds on the monotonic clock, like Request.sched.arrival).
 
 Priority: a class, realtime (0) < interactive (1, the default) < batch (2), and a level
 inside it; lower runs first on both. Clients send "batch", "batch:3", or an int (vLLM's
@@ -11,7 +11,7 @@ Admission order (order, admit_key): effective class, level, the tenant's batch s
 unit of weight (running / weight), its virtual time (weighted fair share, tenants.py),
 arrival.
 
-Aging, and the bound. Waiting time counts from req.queued_at. Waiting max_wait_s[c] in
+Aging, and the bound. Waiting time counts from req.sched.queued_at. Waiting max_wait_s[c] in
 class c promotes a request to class c-1 (for realtime: within realtime) and makes it
 *aged* (rank); each further max_wait_s of the class it is then in promotes it again, down
 to realtime. Aging promotes a queue, not a request: the waiting requests of one base
@@ -57,29 +57,30 @@ slots idle).
 Request attributes this module reads (never writes):
   priority: Priority          base priority, from parse_priority at submission
   tenant: str
-  arrival: float              submission time: tie-break, total-timeout origin
-  queued_at: float            when it last entered the waiting queue (= arrival, or the
+  sched (requests.SchedState):
+    arrival: float            submission time: tie-break, total-timeout origin
+    queued_at: float          when it last entered the waiting queue (= arrival, or the
                               time of its last preemption): aging origin
-  started_at: float | None    time of its current/last admission to the running batch;
+    started_at: float | None  time of its current/last admission to the running batch;
                               None until first admitted (kept on preemption)
-  preemptions: int            times preempted so far, any cause
-  timeout_s, queue_timeout_s: float | None   only for expired()/deadline(); None = no limit
+    preemptions: int          times preempted so far, any cause
+    timeout_s, queue_timeout_s: float | None   only for expired()/deadline(); None = no limit
   kv.num_computed: int        tokens in KV now: the cost of preempting it (fairness victims)
-(.num_tokens and .output_ids are not used.)
+(.num_tokens and .output are not used.)
 
 Scheduler contract (who calls what, when; `policy` is a PriorityPolicy):
   submit:    q = policy.check_admission(tenant, now); if q: answer 429, Retry-After:
              ceil(q.retry_after_s). Else req.priority = policy.parse(value, tenant)
-             (InvalidParam -> 400), req.queued_at = now, policy.on_queued(req).
+             (InvalidParam -> 400), req.sched.queued_at = now, policy.on_queued(req).
   schedule(): waiting = policy.order(waiting, now) (keys move with time and service: re-sort
-             every step). Admitting one: req.started_at = now, policy.on_started(req, now).
+             every step). Admitting one: req.sched.started_at = now, policy.on_started(req, now).
              If the head does not fit and nothing can grow: for victim in
              policy.preemption_candidates(head, running, now) until it fits (check the
              candidates' blocks suffice before preempting any), cause "priority"; if that
              finds no room, policy.fairness_candidates(head, running, now) the same way,
              cause "fairness". Memory
              pressure while running: v = policy.pick_victim(candidates, now), cause "memory".
-             Each victim v: v.queued_at = now, policy.on_preempted(v, cause).
+             Each victim v: v.sched.queued_at = now, policy.on_preempted(v, cause).
   each step: policy.charge(req, num_new, now) per scheduled sequence (prefer not to charge
              recompute after a memory preemption: the tenant did not cause it).
   leaving:   policy.on_finished(req, running=<was it in the running batch>).
@@ -208,7 +209,7 @@ class PriorityPolicy:
     def rank(self, req, now: float) -> tuple[int, bool]:
         """(effective class, aged) of a waiting request at `now`, by its own wait."""
         c = req.priority.klass
-        waited = now - req.queued_at
+        waited = now - req.sched.queued_at
         if not waited >= self._wait[c]:
             return c, False
         waited -= self._wait[c]
@@ -231,7 +232,7 @@ class PriorityPolicy:
         oldest: dict = {}
         for r in waiting:
             o = oldest.get(r.priority)
-            if o is None or r.queued_at < o.queued_at:
+            if o is None or r.sched.queued_at < o.sched.queued_at:
                 oldest[r.priority] = r
         return {p: self.rank(r, now) for p, r in oldest.items()}
 
@@ -247,8 +248,8 @@ class PriorityPolicy:
         running = self.tenants.counts(req.tenant)[1]
         slots = running / self.tenants.config(req.tenant).weight
         if aged:
-            return (c, -1, slots, self.tenants.vtime(req.tenant), req.queued_at, req.arrival)
-        return (c, req.priority.level, slots, self.tenants.vtime(req.tenant), req.arrival, req.queued_at)
+            return (c, -1, slots, self.tenants.vtime(req.tenant), req.sched.queued_at, req.sched.arrival)
+        return (c, req.priority.level, slots, self.tenants.vtime(req.tenant), req.sched.arrival, req.sched.queued_at)
 
     def order(self, waiting: list, now: float) -> list:
         """The waiting requests in admission order (a new list)."""
@@ -259,7 +260,7 @@ class PriorityPolicy:
     def _victim_key(self, req) -> tuple:
         # Largest = first to go: lowest base priority, then the tenant most over its
         # fair share (highest virtual time), then the newest.
-        return (req.priority.klass, req.priority.level, self.tenants.vtime(req.tenant), req.arrival)
+        return (req.priority.klass, req.priority.level, self.tenants.vtime(req.tenant), req.sched.arrival)
 
     def pick_victim(self, running: list, now: float):
         """The running request to preempt under memory pressure (no protection applies:
@@ -268,9 +269,9 @@ class PriorityPolicy:
 
     def protected(self, req, now: float) -> bool:
         """Too recently admitted to be preempted for priority or fairness."""
-        if req.started_at is None:
+        if req.sched.started_at is None:
             return False
-        return now - req.started_at < self.min_run_s * 2 ** min(req.preemptions, 20)
+        return now - req.sched.started_at < self.min_run_s * 2 ** min(req.sched.preemptions, 20)
 
     def preemption_candidates(self, head, running: list, now: float) -> list:
         """Running requests the waiting `head` may preempt, first victim first: those of
@@ -295,7 +296,7 @@ class PriorityPolicy:
             if r.tenant != head.tenant and r.priority >= head.priority and not self.protected(r, now):
                 pools.setdefault(r.tenant, []).append(r)
         for reqs in pools.values():
-            reqs.sort(key=lambda r: (r.priority, -r.kv.num_computed, r.arrival))   # pop() = cheapest
+            reqs.sort(key=lambda r: (r.priority, -r.kv.num_computed, r.sched.arrival))   # pop() = cheapest
         held = {t: book.counts(t)[1] for t in pools}
         found = []
         while pools:
@@ -341,10 +342,10 @@ def deadline(req) -> tuple[float, str] | None:
     """(time, reason) of the request's earliest pending deadline, or None. The queue
     timeout covers only the wait for the first admission (started_at is None)."""
     due = []
-    if req.queue_timeout_s is not None and req.started_at is None:
-        due.append((req.arrival + req.queue_timeout_s, "queue timeout"))
-    if req.timeout_s is not None:
-        due.append((req.arrival + req.timeout_s, "total timeout"))
+    if req.sched.queue_timeout_s is not None and req.sched.started_at is None:
+        due.append((req.sched.arrival + req.sched.queue_timeout_s, "queue timeout"))
+    if req.sched.timeout_s is not None:
+        due.append((req.sched.arrival + req.sched.timeout_s, "total timeout"))
     return min(due) if due else None
 
 

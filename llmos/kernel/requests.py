@@ -55,6 +55,29 @@ class DetokProgress:
     acked: int = 0                    # output tokens whose text came back
 
 
+@dataclass
+class SchedState:
+    """When a request arrived, queued and ran, and its deadlines. Set at creation by FrontDoor,
+    then written only by the Scheduler; the policy reads it to order and protect requests."""
+    arrival: float = field(default_factory=time.monotonic)
+    queued_at: float = 0.0            # when it last entered the waiting queue (aging counts from here)
+    started_at: float | None = None   # when it was last admitted to the running batch
+    preemptions: int = 0
+    timeout_s: float | None = None    # total deadline from arrival
+    queue_timeout_s: float | None = None   # deadline for first admission
+
+
+@dataclass
+class Output:
+    """What a request has generated. Written only by the Scheduler (update_from_output and
+    finish_requests); FrontDoor reads it to stream text."""
+    ids: list[int] = field(default_factory=list)
+    logprobs: list = field(default_factory=list)   # per token: [logprob, [[id, logprob], ...]]
+    hidden_tail: int = 0              # trailing tokens not rendered (a stop token)
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+
+
 @dataclass(eq=False)
 class Request:
     id: str
@@ -65,21 +88,12 @@ class Request:
     prompt: str | None = None
     messages: list | None = None
     prompt_ids: list[int] = field(default_factory=list)
-    output_ids: list[int] = field(default_factory=list)
     state: State = State.TOKENIZING
     kv: KVState = field(default_factory=KVState)
+    sched: SchedState = field(default_factory=SchedState)
+    output: Output = field(default_factory=Output)
     max_tokens: int = 0               # resolved at admission
-    finish_reason: str | None = None
-    arrival: float = field(default_factory=time.monotonic)
-    first_token_at: float | None = None
-    preemptions: int = 0
-    logprobs: list = field(default_factory=list)   # per output token: [logprob, [[id, logprob], ...]]
-    hidden_tail: int = 0              # trailing output tokens not rendered (a stop token)
     priority: Priority = field(default_factory=lambda: Priority(1, 0))
-    queued_at: float = 0.0            # when it last entered the waiting queue (aging counts from here)
-    started_at: float | None = None   # when it was last admitted to the running batch
-    timeout_s: float | None = None    # total deadline from arrival
-    queue_timeout_s: float | None = None   # deadline for first admission
     client: str = "io"                # the io driver that submitted it
     group: str | None = None          # n > 1: the client's request id (ours is "<group>#<index>")
     index: int = 0                    # which choice of the group this is
@@ -93,13 +107,13 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.prompt_ids) + len(self.output.ids)
 
     def token_at(self, start: int, end: int) -> list[int]:
         n = len(self.prompt_ids)
         if end <= n:
             return self.prompt_ids[start:end]
-        return (self.prompt_ids + self.output_ids)[start:end]
+        return (self.prompt_ids + self.output.ids)[start:end]
 
     def to(self, new: State) -> None:
         if new not in _ALLOWED[self.state]:
@@ -110,14 +124,14 @@ class Request:
     def display_state(self) -> str:
         if self.state is State.WAITING and self.kv.swapped:
             return names.SWAPPED
-        if self.state is State.WAITING and self.preemptions:
+        if self.state is State.WAITING and self.sched.preemptions:
             return names.PREEMPTED
         return self.state.value
 
     def summary(self) -> protocol.RequestSummary:
         return protocol.RequestSummary(
             id=self.id, model=self.model, tenant=self.tenant, state=self.display_state,
-            prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output_ids), blocks=len(self.kv.blocks),
-            preemptions=self.preemptions, priority=self.priority.name,
-            waited_s=round((self.started_at or time.monotonic()) - self.arrival, 3),
-            age_s=round(time.monotonic() - self.arrival, 3))
+            prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output.ids), blocks=len(self.kv.blocks),
+            preemptions=self.sched.preemptions, priority=self.priority.name,
+            waited_s=round((self.sched.started_at or time.monotonic()) - self.sched.arrival, 3),
+            age_s=round(time.monotonic() - self.sched.arrival, 3))

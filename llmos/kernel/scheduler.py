@@ -46,7 +46,7 @@ class Scheduler:
 
     def add(self, req: Request) -> None:
         req.to(State.WAITING)
-        req.queued_at = self.clock()
+        req.sched.queued_at = self.clock()
         self.policy.on_queued(req)
         self.waiting.append(req)
 
@@ -99,7 +99,7 @@ class Scheduler:
                 break  # head of line waits for memory: the policy's order is kept
             self.waiting.pop(0)
             req.to(State.RUNNING)
-            req.started_at = now
+            req.sched.started_at = now
             self.policy.on_started(req, now)
             self.running.append(req)
             self.waiting = self.policy.order(self.waiting, now)   # shares changed: rank again
@@ -183,12 +183,12 @@ class Scheduler:
             if req.forks:   # the prompt is in the pool: the other choices share it from here
                 self.fork_choices(req)
             token = int(result.tokens[i])
-            req.output_ids.append(token)
+            req.output.ids.append(token)
             if req.params.logprobs is not None:
                 k = req.params.logprobs
                 top = [[int(t), float(v)] for t, v in zip(result.top_ids[i][:k], result.top_lps[i][:k])]
-                req.logprobs.append([float(result.logprobs[i]), top])
-            req.first_token_at = req.first_token_at or now
+                req.output.logprobs.append([float(result.logprobs[i]), top])
+            req.output.first_token_at = req.output.first_token_at or now
             reason = self.stop_rule.reason(req, token)
             if reason:
                 self.finish_requests([req], reason)
@@ -224,7 +224,7 @@ class Scheduler:
                 self.finish(req)
             elif req.state is not State.FORKING:   # (a choice not forked yet ends empty)
                 continue
-            req.finish_reason = reason
+            req.output.finish_reason = reason
             req.to(State.FINISHING)
             ended.append(req)
         return ended
@@ -237,11 +237,11 @@ class Scheduler:
         else:
             self.kv.free(req)
             req.kv.num_computed = 0
-        req.preemptions += 1
+        req.sched.preemptions += 1
         self.preemptions += 1
         self.running.remove(req)
         req.to(State.WAITING)
-        req.queued_at = now
+        req.sched.queued_at = now
         self.policy.on_preempted(req, cause)
         self.waiting.insert(0, req)
 

@@ -30,7 +30,7 @@ def build_plan(step_id: int, batch: list[ScheduledSeq], ops: dict[str, list]) ->
         top_p=np.asarray([x.top_p for x in p], dtype=np.float32),
         top_k=protocol.i32([x.top_k for x in p]),
         seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
-        gen_index=protocol.i32([len(s.req.output_ids) for s in batch]),
+        gen_index=protocol.i32([len(s.req.output.ids) for s in batch]),
         top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
         **{name: _pairs(pairs) for name, pairs in ops.items()},
     )

@@ -13,9 +13,9 @@ class StopRule:
     def reason(self, req, token: int) -> str | None:
         """The finish reason after `token` was appended to req's output, or None."""
         p = req.params
-        n = len(req.output_ids)
+        n = len(req.output.ids)
         if n >= p.min_tokens and (token in p.stop_id_set or (not p.ignore_eos and token in self.eos_ids)):
-            req.hidden_tail = 1  # the stop token itself is not part of the text
+            req.output.hidden_tail = 1  # the stop token itself is not part of the text
             return "stop"
         if n >= req.max_tokens or req.num_tokens >= self.max_model_len:
             return "length"
