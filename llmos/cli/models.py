@@ -2,6 +2,7 @@
 the running daemon. The registry works without a daemon; only the state needs one."""
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except ModelError as exc:   # a bad name, path, conversion...: one line, no traceback
             raise click.ClickException(str(exc)) from None
+        except sqlite3.Error as exc:   # locked past the timeout, a full disk, a damaged file
+            raise click.ClickException(f"model registry: {exc}") from None
 
 
 @click.group(cls=_Group, invoke_without_command=True)
@@ -125,16 +128,20 @@ def _when(t: float) -> str:
 
 
 class _Bar:
-    """Progress on stderr, a line per stage, from the first report on (an HF directory gets none)."""
+    """Progress on stderr, a line per stage, from the first report on (an HF directory gets none).
+    Only on a terminal: in a pipe or a log a bar is noise, and the outcome is printed anyway."""
 
     def __init__(self):
         self.progress: Progress | None = None
         self.stage, self.task = None, None
+        self.console = Console(stderr=True)
 
     def __call__(self, stage: str, done: int | None, total: int | None) -> None:
+        if not self.console.is_terminal:
+            return
         if self.progress is None:
             self.progress = Progress(SpinnerColumn(), TextColumn("converting: {task.description}"), BarColumn(),
-                                     MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
+                                     MofNCompleteColumn(), TimeElapsedColumn(), console=self.console)
             self.progress.start()
         if stage != self.stage:
             self._finish()
@@ -154,6 +161,8 @@ class _Bar:
         if self.progress is not None:
             if exc[0] is None:
                 self._finish()
+            else:   # the error says what happened; a half-drawn bar would only get in its way
+                self.progress.live.transient = True
             self.progress.stop()
 
 
@@ -176,9 +185,11 @@ def add(paths: Paths, name: str, path: str, note: str):
 @click.pass_obj
 def cp(paths: Paths, src: str, dst: str):
     """Register DST as a new name for the weights of SRC's active version (nothing is copied)."""
+    catalog = Catalog(paths)
+    version = catalog.get(src).active
     with _Bar() as bar:
-        e = Catalog(paths).copy(src, dst, progress=bar)
-    click.echo(f"copied {src} v{Catalog(paths).get(src).active} to {e.name}")
+        catalog.copy(src, dst, progress=bar)
+    click.echo(f"copied {src} v{version} to {dst}")
 
 
 @models.command()

