@@ -116,7 +116,7 @@ class Recorder:
             return httpx.Response(200, content=SSE, headers={"content-type": "text/event-stream"})
         if path.endswith("/content"):
             return httpx.Response(200, text=f"{path}\n\nline 2\n")
-        if path in ("/v1/models", "/llmos/v1/jobs"):
+        if path in ("/v1/models", "/llmos/v1/jobs", "/llmos/v1/models"):
             return httpx.Response(200, json={"object": "list", "data": [{"id": path}]})
         if path == "/v1/files":
             return httpx.Response(200, json={"id": "file-in", "llmos": {"endpoint": "/v1/completions"}})
@@ -133,6 +133,8 @@ CALLS = {   # every public method of the API, with arguments
     "stream_chat": (MODEL, HI), "upload_file": ([{"custom_id": "a", "body": {}}],),
     "submit_batch": ([{"custom_id": "a", "body": {}}], MODEL), "jobs": (), "job": ("batch_1",),
     "cancel": ("batch_1",), "job_errors": (), "wait": ("batch_1",), "results": ("batch_1",), "status": (),
+    "list_registered": (), "show_model": (MODEL,), "add_model": ("m", "/weights/m", "why"), "remove_model": ("m",),
+    "copy_model": ("m", "m2"), "set_model_defaults": ("m", None, 2),
 }
 STREAMS = {"stream_completion", "stream_chat", "results"}
 

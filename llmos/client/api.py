@@ -6,6 +6,7 @@ stream is an async iterator).
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 
@@ -15,6 +16,7 @@ from llmos.client.jobs import JobsApi
 from llmos.paths import Paths
 
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0)  # a generation may wait behind a long queue
+_UNSET = object()   # a default left as it is (None means "the daemon's own")
 
 
 def socket_of(home: str | Path | None) -> Path:
@@ -49,6 +51,34 @@ class Api(JobsApi):
         """Restart one driver by name (a failed one gets a fresh restart budget)."""
         return self._run(Call("POST", f"/llmos/v1/drivers/{name}/restart"))
 
+    # The model registry (the daemon's own; `llmos models` edits the same one directly).
+    def list_registered(self) -> list[dict]:
+        """Every registered model: its active version, facts, defaults and state in the daemon."""
+        return self._run(Call("GET", "/llmos/v1/models", read=data))
+
+    def show_model(self, name: str) -> dict:
+        """One registered model, with every version and its history."""
+        return self._run(Call("GET", _model_path(name)))
+
+    def add_model(self, name: str, path: str | Path, note: str | None = None) -> dict:
+        """Register an HF directory as NAME (the daemon shares this machine, so a relative path
+        is resolved here). A GGUF is refused: `llmos models add` converts it."""
+        body = {"name": name, "path": str(Path(path).expanduser().absolute()), "note": note}
+        return self._run(Call("POST", "/llmos/v1/models", body))
+
+    def remove_model(self, name: str, force: bool = False) -> dict:
+        """Forget NAME; refused (409) while the daemon has it loaded, unless `force`."""
+        return self._run(Call("DELETE", _model_path(name), params={"force": "true" if force else "false"}))
+
+    def copy_model(self, src: str, dst: str) -> dict:
+        """Register DST as a new name for SRC's active version (nothing is copied on disk)."""
+        return self._run(Call("POST", _model_path(src) + "/copy", {"to": dst}))
+
+    def set_model_defaults(self, name: str, keep_alive_s: float | None = _UNSET, replicas: int = _UNSET) -> dict:
+        """Change what the daemon uses when it next loads NAME; keep_alive_s=None: its --keep-alive."""
+        body = {k: v for k, v in (("keep_alive_s", keep_alive_s), ("replicas", replicas)) if v is not _UNSET}
+        return self._run(Call("PATCH", _model_path(name), body))
+
     def cancel_request(self, request_id: str) -> dict:
         """Stop a request in flight (its response id or the X-Request-Id it was sent with);
         it answers with what it generated so far, finish_reason "cancelled"."""
@@ -73,6 +103,10 @@ class Api(JobsApi):
     def status(self) -> dict:
         """One snapshot for dashboards: health, ps, memory and jobs."""
         return self._run(_status())
+
+
+def _model_path(name: str) -> str:
+    return f"/llmos/v1/models/{quote(name, safe='')}"
 
 
 def _status():
