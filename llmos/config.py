@@ -23,5 +23,8 @@ class DaemonConfig:
     scheduler: str = "priority"       # priority (classes, tenants, aging) | fcfs
     tenants: dict = field(default_factory=dict)   # tenant name -> llmos.kernel.tenants.TenantConfig
     request_timeout_s: float | None = None        # server default total deadline
-    queue_timeout_s: float | None = None          # server default deadline for first admission             # a driver restarting more often than this in 60 s is failed
+    queue_timeout_s: float | None = None          # server default deadline for first admission
+    keep_alive_s: float = 300.0       # an on-demand model unloads this long after its last request (Ollama's 5m)
+    max_loaded_models: int = 1        # models in memory at once; each gets kv_memory / max_loaded_models of KV
+    memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -16,7 +16,11 @@ FINISHING = "finishing"     # done generating, blocks freed, final text in fligh
 DONE = "done"               # final output sent; removed from the table
 REQUEST_STATES = (TOKENIZING, FORKING, WAITING, RUNNING, FINISHING, DONE)
 
-# How `ps` shows a WAITING request that was preempted, or whose KV is swapped out to the host.
-PREEMPTED, SWAPPED = "preempted", "swapped"
+# How `ps` shows a WAITING request that was preempted, or whose KV is swapped out to the host;
+# and a request that waits for its model to load (not admitted yet: kernel/parking.py).
+PREEMPTED, SWAPPED, LOADING = "preempted", "swapped", "loading"
 # Every state a request in `ps` can show, in the order of its life (DONE ones have left the table).
-SHOWN_STATES = (TOKENIZING, FORKING, WAITING, PREEMPTED, SWAPPED, RUNNING, FINISHING)
+SHOWN_STATES = (LOADING, TOKENIZING, FORKING, WAITING, PREEMPTED, SWAPPED, RUNNING, FINISHING)
+
+# A model's residency (kernel/residency.py), as /v1/models and `llmos models` show it.
+MODEL_STATES = ("unloaded", "loading", "loaded", "unloading", "failed")

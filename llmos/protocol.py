@@ -493,6 +493,7 @@ class Submit(Message):
     timeout_s: float | None = None     # total deadline; None: the server default
     queue_timeout_s: float | None = None
     n: int = 1                         # choices to generate (OpenAI's n); they share the prompt's KV
+    keep_alive_s: float | None = None  # its model stays loaded this long after it; < 0: forever; None: default
 
 
 @message(0x31)
@@ -574,6 +575,7 @@ class ModelEntry:
     owned_by: str
     max_model_len: int | None  # None while the model loads
     ready: bool
+    state: str = "loaded"      # names.MODEL_STATES: unloaded | loading | loaded | unloading | failed
 
 
 @item

@@ -219,7 +219,7 @@ KNOWN_FIELDS = {"model", "prompt", "messages", "max_tokens", "max_completion_tok
                 *CHAT_FIELDS}
 unknown_fields = st.dictionaries(st.text(min_size=1, max_size=12).filter(lambda k: k not in KNOWN_FIELDS),
                                  any_json, min_size=1, max_size=2)
-models = weighted((12, st.just(MODEL)), (1, st.sampled_from(["nope", "", "TINY", " tiny", "tiny\x00", "smollm2",
+models = weighted((12, st.just(MODEL)), (1, st.sampled_from(["nope", "", "TINY", " tiny", "tiny\x00", "smollm3",
                                                              "tiny\ud800", "t" * 100_000])),
                   (1, st.one_of(strings, any_json)))
 

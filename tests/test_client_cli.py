@@ -79,9 +79,11 @@ def test_not_running(tmp_path):
         list(Client(tmp_path).stream_chat(MODEL, HI))
     r = llmos(tmp_path, "status")
     assert r.exit_code == 1 and "not running" in r.output
-    for args in (["run", MODEL, "hi"], ["ps"], ["models"]):
+    for args in (["run", MODEL, "hi"], ["ps"], ["load", MODEL], ["unload", MODEL]):
         r = llmos(tmp_path, *args)
         assert r.exit_code == 1 and "llmosd is not running" in r.output and "Traceback" not in r.output
+    r = llmos(tmp_path, "models")   # the registry needs no daemon: everything is unloaded
+    assert r.exit_code == 0 and "smollm2" in r.output and "unloaded" in r.output
     r = llmos(tmp_path, "stop")
     assert r.exit_code == 0 and "not running" in r.output
 
@@ -135,6 +137,7 @@ CALLS = {   # every public method of the API, with arguments
     "cancel": ("batch_1",), "job_errors": (), "wait": ("batch_1",), "results": ("batch_1",), "status": (),
     "list_registered": (), "show_model": (MODEL,), "add_model": ("m", "/weights/m", "why"), "remove_model": ("m",),
     "copy_model": ("m", "m2"), "set_model_defaults": ("m", None, 2),
+    "load_model": (MODEL,), "unload_model": (MODEL,),
 }
 STREAMS = {"stream_completion", "stream_chat", "results"}
 

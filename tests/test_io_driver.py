@@ -53,7 +53,7 @@ def test_health_models_admin(http, stack):
     assert health == dataclasses.asdict(stack[0].health) and list(health)[:3] == ["status", "pid", "uptime_s"]
     models = http.get("/v1/models").json()
     assert models == {"object": "list", "data": [{"id": MODEL, "object": "model", "created": 1700000000,
-                                                  "owned_by": "llmos", "max_model_len": 2048}]}
+                                                  "owned_by": "llmos", "max_model_len": 2048, "state": "loaded"}]}
     ps = http.get("/llmos/v1/ps").json()
     assert ps == dataclasses.asdict(stack[0].ps) and ps["requests"][0]["state"] == "running"
     memory = http.get("/llmos/v1/memory").json()

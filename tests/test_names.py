@@ -27,7 +27,7 @@ def test_the_kernels_classes_are_the_names():
 
 def test_top_lays_out_the_names():
     assert top.CLASSES == names.PRIORITY_CLASSES
-    assert top.STATES == ("tokenizing", "waiting", "preempted", "swapped", "running", "finishing")
+    assert top.STATES == ("loading", "tokenizing", "waiting", "preempted", "swapped", "running", "finishing")
 
 
 def test_names_and_the_cli_views_stand_apart_from_the_kernel():

@@ -48,8 +48,8 @@ def test_a_frame_shows_every_section():
     out = text_of(render(SNAP, rates))
     assert "llmosd ok  pid 42" in out and "model-tiny" in out and "Drivers" in out
     lines = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
-    assert lines["interactive"][1:] == ["0", "1", "0", "0", "0", "0"]
-    assert lines["batch"][1:] == ["0", "0", "0", "0", "1", "0"] and lines["realtime"][1:] == ["0"] * 6
+    assert lines["interactive"][1:] == ["0", "0", "1", "0", "0", "0", "0"]
+    assert lines["batch"][1:] == ["0", "0", "0", "0", "0", "1", "0"] and lines["realtime"][1:] == ["0"] * 7
     assert "25/100" in out and "25%" in out and "KV memory" in out
     assert "Throughput (tokens/s)" in out and "250.0" in out
     assert "batch_1" in out and "5/10" in out

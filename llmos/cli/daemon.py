@@ -58,6 +58,46 @@ def parse_tenant(spec: str):
     return name, dataclasses.replace(DEFAULT_TENANT, **values) if name == ALL else TenantConfig(**values)
 
 
+def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_alive: str,
+                  max_loaded: int | None, memory_limit: str | None) -> dict:
+    """Fail at once, naming the option, rather than after drivers have started."""
+    from llmos.keep_alive import parse_keep_alive
+    from llmos.kernel.mem.pool import parse_memory
+    from llmos.models.names import ModelError, model_name
+    from llmos.models.registry import parse_model_spec
+
+    seen = set()
+    for spec in models:
+        try:
+            parse_model_spec(spec, paths)
+            name = model_name(spec)
+        except (ModelError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--model") from None
+        if name in seen:
+            raise click.BadParameter(f"model {name!r} is given twice", param_hint="--model")
+        seen.add(name)
+    for hint, value in (("--kv-memory", kv_memory), ("--swap-memory", swap_memory)):
+        try:
+            if value not in ("0", "") or hint == "--kv-memory":
+                if parse_memory(value, 2**40) <= 0:
+                    raise ValueError("it must be more than 0")
+        except (ValueError, OverflowError) as exc:
+            raise click.BadParameter(f"{value!r}: {exc}", param_hint=hint) from None
+    try:
+        keep = parse_keep_alive(keep_alive)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--keep-alive") from None
+    if max_loaded is not None and not 1 <= max_loaded <= 64:
+        raise click.BadParameter("must be from 1 to 64", param_hint="--max-loaded-models")
+    limit = None
+    if memory_limit is not None:
+        try:
+            limit = parse_memory(memory_limit, 2**40)
+        except (ValueError, OverflowError) as exc:
+            raise click.BadParameter(f"{memory_limit!r}: {exc}", param_hint="--memory-limit") from None
+    return {"keep_alive_s": keep, "max_loaded_models": max_loaded or max(1, len(models)), "memory_limit_bytes": limit}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--home", envvar="LLMOS_HOME", default=None, help="state directory (default ~/.llmos)")
 @click.option("--model", "models", multiple=True, default=["smollm2"],
@@ -87,10 +127,18 @@ def parse_tenant(spec: str):
 @click.option("--queue-timeout", "queue_timeout_s", type=float, default=None,
               help="default deadline for a request to start running, seconds")
 @click.option("--max-restarts", type=int, default=5, help="restarts of one driver within 60 s before it is failed")
+@click.option("--keep-alive", "keep_alive", default="5m",
+              help="an on-demand model unloads this long after its last request (seconds, '5m', -1: never)")
+@click.option("--max-loaded-models", type=int, default=None,
+              help="models in memory at once, each with kv-memory / N of KV (default: the number of --model)")
+@click.option("--memory-limit", default=None,
+              help="weights + KV of all loaded models together: bytes or '8GiB' (default: what the device has)")
 @click.option("--log-level", default="INFO")
-def main(home, models, log_level, tenant_specs, **options) -> None:
+def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, memory_limit, **options) -> None:
     """Run the llmos daemon in the foreground."""
     paths = Paths.from_env(home)
+    lifecycle = check_options(paths, models, options["kv_memory"], options["swap_memory"], keep_alive,
+                              max_loaded_models, memory_limit)
     os.environ["LLMOS_HOME"] = str(paths.home)
     os.environ["LLMOS_LOG_LEVEL"] = log_level
     paths.ensure()
@@ -101,7 +149,7 @@ def main(home, models, log_level, tenant_specs, **options) -> None:
         tenants = dict(parse_tenant(spec) for spec in tenant_specs)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tenant") from None
-    config = DaemonConfig(models=list(models), tenants=tenants, **options)
+    config = DaemonConfig(models=list(models), tenants=tenants, **lifecycle, **options)
     import uvloop
 
     from llmos.kernel.core import Kernel

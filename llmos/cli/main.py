@@ -20,6 +20,7 @@ import llmos
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.models import models
+from llmos.cli.residency import load, unload
 from llmos.cli.top import top
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
@@ -294,8 +295,9 @@ def mem(paths: Paths):
             click.echo(f"{model}: {m.get('state', 'loading')}")
             continue
         mib = m["block_bytes"] / 2**20
-        click.echo(f"{model} on {m['device']}: {m['blocks_total']} blocks x {m['block_size']} tokens "
-                   f"({m['pool_bytes'] / 2**20:.0f} MiB)")
+        weights = m.get("accounting", {}).get("weight_bytes") or 0
+        click.echo(f"{model} on {m['device']}: weights {weights / 2**20:.0f} MiB, KV {m['blocks_total']} blocks x "
+                   f"{m['block_size']} tokens ({m['pool_bytes'] / 2**20:.0f} MiB)")
         used, cached = m["blocks_used"], m["blocks_cached_free"]
         free = m["blocks_free"] - cached
         rows = [["used", used, f"{used * mib:.1f}"], ["cached-free", cached, f"{cached * mib:.1f}"],
@@ -323,3 +325,5 @@ cli.add_command(submit)
 cli.add_command(jobs)
 cli.add_command(models)
 cli.add_command(top)
+cli.add_command(load)
+cli.add_command(unload)

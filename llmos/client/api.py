@@ -51,6 +51,14 @@ class Api(JobsApi):
         """Restart one driver by name (a failed one gets a fresh restart budget)."""
         return self._run(Call("POST", f"/llmos/v1/drivers/{name}/restart"))
 
+    def load_model(self, name: str) -> dict:
+        """Start loading a model now (it answers at once; its state says when it is loaded)."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/load"))
+
+    def unload_model(self, name: str) -> dict:
+        """Unload an idle model now: its drivers stop and its memory is released."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/unload"))
+
     # The model registry (the daemon's own; `llmos models` edits the same one directly).
     def list_registered(self) -> list[dict]:
         """Every registered model: its active version, facts, defaults and state in the daemon."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 from llmos import protocol
+from llmos.keep_alive import MAX_KEEP_ALIVE_S
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_REQUEST_ID_CHARS,
                                    MAX_TENANT_CHARS, MAX_TIMEOUT_S, InvalidParam, SamplingParams)
@@ -24,6 +25,9 @@ def check_submit(m: protocol.Submit, max_model_len: int, vocab_size: int) -> Sam
         value = getattr(m, name)
         if value is not None and not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
             raise InvalidParam(name.removesuffix("_s"), f"{name.removesuffix('_s')} must be in (0, {MAX_TIMEOUT_S}] s")
+    ka = m.keep_alive_s
+    if ka is not None and not (math.isfinite(ka) and ka <= MAX_KEEP_ALIVE_S):
+        raise InvalidParam("keep_alive", f"keep_alive must be at most {MAX_KEEP_ALIVE_S:.0f} s (negative: forever)")
     try:
         params = SamplingParams.from_dict(m.params)
     except TypeError as exc:

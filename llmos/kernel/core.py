@@ -24,8 +24,9 @@ from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
 from llmos.kernel.mem.device import cpu_memory, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
-from llmos.kernel.supervisor import DriverSpec, Supervisor
-from llmos.models.names import model_name
+from llmos.kernel.model_host import KnownModels, ModelHost
+from llmos.kernel.registry_admin import RegistryAdmin
+from llmos.kernel.supervisor import DriverSpec, DState, Supervisor
 from llmos.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,18 @@ class Kernel:
         self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
         # Command.what -> handler(args) -> data
-        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"])}
+        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"]),
+                               "load": self._load, "unload": self._unload}
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
+        self.host = ModelHost(config, paths, self.engines, self.front, self.supervisor, self._new_engine,
+                              self._model_driver_spec, self._long_lived, self._kv_share, self._device_free)
+        self.front.ensure_loaded = self.host.ensure
+        self.front.on_done = lambda req: self.host.request_done(req.model, req.keep_alive_s)
+        registry = RegistryAdmin(self.host.catalog, lambda n: self.host.state(n) in ("loading", "loaded", "unloading"),
+                                 self.host.state, lambda: setattr(self.host, "_registered_at", float("-inf")))
+        self.commands.update(registry.commands)
+        self.queries.update(registry.queries)
         self.dead_loops: dict[str, str] = {}  # long-lived kernel loop -> why it ended (health: degraded)
 
     def send(self, peer: str, msg) -> None:
@@ -63,28 +73,20 @@ class Kernel:
         self.paths.ensure()
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
-        for spec in self.config.models:
-            name = model_name(spec)
-            if name in self.engines:
-                raise ValueError(f"model {name!r} given twice")
-            self.engines[name] = ModelEngine(name, spec, self.config, self._kv_budget, self.send,
-                                             self.front.engine_outputs)
-        self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running)
+        self.host.preload()   # their model drivers start loading now
+        self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running,
+                               models=KnownModels(self.host))
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
         self.queries.update(self.jobs.queries)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
-        for engine in self.engines.values():
-            self.supervisor.add(self._spec(engine.driver, "model", "llmos.drivers.model",
-                                           "--model", engine.spec, "--models-dir", str(self.paths.models_dir),
-                                           "--dtype", self.config.dtype, "--device", self.device.device))
         self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
                                        "--timeout", str(self.config.first_answer_timeout)))
         loops = {"bus receiver": self._receive(), "supervisor": self.supervisor.watch(),
                  "job manager": self.jobs.run(),   # resumes unfinished jobs first
-                 **{f"model {n} step loop": e.run() for n, e in self.engines.items()}}
+                 "model host": self.host.watch()}
         tasks = [self._long_lived(name, coro) for name, coro in loops.items()]
         try:
             await self.stopped.wait()
@@ -109,12 +111,26 @@ class Kernel:
         task.add_done_callback(ended)
         return task
 
+    def _new_engine(self, name: str, spec: str) -> ModelEngine:
+        return ModelEngine(name, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs)
+
+    def _model_driver_spec(self, engine: ModelEngine) -> DriverSpec:
+        return self._spec(engine.driver, "model", "llmos.drivers.model", "--model", engine.spec, "--models-dir",
+                          str(self.paths.models_dir), "--dtype", self.config.dtype, "--device", self.device.device)
+
+    def _kv_share(self) -> int:
+        """Bytes of KV one model gets, as far as it can be known before its load."""
+        return parse_memory(self.config.kv_memory, self._device_free()) // self.config.max_loaded_models
+
+    def _device_free(self) -> int:
+        return select_device(self.device.device).available
+
     def _kv_budget(self, info: protocol.ModelInfo) -> dict:
         """Size a model's KV pool once its driver has loaded the weights: a fraction applies to
         the device memory still free now (weights and the driver's working memory already
-        taken), shared evenly between the served models."""
+        taken); each of the --max-loaded-models models gets an equal share."""
         device = select_device(self.device.device)
-        share = max(1, len(self.config.models))
+        share = self.config.max_loaded_models
         budget = parse_memory(self.config.kv_memory, device.available) // share
         if device.device != "cpu":   # the kernel's own CUDA context comes with its first pool
             budget = min(budget, max(0, device.available - CUDA_CONTEXT_BYTES) // share)
@@ -126,7 +142,8 @@ class Kernel:
 
     def _spec(self, name: str, role: str, module: str, *args: str) -> DriverSpec:
         argv = [sys.executable, "-m", module, "--endpoint", self.paths.kernel_endpoint, "--name", name, *args]
-        return DriverSpec(name=name, role=role, argv=argv, max_restarts=self.config.max_restarts)
+        return DriverSpec(name=name, role=role, argv=argv, max_restarts=self.config.max_restarts,
+                          fail_fast_start=True)
 
     async def shutdown(self) -> None:
         """SIGTERM: stop admitting, drain up to the timeout, stop drivers in reverse order."""
@@ -163,17 +180,23 @@ class Kernel:
                 except Exception as exc:  # e.g. a budget too small for the model
                     log.error("model %s cannot be served: %s", engine.name, exc)
                     self.supervisor.driver_error(name, str(exc))
+                    self.host.failed(engine.name, str(exc))
                     return
                 if engine.tokenizer not in self.supervisor.table:
                     self.supervisor.add(self._spec(engine.tokenizer, "tokenizer", "llmos.drivers.tokenizer",
                                                    "--model-dir", info.model_dir))
+                self.host.ready(engine.name)
+                return
             elif name == engine.tokenizer:
                 self.front.tokenizer_restarted(engine)
 
     def _driver_down(self, name: str) -> None:
-        for engine in self.engines.values():
+        for engine in list(self.engines.values()):
             if name == engine.driver:
                 engine.driver_down()
+                d = self.supervisor.table.get(name)
+                if d is not None and d.state is DState.FAILED and not engine.loaded:   # it never loaded
+                    self.host.failed(engine.name, d.last_error or "its driver failed")
         # The requests of a dead io driver have no client any more: free them now.
         for req in [r for r in self.front.table.values() if r.client == name]:
             self.front.abort(protocol.Abort(request_id=req.id, reason=f"{name} driver died"))
@@ -243,12 +266,11 @@ class Kernel:
             return {"health": self.health()}
         if what == "models":
             created = int(time.time() - (time.monotonic() - self.started))
-            return {"models": [protocol.ModelEntry(id=e.name, created=created, owned_by="llmos",
-                                                   max_model_len=e.max_model_len if e.info else None,
-                                                   ready=e.driver_ready) for e in self.engines.values()]}
+            return {"models": [self._model_entry(name, created) for name in self.host.names()]}
         if what == "ps":
             return {"ps": protocol.ProcessReport(
-                processes=self.supervisor.processes(), requests=[r.summary() for r in self.front.table.values()],
+                processes=self.supervisor.processes(),
+                requests=self.front.parking.summaries() + [r.summary() for r in self.front.table.values()],
                 scheduler={n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded})}
         if what == "memory":
             return {"memory": self.memory()}
@@ -265,6 +287,32 @@ class Kernel:
         except (KeyError, ValueError, TypeError) as exc:
             return {"error": f"{what}: {exc}"}
 
+    def _model_entry(self, name: str, created: int) -> protocol.ModelEntry:
+        e = self.engines.get(name)
+        return protocol.ModelEntry(id=name, created=created, owned_by="llmos", state=self.host.state(name),
+                                   max_model_len=e.max_model_len if e is not None and e.info else None,
+                                   ready=e is not None and e.driver_ready)
+
+    def _load(self, args: dict) -> dict:
+        name = args.get("name")
+        if not isinstance(name, str):
+            raise ValueError("load needs a model name")
+        refusal = self.host.ensure(name)
+        if refusal is not None:
+            raise ValueError(refusal[1])
+        return {"model": name, "state": self.host.state(name)}
+
+    def _unload(self, args: dict) -> dict:
+        name = args.get("name")
+        if not isinstance(name, str) or name not in self.engines:
+            raise ValueError(f"model {name!r} is not loaded")
+        held = sum(r.model == name for r in self.front.table.values()) + len(
+            [p for p in self.front.parking.by_model.get(name, {})])
+        if held:
+            raise ValueError(f"model {name!r} holds {held} request(s); unload it once they finish")
+        self.host.unload_now(name, "asked to")
+        return {"model": name, "state": self.host.state(name)}
+
     def _restart_driver(self, args: dict) -> dict:
         name = args.get("name")
         if name not in self.supervisor.table:
@@ -273,7 +321,10 @@ class Kernel:
         return {"restarting": name}
 
     def health(self) -> protocol.HealthReport:
-        ready = all(e.driver_ready and self.supervisor.is_running(e.tokenizer) for e in self.engines.values())
+        # Ready once every --model loaded once; after that models may come and go (evicted, reloaded).
+        ready = self.host.specs.keys() <= self.host.ever_loaded and all(
+            e.driver_ready and self.supervisor.is_running(e.tokenizer)
+            for n, e in self.engines.items() if self.host.state(n) == "loaded")
         io_up = self.supervisor.is_running("io")
         status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
         failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]

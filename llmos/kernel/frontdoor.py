@@ -15,6 +15,7 @@ from llmos import protocol
 from llmos.kernel.requests import Request, SchedState, State
 from llmos.kernel.admission import check_submit
 from llmos.kernel.blocks import blocks_needed
+from llmos.kernel.parking import Parking
 from llmos.sampling_params import InvalidParam
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,11 @@ class FrontDoor:
         self._seq_ids = itertools.count(1)
         self.draining = False
         self.tokenizer_epoch: dict[str, int] = {}   # tokenizer driver -> incarnation counter
+        self.parking = Parking()          # submits waiting for their model to load
+        # Set by the kernel (model_host.py): start loading a model that is not in memory, or say
+        # why not; and hear of each request's end (keep-alive counts from the last one).
+        self.ensure_loaded = lambda model: (404, f"The model '{model:.256}' does not exist")
+        self.on_done = lambda req: None
 
     # ------------------------------------------------------------ io -> kernel
     def submit(self, peer: str, m: protocol.Submit) -> None:
@@ -53,15 +59,19 @@ class FrontDoor:
                                                message=message, param=param, retry_after=retry_after))
         if self.draining:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
-        if m.request_id in self.table or m.request_id in self.groups:
+        if m.request_id in self.table or m.request_id in self.groups or m.request_id in self.parking:
             return reject(400, "duplicate_request_id", f"request id {m.request_id!r:.300} is already in flight")
         engine = self.engines.get(m.model)
-        if engine is None:
-            return reject(404, "model_not_found", f"The model '{m.model:.256}' does not exist", "model")
-        if not engine.loaded:
-            state, error = self._driver_state(engine.driver)
-            return reject(503, "model_unavailable", f"model '{m.model}' is not loaded (driver {engine.driver} "
-                          f"is {state}{': ' + error if error else ''})")
+        if engine is None or not engine.loaded:   # cold or loading: wait for it (release())
+            refusal = self.ensure_loaded(m.model)
+            if refusal is not None:
+                status, message = refusal
+                return reject(status, "model_not_found" if status == 404 else "model_unavailable", message,
+                              "model" if status == 404 else None)
+            if not self.parking.park(peer, m):
+                return reject(503, "server_busy", f"{len(self.parking)} requests already wait for models to "
+                              "load; try again later", retry_after=1.0)
+            return
         try:   # the io driver checked all of this; the kernel never trusts a driver
             params = check_submit(m, engine.max_model_len, engine.info.vocab_size)
         except InvalidParam as exc:
@@ -80,6 +90,7 @@ class FrontDoor:
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
+                      keep_alive_s=m.keep_alive_s,
                       sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
                                        queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s))
         self._enter(req)
@@ -150,7 +161,21 @@ class FrontDoor:
         self.groups[first.group].append(req)
         return req
 
+    # ------------------------------------------------------------ models coming and going
+    def release(self, model: str) -> None:
+        """`model` is up: the submits that waited for it go in, oldest first."""
+        for p in self.parking.take(model):
+            self.submit(p.peer, p.submit)
+
+    def fail_parked(self, model: str, status: int, code: str, message: str) -> None:
+        for p in self.parking.take(model):
+            self._send(p.peer, protocol.Rejected(request_id=p.submit.request_id, status=status, code=code,
+                                                 message=message, param=None))
+
     def abort(self, m: protocol.Abort) -> None:
+        if self.parking.remove(m.request_id) is not None:
+            log.info("abort %s (waiting for its model): %s", m.request_id, m.reason)
+            return
         members = self._members(m.request_id)
         if members:
             log.info("abort %s: %s", m.request_id, m.reason)
@@ -161,6 +186,11 @@ class FrontDoor:
         """The client's abort call: generation stops now (the next step no longer has it) and
         the request ends normally with what it has, finish_reason "cancelled". Unlike Abort
         (the client is gone) an answer is still owed. Raises KeyError for an unknown id."""
+        parked = self.parking.remove(client_id)
+        if parked is not None:
+            self._send(parked.peer, protocol.Rejected(request_id=client_id, status=409, code="cancelled", param=None,
+                                                      message=f"request {client_id} was cancelled before it started"))
+            return {"id": client_id, "cancelled": 1}
         members = self._members(client_id)
         if not members:
             raise KeyError(f"no request {client_id!r} in flight")
@@ -289,7 +319,8 @@ class FrontDoor:
     def _forget(self, req: Request) -> None:
         if req.state is not State.DONE:
             req.to(State.DONE)
-        self.table.pop(req.id, None)
+        if self.table.pop(req.id, None) is not None:
+            self.on_done(req)
         group = self.groups.get(req.group)
         if group is not None:
             group[:] = [r for r in group if r is not req]
@@ -297,6 +328,8 @@ class FrontDoor:
                 del self.groups[req.group]
 
     def fail_all(self, status: int, code: str, message: str) -> None:
+        for model in self.parking.models():
+            self.fail_parked(model, status, code, message)
         for req in list(self.table.values()):
             if req.state is not State.DONE:   # an earlier choice of its group may have ended it
                 self._end_with_error(req, status, code, message)

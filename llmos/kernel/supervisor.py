@@ -53,6 +53,8 @@ class DriverSpec:
     restart_period: float = 60.0      # ... within this many seconds
     start_timeout: float = 600.0      # loading a model can take a while
     heartbeat_timeout: float = 30.0
+    fail_fast_start: bool = False     # exiting before its first Ready fails it at once (a model that
+                                      # cannot load will not load on a retry; say so now)
 
 
 @dataclass
@@ -67,6 +69,7 @@ class DriverProcess:
     last_error: str | None = None
     info: protocol.ModelInfo | protocol.TokenizerInfo | protocol.IoInfo | None = None   # from its Ready
     retry_at: float = 0.0
+    ever_ready: bool = False
 
     def change_state(self, new: DState) -> None:
         if new not in _ALLOWED[self.state]:
@@ -93,6 +96,7 @@ class Supervisor:
         self.table: dict[str, DriverProcess] = {}
         self.order: list[str] = []
         self.stopping = False
+        self.leaving: list[tuple[DriverProcess, float, Callable | None]] = []   # removed, not yet exited
 
     def add(self, spec: DriverSpec) -> None:
         self.table[spec.name] = DriverProcess(spec)
@@ -124,6 +128,7 @@ class Supervisor:
             return
         d.info = info
         d.last_error = None
+        d.ever_ready = True
         d.change_state(DState.RUNNING)
         self.on_ready(name, info)
 
@@ -148,6 +153,7 @@ class Supervisor:
                     self._check(d, now)
                 except Exception:
                     log.exception("supervisor: checking driver %s failed", d.spec.name)
+            self._reap(now)
             await asyncio.sleep(interval)
 
     def _check(self, d: DriverProcess, now: float) -> None:
@@ -173,6 +179,11 @@ class Supervisor:
         log.warning("driver %s (pid %d) exited with code %s", d.spec.name, d.proc.pid, code)
         if was_running:
             self.on_down(d.spec.name)
+        if d.spec.fail_fast_start and not d.ever_ready:
+            d.change_state(DState.FAILED)
+            log.error("driver %s failed before it was ready: %s", d.spec.name, d.last_error)
+            self.on_down(d.spec.name)
+            return
         if d.spec.restart == "temporary" or (d.spec.restart == "transient" and code == 0):
             d.change_state(DState.FAILED if code else DState.EXITED)
             return
@@ -198,6 +209,39 @@ class Supervisor:
         elif d.proc is not None and d.proc.poll() is None:
             d.proc.terminate()  # the watch loop sees the exit and restarts it
 
+    def remove(self, name: str, on_exit: Callable | None = None) -> None:
+        """Stop a driver for good and forget it (its model was unloaded). Does not wait: it gets
+        SIGTERM now, SIGKILL after its shutdown timeout, and `on_exit()` runs once it is gone."""
+        d = self.table.pop(name, None)
+        if d is None:
+            if on_exit is not None:
+                on_exit()
+            return
+        self.order.remove(name)
+        if d.proc is None or d.proc.poll() is not None:
+            if on_exit is not None:
+                on_exit()
+            return
+        log.info("driver %s: stopping (removed)", name)
+        d.proc.send_signal(signal.SIGTERM)
+        self.leaving.append((d, time.monotonic() + d.spec.shutdown_timeout, on_exit))
+
+    def _reap(self, now: float) -> None:
+        still = []
+        for d, deadline, on_exit in self.leaving:
+            if d.proc.poll() is None and now >= deadline:
+                log.warning("driver %s ignored SIGTERM; killing it", d.spec.name)
+                d.proc.kill()
+                d.proc.wait()
+            if d.proc.poll() is None:
+                still.append((d, deadline, on_exit))
+            elif on_exit is not None:
+                try:
+                    on_exit()
+                except Exception:
+                    log.exception("supervisor: cleanup after %s failed", d.spec.name)
+        self.leaving = still
+
     async def stop_all(self) -> None:
         """Stop drivers in reverse start order, each within its shutdown timeout."""
         self.stopping = True
@@ -216,6 +260,13 @@ class Supervisor:
                 d.proc.kill()
                 d.proc.wait()
             d.change_state(DState.EXITED)
+        for d, _, on_exit in self.leaving:   # removed drivers still on their way out
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait()
+            if on_exit is not None:
+                on_exit()
+        self.leaving = []
 
     def processes(self) -> list[protocol.ProcessRow]:
         rows = [protocol.ProcessRow(name="kernel", role="kernel", state="running", pid=os.getpid(), restarts=0,

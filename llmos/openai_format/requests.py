@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmos.keep_alive import parse_keep_alive
 from llmos.openai_format.errors import ApiError
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_TENANT_CHARS, MAX_TIMEOUT_S,
@@ -20,7 +21,7 @@ MAX_NAME_CHARS = 256   # model names and string priorities
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
              "ignore_eos", "min_tokens")
 _COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "priority", "return_token_ids",
-           "timeout", "queue_timeout",
+           "timeout", "queue_timeout", "keep_alive",
            *_SAMPLING}
 # OpenAI fields with no effect on a local model's output.
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
@@ -54,6 +55,7 @@ class ParsedRequest:
     priority: int | str | None = None
     timeout_s: float | None = None
     queue_timeout_s: float | None = None
+    keep_alive_s: float | None = None  # Ollama's keep_alive: the model stays loaded this long after it
     n: int = 1                        # choices; they share the prompt's KV copy-on-write
 
 
@@ -154,12 +156,17 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
                                   or not 0 < value <= MAX_TIMEOUT_S):
             raise ApiError(400, f"{name} must be a number of seconds in (0, {MAX_TIMEOUT_S}]", name)
         timeouts[name] = None if value is None else float(value)
+    try:
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "keep_alive") from None
     return_ids = body.get("return_token_ids")
     if return_ids is not None and not isinstance(return_ids, bool):
         raise ApiError(400, "return_token_ids must be a boolean", "return_token_ids")
     return ParsedRequest(chat=chat, model=model, params=params, tenant=tenant, stream=bool(stream), n=body.get("n") or 1,
                          include_usage=include_usage, return_token_ids=bool(return_ids), priority=priority,
-                         timeout_s=timeouts["timeout"], queue_timeout_s=timeouts["queue_timeout"], **inputs)
+                         timeout_s=timeouts["timeout"], queue_timeout_s=timeouts["queue_timeout"],
+                         keep_alive_s=keep_alive, **inputs)
 
 
 def _text(name: str, value: str, param: str | None = None) -> None:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmos import protocol
 from llmos import openai_format
-from llmos.drivers.io import batches
+from llmos.drivers.io import batches, model_admin
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper
@@ -48,7 +48,10 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
         app.router.add_get(path, _query_route(what, to_json))
     app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
     app.router.add_post("/llmos/v1/requests/{id}/cancel", cancel_request)
+    app.router.add_post("/llmos/v1/models/{name}/load", _model_command("load"))
+    app.router.add_post("/llmos/v1/models/{name}/unload", _model_command("unload"))
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
+    model_admin.add_routes(app, link)  # /llmos/v1/models, /llmos/v1/models/{name}
     return app
 
 
@@ -100,7 +103,7 @@ async def health(request: web.Request) -> web.Response:
 async def models(request: web.Request) -> web.Response:
     entries: list[protocol.ModelEntry] = await request.app[LINK].query("models")
     out = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by,
-            "max_model_len": m.max_model_len} for m in entries]
+            "max_model_len": m.max_model_len, "state": m.state} for m in entries]
     return web.json_response({"object": "list", "data": out})
 
 
@@ -121,6 +124,22 @@ async def cancel_request(request: web.Request) -> web.Response:
     except QueryFailed as exc:
         raise ApiError(404, str(exc), "id", code="request_not_found") from None
     return web.json_response(data)
+
+
+def _model_command(what: str):
+    """Load or unload a model now: 404 for a model nobody registered, 409 when the kernel
+    refuses (it does not fit, or it holds requests), naming why."""
+    async def route(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        link = request.app[LINK]
+        if not any(m.id == name for m in await link.query("models")):
+            raise ApiError(404, f"The model '{name:.256}' does not exist", "name", code="model_not_found")
+        try:
+            return web.json_response(await link.command(what, {"name": name}))
+        except QueryFailed as exc:
+            raise ApiError(409, str(exc), "name", code="model_unavailable") from None
+    route.__name__ = f"model_{what}"
+    return route
 
 
 def _query_route(what: str, to_json):
@@ -157,7 +176,8 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
         queue = link.submit(protocol.Submit(
             request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
             prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
-            priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n))
+            priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n,
+            keep_alive_s=req.keep_alive_s))
         first = await _next(queue, timeout)
         if not isinstance(first, protocol.Accepted):
             done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it

@@ -68,11 +68,12 @@ class Flight:
 
 
 class JobManager:
-    def __init__(self, store: JobStore, front, engines: dict, is_running, max_in_flight: int = 64):
+    def __init__(self, store: JobStore, front, engines: dict, is_running, max_in_flight: int = 64,
+                 models=None):
         self.store, self.front, self.engines = store, front, engines
         self._is_running = is_running       # driver name -> bool
         self.max_in_flight = max_in_flight
-        self.files = Files(store, engines)
+        self.files = Files(store, engines if models is None else models)   # what a line may name
         self.flights: dict[str, Flight] = {}     # request id -> the line it runs
         self.active: list[str] = []              # job ids still to feed or finish, oldest first
         self._paused: dict[str, float] = {}      # job id -> monotonic time feeding may resume
