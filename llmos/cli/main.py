@@ -17,6 +17,7 @@ import click
 import psutil
 
 import llmos
+from llmos.cli import startup
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.models import models
@@ -87,13 +88,6 @@ def _healthy(paths: Paths) -> bool:
         return False
 
 
-def _log_tail(path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--model", "models", multiple=True, metavar="SPEC", help="model to load (repeatable)")
 @click.option("--dtype", help="weights dtype, e.g. bfloat16")
@@ -101,28 +95,21 @@ def _log_tail(path, lines: int = 20) -> str:
 @click.argument("daemon_args", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def start(paths: Paths, models, dtype, timeout, daemon_args):
-    """Start llmosd in the background; other options are passed to llmosd."""
+    """Start llmosd in the background, showing its progress; other options are passed to llmosd.
+    Fails (exit 1) as soon as a driver fails, naming it and its error, and stops the daemon."""
+    args = [a for m in models for a in ("--model", m)] + (["--dtype", dtype] if dtype else []) + list(daemon_args)
     pid = _daemon_pid(paths)
     if pid is not None or _healthy(paths):
+        if args:   # exit 1: a script that asked for these must not go on as if it had them
+            raise startup.not_applied(pid, args)
         click.echo(f"llmosd is already running{f' (pid {pid})' if pid else ''}")
         return
     paths.ensure()
-    args = [a for m in models for a in ("--model", m)] + (["--dtype", dtype] if dtype else []) + list(daemon_args)
     log_path = paths.logs_dir / "llmosd.log"
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(daemon_command(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, env=_daemon_env(paths))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise click.ClickException(f"llmosd exited with code {proc.returncode} while starting; "
-                                       f"last lines of {log_path}:\n{_log_tail(log_path)}")
-        if _healthy(paths):
-            click.echo(f"llmosd started (pid {proc.pid}); socket {paths.api_socket}; log {log_path}")
-            return
-        time.sleep(0.25)
-    raise click.ClickException(f"llmosd (pid {proc.pid}) is not healthy after {timeout:g} s; it keeps "
-                               f"running; see {log_path} or run `llmos stop`")
+    startup.wait_started(paths, proc, log_path, timeout)
 
 
 @cli.command()
