@@ -25,6 +25,7 @@ class DaemonConfig:
     request_timeout_s: float | None = None        # server default total deadline
     queue_timeout_s: float | None = None          # server default deadline for first admission
     keep_alive_s: float = 300.0       # an on-demand model unloads this long after its last request (Ollama's 5m)
-    max_loaded_models: int = 1        # models in memory at once; each gets kv_memory / max_loaded_models of KV
+    max_loaded_models: int = 1        # engines in memory at once; each gets kv_memory / max_loaded_models of KV
+    replicas: int = 1                 # model drivers per --model model (each one engine)
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -576,6 +576,8 @@ class ModelEntry:
     max_model_len: int | None  # None while the model loads
     ready: bool
     state: str = "loaded"      # names.MODEL_STATES: unloaded | loading | loaded | unloading | failed
+    replicas: int = 1          # engines serving it (0 when not loaded)
+    version: int | None = None # registry version it serves (None: a path, or not loaded)
 
 
 @item

@@ -138,6 +138,7 @@ CALLS = {   # every public method of the API, with arguments
     "list_registered": (), "show_model": (MODEL,), "add_model": ("m", "/weights/m", "why"), "remove_model": ("m",),
     "copy_model": ("m", "m2"), "set_model_defaults": ("m", None, 2),
     "load_model": (MODEL,), "unload_model": (MODEL,),
+    "scale_model": (MODEL, 2), "upgrade_model": (MODEL, 2), "rollback_model": (MODEL,), "upgrade_status": (MODEL,),
 }
 STREAMS = {"stream_completion", "stream_chat", "results"}
 

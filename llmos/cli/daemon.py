@@ -59,7 +59,7 @@ def parse_tenant(spec: str):
 
 
 def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_alive: str,
-                  max_loaded: int | None, memory_limit: str | None) -> dict:
+                  max_loaded: int | None, memory_limit: str | None, replicas: int = 1) -> dict:
     """Fail at once, naming the option, rather than after drivers have started."""
     from llmos.keep_alive import parse_keep_alive
     from llmos.kernel.mem.pool import parse_memory
@@ -95,7 +95,8 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
             limit = parse_memory(memory_limit, 2**40)
         except (ValueError, OverflowError) as exc:
             raise click.BadParameter(f"{memory_limit!r}: {exc}", param_hint="--memory-limit") from None
-    return {"keep_alive_s": keep, "max_loaded_models": max_loaded or max(1, len(models)), "memory_limit_bytes": limit}
+    return {"keep_alive_s": keep, "max_loaded_models": max_loaded or max(1, len(models)) * replicas,
+            "memory_limit_bytes": limit, "replicas": replicas}
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -131,14 +132,17 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
               help="an on-demand model unloads this long after its last request (seconds, '5m', -1: never)")
 @click.option("--max-loaded-models", type=int, default=None,
               help="models in memory at once, each with kv-memory / N of KV (default: the number of --model)")
+@click.option("--replicas", type=click.IntRange(1, 64), default=1,
+              help="model drivers per --model model; requests are balanced between them (cache-aware)")
 @click.option("--memory-limit", default=None,
               help="weights + KV of all loaded models together: bytes or '8GiB' (default: what the device has)")
 @click.option("--log-level", default="INFO")
-def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, memory_limit, **options) -> None:
+def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, memory_limit, replicas,
+         **options) -> None:
     """Run the llmos daemon in the foreground."""
     paths = Paths.from_env(home)
     lifecycle = check_options(paths, models, options["kv_memory"], options["swap_memory"], keep_alive,
-                              max_loaded_models, memory_limit)
+                              max_loaded_models, memory_limit, replicas)
     os.environ["LLMOS_HOME"] = str(paths.home)
     os.environ["LLMOS_LOG_LEVEL"] = log_level
     paths.ensure()

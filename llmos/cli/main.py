@@ -21,7 +21,8 @@ from llmos.cli import startup
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.models import models
-from llmos.cli.residency import load, unload
+from llmos.cli.residency import load, scale, unload
+from llmos.cli import upgrade as _upgrade  # noqa: F401  (adds `models upgrade | rollback | history`)
 from llmos.cli.top import top
 from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.paths import Paths
@@ -314,3 +315,4 @@ cli.add_command(models)
 cli.add_command(top)
 cli.add_command(load)
 cli.add_command(unload)
+cli.add_command(scale)

@@ -1,4 +1,5 @@
-"""`llmos load NAME` / `llmos unload NAME`: bring a model into memory now, or send it away.
+"""`llmos load NAME` / `llmos unload NAME`: bring a model into memory now, or send it away;
+`llmos scale NAME N`: run N replicas of a loaded model.
 
 A model also loads by itself when a request names it, and unloads when its keep-alive runs
 out; these are for doing it ahead of time (warming before traffic) or at once (freeing memory).
@@ -49,3 +50,14 @@ def unload(paths: Paths, name: str):
     with Client(paths.home, timeout=30) as c:
         c.unload_model(name)
     click.echo(f"{name}: unloaded")
+
+
+@click.command()
+@click.argument("name")
+@click.argument("replicas", type=int)
+@click.pass_obj
+def scale(paths: Paths, name: str, replicas: int):
+    """Run REPLICAS model drivers for a loaded model (balanced, cache-aware); fewer finish first."""
+    with Client(paths.home, timeout=30) as c:
+        data = c.scale_model(name, replicas)
+    click.echo(f"{name}: {data['replicas']} replica(s): {', '.join(data['engines'])}")

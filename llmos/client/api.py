@@ -59,6 +59,22 @@ class Api(JobsApi):
         """Unload an idle model now: its drivers stop and its memory is released."""
         return self._run(Call("POST", f"/llmos/v1/models/{name}/unload"))
 
+    def scale_model(self, name: str, replicas: int) -> dict:
+        """Run `replicas` model drivers for a loaded model; requests are balanced between them."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/scale", {"replicas": replicas}))
+
+    def upgrade_model(self, name: str, version: int) -> dict:
+        """Start upgrading a loaded model to a registered version (canary, switch, watch; it
+        rolls back by itself if the version fails). `upgrade_status` follows it."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/upgrade", {"version": version}))
+
+    def rollback_model(self, name: str) -> dict:
+        """Abandon an upgrade in progress, or go back to the version before the last one."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/rollback"))
+
+    def upgrade_status(self, name: str) -> dict:
+        return self._run(Call("GET", f"/llmos/v1/models/{name}/upgrade"))
+
     # The model registry (the daemon's own; `llmos models` edits the same one directly).
     def list_registered(self) -> list[dict]:
         """Every registered model: its active version, facts, defaults and state in the daemon."""

@@ -24,7 +24,10 @@ from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
 from llmos.kernel.mem.device import cpu_memory, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
+from llmos.kernel.canary import PEER as CANARY_PEER, Canary
+from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
+from llmos.kernel.upgrades import Upgrades
 from llmos.kernel.registry_admin import RegistryAdmin
 from llmos.kernel.supervisor import DriverSpec, DState, Supervisor
 from llmos.paths import Paths
@@ -46,16 +49,22 @@ class Kernel:
         self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
         # Command.what -> handler(args) -> data
-        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"]),
-                               "load": self._load, "unload": self._unload}
+        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"])}
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
         self.host = ModelHost(config, paths, self.engines, self.front, self.supervisor, self._new_engine,
                               self._model_driver_spec, self._long_lived, self._kv_share, self._device_free)
-        self.front.ensure_loaded = self.host.ensure
-        self.front.on_done = lambda req: self.host.request_done(req.model, req.keep_alive_s)
+        self.canary = Canary(self.front.submit_to)
+        self.local_clients[CANARY_PEER] = self.canary.deliver
+        self.upgrades = Upgrades(self.host, self.canary)
+        self.front.ensure_loaded, self.front.route, self.front.on_routed = self.host.ensure, self.host.route, \
+            self.host.routed
+        self.front.on_done = self._request_done
+        self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
+        self.commands.update(self.model_commands.commands)
+        self.queries.update(self.model_commands.queries)
         registry = RegistryAdmin(self.host.catalog, lambda n: self.host.state(n) in ("loading", "loaded", "unloading"),
-                                 self.host.state, lambda: setattr(self.host, "_registered_at", float("-inf")))
+                                 self.host.state, self.host.registry_changed)
         self.commands.update(registry.commands)
         self.queries.update(registry.queries)
         self.dead_loops: dict[str, str] = {}  # long-lived kernel loop -> why it ended (health: degraded)
@@ -111,8 +120,12 @@ class Kernel:
         task.add_done_callback(ended)
         return task
 
-    def _new_engine(self, name: str, spec: str) -> ModelEngine:
-        return ModelEngine(name, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs)
+    def _new_engine(self, eid: str, model: str, spec: str) -> ModelEngine:
+        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs, model)
+
+    def _request_done(self, req, server_failed: bool) -> None:
+        self.host.request_done(req, server_failed)
+        self.upgrades.request_done(req, server_failed)
 
     def _model_driver_spec(self, engine: ModelEngine) -> DriverSpec:
         return self._spec(engine.driver, "model", "llmos.drivers.model", "--model", engine.spec, "--models-dir",
@@ -266,7 +279,7 @@ class Kernel:
             return {"health": self.health()}
         if what == "models":
             created = int(time.time() - (time.monotonic() - self.started))
-            return {"models": [self._model_entry(name, created) for name in self.host.names()]}
+            return {"models": [self.model_commands.entry(name, created) for name in self.host.names()]}
         if what == "ps":
             return {"ps": protocol.ProcessReport(
                 processes=self.supervisor.processes(),
@@ -287,32 +300,6 @@ class Kernel:
         except (KeyError, ValueError, TypeError) as exc:
             return {"error": f"{what}: {exc}"}
 
-    def _model_entry(self, name: str, created: int) -> protocol.ModelEntry:
-        e = self.engines.get(name)
-        return protocol.ModelEntry(id=name, created=created, owned_by="llmos", state=self.host.state(name),
-                                   max_model_len=e.max_model_len if e is not None and e.info else None,
-                                   ready=e is not None and e.driver_ready)
-
-    def _load(self, args: dict) -> dict:
-        name = args.get("name")
-        if not isinstance(name, str):
-            raise ValueError("load needs a model name")
-        refusal = self.host.ensure(name)
-        if refusal is not None:
-            raise ValueError(refusal[1])
-        return {"model": name, "state": self.host.state(name)}
-
-    def _unload(self, args: dict) -> dict:
-        name = args.get("name")
-        if not isinstance(name, str) or name not in self.engines:
-            raise ValueError(f"model {name!r} is not loaded")
-        held = sum(r.model == name for r in self.front.table.values()) + len(
-            [p for p in self.front.parking.by_model.get(name, {})])
-        if held:
-            raise ValueError(f"model {name!r} holds {held} request(s); unload it once they finish")
-        self.host.unload_now(name, "asked to")
-        return {"model": name, "state": self.host.state(name)}
-
     def _restart_driver(self, args: dict) -> dict:
         name = args.get("name")
         if name not in self.supervisor.table:
@@ -322,9 +309,10 @@ class Kernel:
 
     def health(self) -> protocol.HealthReport:
         # Ready once every --model loaded once; after that models may come and go (evicted, reloaded).
+        serving = [self.engines[e] for d in self.host.deployments.values() for e in d.serving if e in self.engines]
         ready = self.host.specs.keys() <= self.host.ever_loaded and all(
             e.driver_ready and self.supervisor.is_running(e.tokenizer)
-            for n, e in self.engines.items() if self.host.state(n) == "loaded")
+            for e in serving if self.host.state(e.model) == "loaded")
         io_up = self.supervisor.is_running("io")
         status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
         failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]

@@ -51,8 +51,9 @@ class DriverLost(Exception):
 
 
 class ModelEngine:
-    def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs):
-        self.name, self.spec, self.config = name, spec, config
+    def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs, model: str | None = None):
+        self.name, self.spec, self.config = name, spec, config   # name: the engine id (a replica, a version)
+        self.model = model or name        # the model's name, as requests give it
         self.driver = f"model-{name}"
         self.tokenizer = f"tokenizer-{name}"
         self._kv_budget = kv_budget       # (driver info) -> bytes for this model's pool

@@ -36,7 +36,9 @@ class FrontDoor:
         # Set by the kernel (model_host.py): start loading a model that is not in memory, or say
         # why not; and hear of each request's end (keep-alive counts from the last one).
         self.ensure_loaded = lambda model: (404, f"The model '{model:.256}' does not exist")
-        self.on_done = lambda req: None
+        self.route = lambda m: self.engines.get(m.model)   # the engine (replica) a Submit goes to
+        self.on_routed = lambda req, m: None
+        self.on_done = lambda req, server_failed: None
 
     # ------------------------------------------------------------ io -> kernel
     def submit(self, peer: str, m: protocol.Submit) -> None:
@@ -53,7 +55,11 @@ class FrontDoor:
                 self._send(peer, protocol.Rejected(request_id=m.request_id, status=500, code="internal_error",
                                                    message=cause, param=None))
 
-    def _submit(self, peer: str, m: protocol.Submit) -> None:
+    def submit_to(self, engine_id: str, peer: str, m: protocol.Submit) -> None:
+        """Submit to one engine, bypassing routing (an upgrade's canary)."""
+        self._submit(peer, m, self.engines.get(engine_id))
+
+    def _submit(self, peer: str, m: protocol.Submit, pinned=None) -> None:
         def reject(status, code, message, param=None, retry_after=None):
             self._send(peer, protocol.Rejected(request_id=m.request_id, status=status, code=code,
                                                message=message, param=param, retry_after=retry_after))
@@ -61,7 +67,7 @@ class FrontDoor:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
         if m.request_id in self.table or m.request_id in self.groups or m.request_id in self.parking:
             return reject(400, "duplicate_request_id", f"request id {m.request_id!r:.300} is already in flight")
-        engine = self.engines.get(m.model)
+        engine = pinned or self.route(m)
         if engine is None or not engine.loaded:   # cold or loading: wait for it (release())
             refusal = self.ensure_loaded(m.model)
             if refusal is not None:
@@ -90,10 +96,11 @@ class FrontDoor:
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
-                      keep_alive_s=m.keep_alive_s,
+                      keep_alive_s=m.keep_alive_s, engine=engine.name,
                       sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
                                        queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s))
         self._enter(req)
+        self.on_routed(req, m)
         if m.n > 1:   # the other choices are made once the prompt is tokenized (_admit)
             req.group, self.groups[req.id] = req.id, [req]
             req.forks = [None] * (m.n - 1)
@@ -111,7 +118,7 @@ class FrontDoor:
         self._admit(req, m.token_ids.tolist())
 
     def _admit(self, req: Request, prompt_ids: list[int]) -> None:
-        engine = self.engines[req.model]
+        engine = self.engines[req.engine]
         n, ctx = len(prompt_ids), engine.max_model_len
         field = "messages" if req.messages is not None else "prompt"
         if n == 0:
@@ -151,7 +158,7 @@ class FrontDoor:
         params = first.params
         if params.seed is not None:
             params = dataclasses.replace(params, seed=(params.seed + index) % 2**63)
-        req = Request(id=f"{first.id}#{index}", seq_id=next(self._seq_ids), model=first.model,
+        req = Request(id=f"{first.id}#{index}", seq_id=next(self._seq_ids), model=first.model, engine=first.engine,
                       tenant=first.tenant, params=params, client=first.client, priority=first.priority,
                       sched=SchedState(arrival=first.sched.arrival, timeout_s=first.sched.timeout_s,
                                        queue_timeout_s=first.sched.queue_timeout_s),
@@ -198,7 +205,7 @@ class FrontDoor:
         if first.state is State.TOKENIZING:   # not accepted yet: it ends as an error
             self._end_with_error(first, 409, "cancelled", f"request {client_id} was cancelled before it started")
             return {"id": client_id, "cancelled": len(members)}
-        engine = self.engines[first.model]
+        engine = self.engines[first.engine]
         ended = engine.stop(members, "cancelled")   # (a FORKING choice never ran: it finishes empty)
         self.tokens_ready(engine, ended)
         return {"id": client_id, "cancelled": len(ended)}
@@ -210,14 +217,14 @@ class FrontDoor:
         req = self.table.get(client_id)
         return [req] if req is not None else []
 
-    def _drop(self, req: Request) -> None:
+    def _drop(self, req: Request, server_failed: bool = False) -> None:
         """End a request without output: free its memory and its tokenizer state."""
-        engine = self.engines[req.model]
+        engine = self.engines[req.engine]
         engine.drop(req)
         if req.detok.epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
             self._send(engine.tokenizer, protocol.Detokenize(items=[protocol.DetokItem(
                 rid=req.id, ids=[], prior=None, lp=None, stop=None, finish="abort")]))
-        self._forget(req)
+        self._forget(req, server_failed)
 
     # ------------------------------------------------------------ model tokens -> tokenizer -> io
     def engine_outputs(self, engine, out) -> None:
@@ -260,7 +267,7 @@ class FrontDoor:
             start = req.detok.acked
             req.detok.acked += n
             if stop_hit and req.state is not State.FINISHING:
-                self.engines[req.model].stop([req], "stop")
+                self.engines[req.engine].stop([req], "stop")
             final = req.output.finish_reason if (item.finish or stop_hit) else None
             # The final item also carries the hidden stop token, as transformers' generate returns it.
             ids = req.output.ids[start:] if final and not stop_hit else req.output.ids[start:start + n]
@@ -312,15 +319,15 @@ class FrontDoor:
     def _end_with_error(self, req: Request, status: int, code: str, message: str, param: str | None = None):
         """One answer for the client; for n > 1 every choice ends with it."""
         for member in self._members(req.client_id) or [req]:
-            self._drop(member)
+            self._drop(member, server_failed=status >= 500)
         self._send(req.client, protocol.Rejected(request_id=req.client_id, status=status, code=code,
                                                  message=message, param=param))
 
-    def _forget(self, req: Request) -> None:
+    def _forget(self, req: Request, server_failed: bool = False) -> None:
         if req.state is not State.DONE:
             req.to(State.DONE)
         if self.table.pop(req.id, None) is not None:
-            self.on_done(req)
+            self.on_done(req, server_failed)
         group = self.groups.get(req.group)
         if group is not None:
             group[:] = [r for r in group if r is not req]
@@ -339,7 +346,7 @@ class FrontDoor:
         self.tokenizer_epoch[engine.tokenizer] = self.tokenizer_epoch.get(engine.tokenizer, -1) + 1
         pending = []
         for req in self.table.values():
-            if req.model != engine.name:
+            if req.engine != engine.name:
                 continue
             if req.state is State.TOKENIZING:
                 self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=req.prompt,

@@ -1,10 +1,12 @@
-"""Models come and go: load one on demand, unload it when idle, evict to make room.
+"""Models come and go: load on demand, unload when idle, evict to make room, replicas.
 
-The ResidencyTable decides (residency.py); this module acts. Loading a model creates its
-ModelEngine and starts its model driver; the kernel's Ready handling then sizes the pool and
-starts the tokenizer, and `ready()` here releases the requests that waited for it. Unloading
-stops both drivers, releases the pools and forgets the engine. Requests for a model that is
-loading wait in the front door (`FrontDoor.park`), so nothing fails for a cold model.
+The ResidencyTable decides what fits (residency.py); a Deployment says which engines a
+model has (deployments.py); this module acts. Loading a model creates its engines (one per
+replica) and starts their model drivers; the kernel's Ready handling sizes each pool and
+starts its tokenizer, and `ready()` here releases the requests that waited. Unloading stops
+the drivers, releases the pools and forgets the engines. Requests for a model that is
+loading wait in the front door (`FrontDoor.parking`), so nothing fails for a cold model.
+Upgrades (upgrades.py) add a candidate version's engines next to the serving ones.
 """
 from __future__ import annotations
 
@@ -13,29 +15,39 @@ import logging
 import time
 
 from llmos.keep_alive import FOREVER
+from llmos.kernel.deployments import Deployment
 from llmos.kernel.residency import Residency, ResidencyTable
+from llmos.kernel.router import prompt_key
 from llmos.models.catalog import Catalog
 from llmos.models.names import model_name
 
 log = logging.getLogger(__name__)
 REGISTRY_TTL_S = 1.0
 BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int4": 2}   # int4 keeps a bf16 copy for large batches
+DEFAULT_MAX_TOKENS = 256     # what an unbounded request is assumed to cost, for balancing
 
 
 class ModelHost:
     def __init__(self, config, paths, engines: dict, front, supervisor, new_engine, model_driver_spec,
                  start_loop, kv_share, device_free, clock=time.monotonic):
         self.config, self.paths, self.engines, self.front, self.supervisor = config, paths, engines, front, supervisor
-        self._new_engine = new_engine                 # (name, spec) -> ModelEngine
+        self._new_engine = new_engine                 # (engine id, model, spec) -> ModelEngine
         self._model_driver_spec = model_driver_spec   # (engine) -> DriverSpec of its model driver
         self._start_loop = start_loop                 # (name, coroutine) -> asyncio.Task
-        self._kv_share = kv_share                     # () -> bytes of KV one model gets
+        self._kv_share = kv_share                     # () -> bytes of KV one engine gets
         self._device_free = device_free               # () -> bytes free on the device now
         self.clock = clock
         self.table = ResidencyTable(config.max_loaded_models, config.memory_limit_bytes)
         self.specs: dict[str, str] = {}               # preloaded name -> spec (--model)
-        self.loops: dict[str, asyncio.Task] = {}
+        self.deployments: dict[str, Deployment] = {}  # model -> its engines, while in memory
+        self.loops: dict[str, asyncio.Task] = {}      # engine id -> its step loop
         self.ever_loaded: set[str] = set()            # the daemon is ready once every preload got here
+        self.outstanding: dict[str, int] = {}         # engine id -> tokens of work routed to it, not done
+        self._costs: dict[str, tuple[str, int]] = {}  # request id -> (engine id, its cost)
+        # Set by upgrades.py: an engine came up, an engine failed to load, the periodic tick.
+        self.on_engine_ready = lambda model, engine: None
+        self.on_engine_failed = lambda model, engine, error: None
+        self.on_tick = lambda: None
         self.catalog = Catalog(paths)
         self._registered_names, self._registered_at = frozenset(), float("-inf")
 
@@ -53,7 +65,7 @@ class ModelHost:
                 raise ValueError(refusal[1])
 
     def known(self, name: str) -> bool:
-        return name in self.specs or name in self.engines or name in self._registered()
+        return name in self.specs or name in self.deployments or name in self._registered()
 
     def _registered(self) -> frozenset:
         """The registry's names, read at most once a second: a batch file of 50,000 lines or a
@@ -67,12 +79,44 @@ class ModelHost:
             self._registered_at = now
         return self._registered_names
 
+    def registry_changed(self) -> None:
+        """The registry was just written: read its names on the next look."""
+        self._registered_at = float("-inf")
+
     def state(self, name: str) -> str:
         return self.table.state(name)
 
     def names(self) -> list[str]:
         """Every model a request may name: preloaded, registered, or in memory."""
-        return sorted(set(self.specs) | self._registered() | set(self.engines))
+        return sorted(set(self.specs) | self._registered() | set(self.deployments))
+
+    def model_of(self, engine_id: str) -> str | None:
+        engine = self.engines.get(engine_id)
+        return engine.model if engine is not None else None
+
+    # ------------------------------------------------------------ routing
+    def route(self, m) -> object | None:
+        """The engine for a Submit: among the model's loaded serving replicas, the one whose
+        prefix cache likely holds the prompt unless it is overloaded, else the least loaded.
+        None when none is loaded yet (the caller parks the request)."""
+        d = self.deployments.get(m.model)
+        if d is None:
+            return None
+        live = [e for e in d.routable() if e in self.engines and self.engines[e].loaded]
+        if not live:
+            return None
+        if len(live) == 1:
+            return self.engines[live[0]]
+        d.router.set_replicas(live)
+        return self.engines[d.router.pick(prompt_key(m.prompt, m.messages, m.prompt_token_ids), self.outstanding)]
+
+    def routed(self, req, m) -> None:
+        """Count the work just bound to req.engine (the balance's measure)."""
+        ids = m.prompt_token_ids
+        prompt = len(ids) if ids is not None else len(prompt_key(m.prompt, m.messages, None)) // 4
+        cost = m.n * (prompt + (req.params.max_tokens or DEFAULT_MAX_TOKENS))
+        self._costs[req.id] = (req.engine, cost)
+        self.outstanding[req.engine] = self.outstanding.get(req.engine, 0) + cost
 
     # ------------------------------------------------------------ loading
     def ensure(self, name: str) -> tuple[int, str] | None:
@@ -85,56 +129,92 @@ class ModelHost:
             return None
         if r.state is Residency.UNLOADING:
             return 503, f"model '{name}' is being unloaded; try again in a moment"
+        replicas = self._default_replicas(name)
+        refusal = self._make_room(name, replicas, growing=False)
+        if refusal is not None:
+            return refusal
+        spec, version = self._spec_of(name)
+        d = self.deployments[name] = Deployment(name, spec, version, replicas)
+        r.state, r.error, r.engines = Residency.LOADING, None, replicas
+        r.keep_alive_s = self._default_keep_alive(name)
+        d.serving = [self.start_engine(d, spec) for _ in range(replicas)]
+        d.router.set_replicas(d.serving)
+        return None
+
+    def _make_room(self, name: str, engines: int, growing: bool) -> tuple[int, str] | None:
         self._mark_busy()
-        kv = self._kv_share()
-        weights = self._weight_estimate(name)
-        plan = self.table.plan_load(name, weights, kv, self._device_free())
+        kv, weights = self._kv_share() * engines, self._weight_estimate(name) * engines
+        plan = self.table.plan_load(name, weights, kv, self._device_free(), engines=engines, growing=growing)
         if not plan.ok:
             log.warning("cannot load model %s: %s", name, plan.reason)
             return 503, f"model '{name}' cannot be loaded: {plan.reason}"
         for victim in plan.evict:
             log.info("unloading idle model %s to make room for %s", victim, name)
             self.unload_now(victim, f"evicted for {name}")
-        r.state, r.error, r.weight_bytes, r.kv_bytes = Residency.LOADING, None, weights, kv
-        r.keep_alive_s = self._default_keep_alive(name)
-        engine = self._new_engine(name, self._spec_of(name))
-        self.engines[name] = engine
-        self.supervisor.remove(engine.driver)   # the row of a failed earlier load, kept to be read in ps
-        self.supervisor.add(self._model_driver_spec(engine))
-        self.loops[name] = self._start_loop(f"model {name} step loop", engine.run())
-        log.info("loading model %s (%.1f MiB of weights expected)", name, weights / 2**20)
+        r = self.table.get(name)
+        if growing:
+            r.weight_bytes, r.kv_bytes = r.weight_bytes + weights, r.kv_bytes + kv
+        else:
+            r.weight_bytes, r.kv_bytes = weights, kv
         return None
 
-    def ready(self, name: str) -> None:
-        """Its model driver mapped the pool: requests that waited for it go in now."""
-        r, engine = self.table.get(name), self.engines.get(name)
-        if engine is None or r.state is not Residency.LOADING:
-            return
-        r.state, r.last_used = Residency.LOADED, self.clock()
-        self.ever_loaded.add(name)
-        r.weight_bytes = engine.info.weight_bytes
-        r.kv_bytes = engine.pool.nbytes   # (the host swap pool is not device memory)
-        log.info("model %s loaded", name)
-        self.front.release(name)
+    def start_engine(self, d: Deployment, spec: str) -> str:
+        """A new engine of `d`: its model driver starts now."""
+        eid = d.new_engine_id(self.engines)
+        engine = self.engines[eid] = self._new_engine(eid, d.model, spec)
+        self.supervisor.remove(engine.driver)   # the row of a failed earlier load, kept to be read in ps
+        self.supervisor.add(self._model_driver_spec(engine))
+        self.loops[eid] = self._start_loop(f"model {eid} step loop", engine.run())
+        log.info("loading %s (engine %s)", d.model, eid)
+        return eid
 
-    def failed(self, name: str, error: str) -> None:
-        """Its model driver could not load the model: fail what waited, tear it down."""
-        r = self.table.get(name)
-        if r.state is not Residency.LOADING:
+    def ready(self, eid: str) -> None:
+        """An engine's model driver is up: the model's waiting requests go in."""
+        engine = self.engines.get(eid)
+        if engine is None:
             return
-        log.error("model %s failed to load: %s", name, error)
-        self.front.fail_parked(name, 503, "model_unavailable", f"model '{name}' failed to load: {error}")
-        self._teardown(name, keep_driver_row=True)
+        model, r = engine.model, self.table.get(engine.model)
+        self.on_engine_ready(model, eid)
+        if r.state is Residency.LOADING and eid in self.deployments[model].serving:
+            r.state, r.last_used = Residency.LOADED, self.clock()
+            self.ever_loaded.add(model)
+            log.info("model %s loaded", model)
+        if r.state is Residency.LOADED:
+            self.front.release(model)
+
+    def failed(self, eid: str, error: str) -> None:
+        """An engine's model driver could not load its model."""
+        engine = self.engines.get(eid)
+        if engine is None:
+            return
+        d = self.deployments.get(engine.model)
+        if d is None or eid not in d.serving:   # a candidate of an upgrade, or leaving anyway
+            self.on_engine_failed(engine.model, eid, error)
+            self.drop_engine(eid, keep_driver_row=True)
+            return
+        others = [e for e in d.serving if e != eid and self.engines.get(e) and self.engines[e].loaded]
+        if others:   # the other replicas go on serving; this one is gone
+            log.error("replica %s of %s failed to load: %s", eid, engine.model, error)
+            d.serving.remove(eid)
+            self.drop_engine(eid, keep_driver_row=True)
+            return
+        r = self.table.get(engine.model)
+        log.error("model %s failed to load: %s", engine.model, error)
+        self.front.fail_parked(engine.model, 503, "model_unavailable", f"model '{engine.model}' failed to load: {error}")
+        self._teardown(engine.model, failed_engine=eid)
         r.state, r.error = Residency.FAILED, error
 
     # ------------------------------------------------------------ unloading
-    def request_done(self, model: str, keep_alive_s: float | None) -> None:
-        r = self.table.models.get(model)
-        if r is None:
-            return
-        r.last_used = self.clock()
-        if keep_alive_s is not None:
-            r.keep_alive_s = keep_alive_s
+    def request_done(self, req, server_failed: bool) -> bool | None:
+        """A request left the table. Returns the upgrade's verdict, if its engine is on trial."""
+        eid, cost = self._costs.pop(req.id, (None, 0))
+        if eid is not None:
+            self.outstanding[eid] = self.outstanding.get(eid, 0) - cost
+        r = self.table.models.get(req.model)
+        if r is not None:
+            r.last_used = self.clock()
+            if req.keep_alive_s is not None:
+                r.keep_alive_s = req.keep_alive_s
 
     def unload_now(self, name: str, why: str) -> None:
         """Stop its drivers and release its memory (the caller made sure it holds no requests)."""
@@ -145,11 +225,17 @@ class ModelHost:
         self._teardown(name)
         r.state = Residency.UNLOADED
 
-    def _teardown(self, name: str, keep_driver_row: bool = False) -> None:
-        engine = self.engines.pop(name, None)
-        task = self.loops.pop(name, None)
+    def _teardown(self, name: str, failed_engine: str | None = None) -> None:
+        d = self.deployments.pop(name, None)
+        for eid in d.engines() if d else []:
+            self.drop_engine(eid, keep_driver_row=eid == failed_engine)
+
+    def drop_engine(self, eid: str, keep_driver_row: bool = False) -> None:
+        engine = self.engines.pop(eid, None)
+        task = self.loops.pop(eid, None)
         if task is not None:
             task.cancel()
+        self.outstanding.pop(eid, None)
         if engine is None:
             return
         pools = [p for p in (engine.pool, engine.host_pool) if p is not None]
@@ -163,45 +249,90 @@ class ModelHost:
         else:
             self.supervisor.remove(engine.driver, on_exit=release)
 
+    def held(self, eid: str) -> int:
+        return sum(r.engine == eid for r in self.front.table.values())
+
     async def watch(self, interval: float = 0.5) -> None:
-        """Unload models whose keep-alive ran out."""
+        """Unload models whose keep-alive ran out; retire idle engines that were leaving."""
         while True:
             await asyncio.sleep(interval)
             try:
-                self._mark_busy()
-                for name in self.table.expired(self.clock()):
-                    self.unload_now(name, "keep-alive expired")
+                self.tick()
             except Exception:
                 log.exception("model host: the idle check failed")
+
+    def tick(self) -> None:
+        self.on_tick()
+        self._mark_busy()
+        for name in self.table.expired(self.clock()):
+            self.unload_now(name, "keep-alive expired")
+        for d in self.deployments.values():
+            for eid in [e for e in d.retiring if not self.held(e)]:
+                d.retiring.remove(eid)
+                self.drop_engine(eid)
+                r = self.table.get(d.model)
+                r.engines = max(1, r.engines - 1)
 
     def _mark_busy(self) -> None:
         busy = {r.model for r in self.front.table.values()} | self.front.parking.models()
         for r in self.table.models.values():
-            r.busy = r.name in busy
+            r.busy = r.name in busy or (r.name in self.deployments and self.deployments[r.name].upgrade is not None)
+
+    # ------------------------------------------------------------ replicas
+    def scale(self, name: str, replicas: int) -> dict:
+        if not 1 <= replicas <= self.config.max_loaded_models:
+            raise ValueError(f"replicas must be from 1 to {self.config.max_loaded_models} (--max-loaded-models)")
+        d = self.deployments.get(name)
+        if d is None:
+            raise ValueError(f"model {name!r} is not loaded; it loads with the registry's replicas")
+        if d.upgrade is not None:
+            raise ValueError(f"model {name!r} is being upgraded; scale it afterwards")
+        more = replicas - len(d.serving)
+        if more > 0:
+            refusal = self._make_room(name, more, growing=True)
+            if refusal is not None:
+                raise ValueError(refusal[1])
+            d.serving += [self.start_engine(d, d.spec) for _ in range(more)]
+            self.table.get(name).engines += more
+        elif more < 0:   # the newest leave: they finish what they hold first
+            leaving, d.serving = d.serving[more:], d.serving[:more]
+            d.retiring += leaving
+        d.replicas = replicas
+        d.router.set_replicas(d.serving)
+        return {"model": name, "replicas": replicas, "engines": list(d.serving)}
 
     # ------------------------------------------------------------ estimates
-    def _spec_of(self, name: str) -> str:
-        """What its model driver loads: a registered model's active version is pinned now, so a
+    def _spec_of(self, name: str) -> tuple[str, int | None]:
+        """What its model drivers load: a registered model's active version is pinned now, so a
         restarted driver loads the same weights even if the registry moved on meanwhile."""
-        if name in self.specs:
-            return self.specs[name]
+        if name in self.specs and self.specs[name] != name:   # a path (name=/dir): not the registry's
+            return self.specs[name], None
         try:
             entry = self.catalog.get(name)
         except Exception:
-            return name
-        return name if entry.builtin else f"{name}={entry.current.prepared}"
+            return self.specs.get(name, name), None
+        return (name if entry.builtin else f"{name}={entry.current.prepared}"), entry.active
+
+    def _registry_entry(self, name: str):
+        try:
+            return self.catalog.get(name)
+        except Exception:
+            return None
 
     def _default_keep_alive(self, name: str) -> float:
-        try:
-            registered = self.catalog.get(name).keep_alive_s if name not in self.specs else None
-        except Exception:
-            registered = None
-        if registered is not None:
-            return registered
+        entry = self._registry_entry(name) if name not in self.specs else None
+        if entry is not None and entry.keep_alive_s is not None:
+            return entry.keep_alive_s
         return FOREVER if name in self.specs else self.config.keep_alive_s
 
+    def _default_replicas(self, name: str) -> int:
+        if name in self.specs:
+            return self.config.replicas
+        entry = self._registry_entry(name)
+        return max(1, entry.replicas) if entry is not None else 1
+
     def _weight_estimate(self, name: str) -> int:
-        """Bytes its weights will take, from the registry's parameter count (0 if unknown)."""
+        """Bytes one engine's weights will take, from the registry's parameter count (0 if unknown)."""
         try:
             params = self.catalog.facts(name).parameters or 0
         except Exception:

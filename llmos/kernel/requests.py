@@ -85,6 +85,7 @@ class Request:
     model: str
     tenant: str
     params: SamplingParams
+    engine: str = ""                  # the engine (replica, version) it is bound to at submit
     prompt: str | None = None
     messages: list | None = None
     prompt_ids: list[int] = field(default_factory=list)

@@ -5,9 +5,10 @@ say: starts drivers, stops them, releases pools. A model is
 
     unloaded -> loading -> loaded -> unloading -> unloaded      (failed: its load failed)
 
-Room is counted two ways, both in bytes known before a load starts:
-  - slots: at most `max_loaded` models at once, since each gets kv_memory / max_loaded
-    of KV (the pool is sized at load and does not grow);
+Room is counted two ways, both known before a load starts:
+  - slots: at most `max_loaded` engines at once (a model with N replicas, or in the middle of
+    an upgrade, holds several), since each gets kv_memory / max_loaded of KV (a pool is sized
+    at load and does not grow);
   - memory: its weights (estimated from the registry) plus that KV must fit in what the
     device has free, or under `--memory-limit` when one is set.
 What does not fit evicts idle models, least recently used first; a busy model is never
@@ -40,6 +41,7 @@ class Resident:
     kv_bytes: int = 0                 # its pools, once created
     error: str | None = None          # why its last load failed
     busy: bool = False                # holds requests now (set by the caller before each decision)
+    engines: int = 1                  # slots it holds: its replicas (and an upgrade's candidates)
 
     @property
     def footprint(self) -> int:
@@ -78,26 +80,31 @@ class ResidencyTable:
         return [r for r in self.models.values() if r.state in (Residency.LOADING, Residency.LOADED,
                                                                 Residency.UNLOADING)]
 
-    def plan_load(self, name: str, need_bytes: int, kv_bytes: int, device_free: int) -> LoadPlan:
-        """Can `name` load (weights estimate `need_bytes` plus `kv_bytes` of pools), with
-        `device_free` bytes free on the device now? Says whom to evict first."""
-        held = [r for r in self.in_memory() if r.name != name]
+    def plan_load(self, name: str, need_bytes: int, kv_bytes: int, device_free: int, engines: int = 1,
+                  growing: bool = False) -> LoadPlan:
+        """Can `engines` more engines of `name` load (weights estimate `need_bytes` plus
+        `kv_bytes` of pools, for all of them), with `device_free` bytes free on the device now?
+        Says whom to evict first. `growing`: `name` is in memory and stays (more replicas, an
+        upgrade's candidate): it counts as held and busy."""
+        held = [r for r in self.in_memory() if r.name != name or growing]
         want = need_bytes + kv_bytes
         free = device_free if self.memory_limit is None else \
             min(device_free, self.memory_limit - sum(r.footprint for r in held))
-        idle = sorted((r for r in held if r.state is Residency.LOADED and not r.busy), key=lambda r: r.last_used)
+        idle = sorted((r for r in held if r.state is Residency.LOADED and not r.busy and r.name != name),
+                      key=lambda r: r.last_used)
         evict: list[str] = []
-        slots = self.max_loaded - len(held)
-        while (slots < 1 or free < want) and idle:
+        slots = self.max_loaded - sum(r.engines for r in held)
+        while (slots < engines or free < want) and idle:
             victim = idle.pop(0)
             evict.append(victim.name)
-            slots += 1
+            slots += victim.engines
             free += victim.footprint
-        if slots >= 1 and free >= want:
+        if slots >= engines and free >= want:
             return LoadPlan(True, evict)
         busy = [r.name for r in held if r not in idle and r.name not in evict]
-        if slots < 1:
-            reason = (f"{len(held)} model(s) are in memory ({', '.join(sorted(busy))}), the most at once is "
+        if slots < engines:
+            reason = (f"{len(held)} model(s) are in memory ({', '.join(sorted(busy))}) with "
+                      f"{sum(r.engines for r in held)} engine(s), {engines} more would pass the most at once, "
                       f"{self.max_loaded} (--max-loaded-models), and none is idle")
         else:
             limit = "" if self.memory_limit is None else f" (--memory-limit {_mib(self.memory_limit)})"

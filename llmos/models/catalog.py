@@ -43,6 +43,7 @@ CREATE INDEX IF NOT EXISTS events_by_name ON events (name, id);
 # Event kinds, in the order a model's life usually shows them.
 ADDED, VERSION_ADDED, UPGRADED, ROLLED_BACK, DEFAULTS, REMOVED = (
     "added", "version added", "upgraded", "rolled back", "defaults", "removed")
+UPGRADE_FAILED = "upgrade failed"   # the daemon tried a version and kept the old one (upgrades.py)
 _UNSET = object()
 __all__ = ["Catalog", "Entry", "Version", "Event", "Facts", "ModelError", "UnknownModel", "ModelExists",
            "BadModel", "db_path"]
@@ -178,6 +179,12 @@ class Catalog:
         with self._write() as db:
             self._mutable(name, db).version(version)
             self._activate(db, name, version, reason)
+
+    def record(self, name: str, kind: str, version: int | None, reason: str) -> None:
+        """Add an event that changes nothing else (an upgrade that was rolled back before it switched)."""
+        with self._write() as db:
+            self._mutable(name, db)
+            self._event(db, name, kind, version, reason)
 
     def set_defaults(self, name: str, keep_alive_s=_UNSET, replicas=_UNSET) -> Entry:
         """Change the daemon's defaults for `name`; keep_alive_s=None means the daemon's own."""

@@ -6,7 +6,7 @@ kernel's coded refusals into statuses:
     unknown_model -> 404; bad_request(FIELD) -> 400 naming FIELD; registry_unavailable -> 503;
     model_exists, model_loaded, model_builtin, model_not_prepared -> 409
 
-(POST /llmos/v1/models/{name}/load and /unload live in server.py.)
+(load, unload, scale, upgrade and rollback live in model_ops.py.)
 """
 from __future__ import annotations
 

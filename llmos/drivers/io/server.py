@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmos import protocol
 from llmos import openai_format
-from llmos.drivers.io import batches, model_admin
+from llmos.drivers.io import batches, model_admin, model_ops
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper
@@ -48,8 +48,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
         app.router.add_get(path, _query_route(what, to_json))
     app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
     app.router.add_post("/llmos/v1/requests/{id}/cancel", cancel_request)
-    app.router.add_post("/llmos/v1/models/{name}/load", _model_command("load"))
-    app.router.add_post("/llmos/v1/models/{name}/unload", _model_command("unload"))
+    model_ops.add_routes(app, link)    # /llmos/v1/models/{name}/load, unload, scale, upgrade, rollback
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     model_admin.add_routes(app, link)  # /llmos/v1/models, /llmos/v1/models/{name}
     return app
@@ -124,22 +123,6 @@ async def cancel_request(request: web.Request) -> web.Response:
     except QueryFailed as exc:
         raise ApiError(404, str(exc), "id", code="request_not_found") from None
     return web.json_response(data)
-
-
-def _model_command(what: str):
-    """Load or unload a model now: 404 for a model nobody registered, 409 when the kernel
-    refuses (it does not fit, or it holds requests), naming why."""
-    async def route(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        link = request.app[LINK]
-        if not any(m.id == name for m in await link.query("models")):
-            raise ApiError(404, f"The model '{name:.256}' does not exist", "name", code="model_not_found")
-        try:
-            return web.json_response(await link.command(what, {"name": name}))
-        except QueryFailed as exc:
-            raise ApiError(409, str(exc), "name", code="model_unavailable") from None
-    route.__name__ = f"model_{what}"
-    return route
 
 
 def _query_route(what: str, to_json):
