@@ -142,3 +142,33 @@ def test_bad_options_exit_at_once_naming_the_option(tmp_path, args, says):
     r = subprocess.run([sys.executable, "-m", "llmos.cli.daemon", "--home", str(tmp_path), *args],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.fixture()
+def small_memory(tmp_path, tiny_llama_dir, tiny_qwen2_dir, tmp_path_factory):
+    register(tmp_path, tiny_qwen2_dir, tmp_path_factory)
+    # Each tiny model takes ~13 MiB of weights and 32 MiB of KV (64 MiB over 2 slots): one fits in 60.
+    d = Daemon(tmp_path, [f"tl={tiny_llama_dir}"], "--max-loaded-models", "2", "--memory-limit", "60MiB").wait_ready()
+    yield d
+    d.stop()
+
+
+def test_memory_limit_decides_busy_means_503_with_the_numbers_idle_means_evicted(small_memory):
+    d = small_memory
+    first = threading.Event()
+    busy = threading.Thread(target=lambda: stream_text(d, "tl", "Once", 1500, first))
+    busy.start()
+    assert first.wait(120)
+    refused = complete(d, "qw")
+    with d.http() as c:
+        c.post(f"/llmos/v1/requests/{d.ps()['requests'][0]['id']}/cancel")
+    busy.join(120)
+    assert refused.status_code == 503, refused.text
+    message = refused.json()["error"]["message"]
+    assert "model 'qw' cannot be loaded: model 'qw' needs" in message and "weights" in message
+    assert "(--memory-limit 60.0 MiB); busy models hold the rest: tl" in message
+    assert complete(d, "qw").status_code == 200            # tl is idle now: evicted for qw
+    assert state(d, "tl") == "unloaded"
+    with d.http() as c:
+        mem = c.get("/llmos/v1/memory").json()["qw"]
+    assert mem["accounting"]["weight_bytes"] > 0 and mem["pool_bytes"] == 32 * 2**20
