@@ -27,5 +27,6 @@ class DaemonConfig:
     keep_alive_s: float = 300.0       # an on-demand model unloads this long after its last request (Ollama's 5m)
     max_loaded_models: int = 1        # engines in memory at once; each gets kv_memory / max_loaded_models of KV
     replicas: int = 1                 # model drivers per --model model (each one engine)
+    replica_devices: list = field(default_factory=list)   # devices engines spread over; ["all"]: every GPU
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -26,7 +26,7 @@ class Door:
         self.sent: list[tuple[str, protocol.Message]] = []
         config = DaemonConfig(models=[MODEL], device="cpu", swap_memory="0", max_batched_tokens=64)
         self.front = FrontDoor({}, self._record, lambda name: ("running", None))
-        self.engine = ModelEngine(MODEL, MODEL, config, lambda info: {"kv_budget_bytes": 64 * 16 * 32},
+        self.engine = ModelEngine(MODEL, MODEL, config, lambda info, device: {"kv_budget_bytes": 64 * 16 * 32},
                                   self._record, self.front.engine_outputs)
         self.front.engines[MODEL] = self.engine
         self.engine.driver_up(INFO)

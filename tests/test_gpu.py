@@ -50,3 +50,17 @@ def test_the_kernel_held_cuda_pool_is_shared_and_outlives_each_driver():
 def test_smollm2_on_cuda_matches_transformers_on_cuda(tmp_path, smollm2_dir):
     from test_correctness import run_case
     run_case(tmp_path, smollm2_dir, "smollm2", device="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_replicas_go_to_two_gpus(tmp_path, tiny_llama_dir):
+    from daemon_harness import Daemon
+    d = Daemon(tmp_path, [f"tl={tiny_llama_dir}"], "--device", "cuda:0", "--replicas", "2",
+               "--replica-devices", "all").wait_ready()
+    try:
+        assert {d.memory(e)["device"] for e in ("tl", "tl~1")} == {"cuda:0", "cuda:1"}
+        with d.http() as c:
+            r = c.post("/v1/completions", json={"model": "tl", "prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        d.stop()

@@ -101,3 +101,15 @@ def test_scale_down_and_up(daemon):
         r = c.post("/llmos/v1/models/tl/scale", json={"replicas": 2})
         assert r.status_code == 200 and len(r.json()["engines"]) == 2, r.text
     assert complete(daemon, "story 1:", 24)
+
+
+def test_replicas_spread_over_devices_one_per_device_first():
+    from llmos.kernel.deployments import Deployment
+    d = Deployment("m", "m", None)
+    where = {}
+    for _ in range(5):
+        eid = d.new_engine_id(where)
+        where[eid] = d.place(["cuda:0", "cuda:1"], where.get)
+        d.serving.append(eid)
+    assert [where[e] for e in d.serving] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    assert list(where) == ["m", "m~1", "m~2", "m~3", "m~4"]

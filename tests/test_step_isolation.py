@@ -53,7 +53,7 @@ def make_engine():
         driver = ScriptedDriver(answer)
         failures: dict[str, object] = {}   # request id -> the Failure the engine emitted
         config = DaemonConfig(models=["t"], device="cpu", swap_memory="0", max_batched_tokens=64)
-        engine = ModelEngine("t-isolation", "t", config, lambda info: {"kv_budget_bytes": 64 * 16 * 32},
+        engine = ModelEngine("t-isolation", "t", config, lambda info, device: {"kv_budget_bytes": 64 * 16 * 32},
                              driver.send, lambda e, out: failures.update((r.id, f) for r, f in out.failed))
         driver.engine = engine
         engine.driver_up(INFO)

@@ -134,11 +134,13 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
               help="models in memory at once, each with kv-memory / N of KV (default: the number of --model)")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1,
               help="model drivers per --model model; requests are balanced between them (cache-aware)")
+@click.option("--replica-devices", default="",
+              help="devices the replicas spread over, e.g. cuda:0,cuda:1, or 'all' GPUs (default: --device)")
 @click.option("--memory-limit", default=None,
               help="weights + KV of all loaded models together: bytes or '8GiB' (default: what the device has)")
 @click.option("--log-level", default="INFO")
 def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, memory_limit, replicas,
-         **options) -> None:
+         replica_devices, **options) -> None:
     """Run the llmos daemon in the foreground."""
     paths = Paths.from_env(home)
     lifecycle = check_options(paths, models, options["kv_memory"], options["swap_memory"], keep_alive,
@@ -153,7 +155,14 @@ def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, m
         tenants = dict(parse_tenant(spec) for spec in tenant_specs)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--tenant") from None
-    config = DaemonConfig(models=list(models), tenants=tenants, **lifecycle, **options)
+    devices = [d.strip() for d in replica_devices.split(",") if d.strip()]
+    from llmos.kernel.mem.device import select_device
+    for d in devices if devices != ["all"] else []:
+        try:
+            select_device(d)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--replica-devices") from None
+    config = DaemonConfig(models=list(models), tenants=tenants, replica_devices=devices, **lifecycle, **options)
     import uvloop
 
     from llmos.kernel.core import Kernel

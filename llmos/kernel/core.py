@@ -22,7 +22,7 @@ from llmos.kernel.engine import ModelEngine
 from llmos.kernel.frontdoor import FrontDoor
 from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
-from llmos.kernel.mem.device import cpu_memory, select_device
+from llmos.kernel.mem.device import cpu_memory, gpu_memories, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel.model_commands import ModelCommands
@@ -53,7 +53,8 @@ class Kernel:
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
         self.host = ModelHost(config, paths, self.engines, self.front, self.supervisor, self._new_engine,
-                              self._model_driver_spec, self._long_lived, self._kv_share, self._device_free)
+                              self._model_driver_spec, self._long_lived, self._kv_share, self._device_free,
+                              self._engine_devices())
         self.canary = Canary(self.front.submit_to)
         self.local_clients[CANARY_PEER] = self.canary.deliver
         self.upgrades = Upgrades(self.host, self.canary)
@@ -120,8 +121,16 @@ class Kernel:
         task.add_done_callback(ended)
         return task
 
-    def _new_engine(self, eid: str, model: str, spec: str) -> ModelEngine:
-        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs, model)
+    def _new_engine(self, eid: str, model: str, spec: str, device: str) -> ModelEngine:
+        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs, model,
+                           device)
+
+    def _engine_devices(self) -> list[str]:
+        """Where engines run: --replica-devices ("all": every GPU), else the daemon's device."""
+        wanted = self.config.replica_devices
+        if wanted == ["all"]:
+            return [g.device for g in gpu_memories()] or [self.device.device]
+        return [select_device(d).device for d in wanted] or [self.device.device]
 
     def _request_done(self, req, server_failed: bool) -> None:
         self.host.request_done(req, server_failed)
@@ -129,7 +138,7 @@ class Kernel:
 
     def _model_driver_spec(self, engine: ModelEngine) -> DriverSpec:
         return self._spec(engine.driver, "model", "llmos.drivers.model", "--model", engine.spec, "--models-dir",
-                          str(self.paths.models_dir), "--dtype", self.config.dtype, "--device", self.device.device)
+                          str(self.paths.models_dir), "--dtype", self.config.dtype, "--device", engine.device)
 
     def _kv_share(self) -> int:
         """Bytes of KV one model gets, as far as it can be known before its load."""
@@ -138,11 +147,11 @@ class Kernel:
     def _device_free(self) -> int:
         return select_device(self.device.device).available
 
-    def _kv_budget(self, info: protocol.ModelInfo) -> dict:
+    def _kv_budget(self, info: protocol.ModelInfo, device_name: str) -> dict:
         """Size a model's KV pool once its driver has loaded the weights: a fraction applies to
         the device memory still free now (weights and the driver's working memory already
         taken); each of the --max-loaded-models models gets an equal share."""
-        device = select_device(self.device.device)
+        device = select_device(device_name)
         share = self.config.max_loaded_models
         budget = parse_memory(self.config.kv_memory, device.available) // share
         if device.device != "cpu":   # the kernel's own CUDA context comes with its first pool

@@ -56,6 +56,16 @@ class Deployment:
     router: Router = field(default_factory=Router)
     _next: int = 0
 
+    def place(self, devices: list[str], device_of) -> str:
+        """The device for a new engine: the one of `devices` holding fewest of this model's
+        engines (one replica per GPU on a workstation with several), the first on a tie."""
+        counts = {dev: 0 for dev in devices}
+        for eid in self.engines():
+            dev = device_of(eid)
+            if dev in counts:
+                counts[dev] += 1
+        return min(devices, key=lambda dev: counts[dev])
+
     def new_engine_id(self, taken) -> str:
         while True:
             eid = self.model if self._next == 0 else f"{self.model}~{self._next}"

@@ -51,12 +51,14 @@ class DriverLost(Exception):
 
 
 class ModelEngine:
-    def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs, model: str | None = None):
+    def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs, model: str | None = None,
+                 device: str = "cpu"):
         self.name, self.spec, self.config = name, spec, config   # name: the engine id (a replica, a version)
         self.model = model or name        # the model's name, as requests give it
+        self.device = device              # where its model driver runs and its pool lives
         self.driver = f"model-{name}"
         self.tokenizer = f"tokenizer-{name}"
-        self._kv_budget = kv_budget       # (driver info) -> bytes for this model's pool
+        self._kv_budget = kv_budget       # (driver info, device) -> how this engine's pool is sized
         self.accounting: dict = {}
         self._send = send                 # (peer, message) -> None
         self._on_outputs = on_outputs     # (engine, EngineOutputs) -> None: the front door's intake
@@ -94,7 +96,7 @@ class ModelEngine:
         self.info = info
         if self.pool is None:
             geo = KVGeometry(info.num_layers, info.num_kv_heads, info.head_dim, info.dtype, self.config.block_size)
-            self.accounting = self._kv_budget(info)
+            self.accounting = self._kv_budget(info, self.device)
             budget = self.accounting["kv_budget_bytes"]
             num_blocks = budget // geo.block_bytes
             if num_blocks < 2:

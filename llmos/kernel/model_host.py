@@ -29,9 +29,10 @@ DEFAULT_MAX_TOKENS = 256     # what an unbounded request is assumed to cost, for
 
 class ModelHost:
     def __init__(self, config, paths, engines: dict, front, supervisor, new_engine, model_driver_spec,
-                 start_loop, kv_share, device_free, clock=time.monotonic):
+                 start_loop, kv_share, device_free, devices: list[str], clock=time.monotonic):
         self.config, self.paths, self.engines, self.front, self.supervisor = config, paths, engines, front, supervisor
-        self._new_engine = new_engine                 # (engine id, model, spec) -> ModelEngine
+        self._new_engine = new_engine                 # (engine id, model, spec, device) -> ModelEngine
+        self.devices = devices                        # where engines may run; replicas spread over them
         self._model_driver_spec = model_driver_spec   # (engine) -> DriverSpec of its model driver
         self._start_loop = start_loop                 # (name, coroutine) -> asyncio.Task
         self._kv_share = kv_share                     # () -> bytes of KV one engine gets
@@ -161,11 +162,12 @@ class ModelHost:
     def start_engine(self, d: Deployment, spec: str) -> str:
         """A new engine of `d`: its model driver starts now."""
         eid = d.new_engine_id(self.engines)
-        engine = self.engines[eid] = self._new_engine(eid, d.model, spec)
+        device = d.place(self.devices, lambda e: self.engines[e].device if e in self.engines else None)
+        engine = self.engines[eid] = self._new_engine(eid, d.model, spec, device)
         self.supervisor.remove(engine.driver)   # the row of a failed earlier load, kept to be read in ps
         self.supervisor.add(self._model_driver_spec(engine))
         self.loops[eid] = self._start_loop(f"model {eid} step loop", engine.run())
-        log.info("loading %s (engine %s)", d.model, eid)
+        log.info("loading %s (engine %s on %s)", d.model, eid, device)
         return eid
 
     def ready(self, eid: str) -> None:
