@@ -230,7 +230,7 @@ def test_manager_feeds_a_bounded_number_and_resumes_after_a_crash(tmp_path):
     assert before["r0"]["response"]["body"]["choices"][0]["message"]["content"] == "HI R0"
     view = m.get_job({"id": job_id})
     assert view["llmos"]["counts"] == {"total": 10, "pending": 3, "running": 4, "completed": 3, "failed": 0,
-                                       "cancelled": 0}
+                                       "cancelled": 0, "expired": 0}
     store.close()   # the kernel dies with 4 requests in flight
 
     store, front = JobStore(tmp_path / "jobs.db"), FakeFront()

@@ -9,10 +9,15 @@ Exactly once: a line's result is committed once (see store.py); at start, lines 
 running when the kernel died go back to pending and are sent again, finished ones never.
 Transient refusals (429/503/504, see _transient) put a line back to pending; any other
 error is the line's result (it goes to the error file). Lines run in the batch priority
-class, tenant "batch" unless the line names one.
+class, tenant "batch" unless the line names one. A job still running when its completion
+window ends expires: what runs is aborted, the rest fails with batch_expired.
+
+Between feeds the loop runs the store's upkeep (housekeeping.py: expiry, retention,
+erasure of deleted data, re-sealing after a key rotation), a bounded step at a time.
 
 Wiring (kernel/core.py): local_clients["@jobs"] = deliver; `commands` and `queries` join
-the kernel's tables; run() is a task (it resumes unfinished jobs first); close() at exit.
+the kernel's tables (those in ADMIN_ONLY are the admin's); run() is a task (it resumes
+unfinished jobs first); close() at exit.
 """
 from __future__ import annotations
 
@@ -27,9 +32,15 @@ from dataclasses import dataclass
 
 from llmos import protocol
 from llmos.openai_format import ResponseShaper
-from llmos.kernel.jobs.batchfile import PARSERS, BatchLine, LineError, check_line, error_body, submit_of
+from llmos.kernel.jobs.batchfile import BatchLine, LineError, check_line, error_body, submit_of
 from llmos.kernel.jobs.files import Files
-from llmos.kernel.jobs.store import ACTIVE, JobStore, StoreError
+from llmos.kernel.jobs.housekeeping import Housekeeper
+from llmos.kernel.jobs.intake import check_create
+from llmos.kernel.jobs.refusals import Refused
+from llmos.kernel.jobs.rotation import rotate_offline
+from llmos.kernel.jobs.sealing import Unreadable
+from llmos.kernel.jobs.states import ACTIVE
+from llmos.kernel.jobs.store import JobStore, StoreError
 from llmos.kernel.jobs.views import job_view
 from llmos.kernel.waiting import wait_event
 
@@ -37,6 +48,7 @@ log = logging.getLogger(__name__)
 PEER = "@jobs"
 TRANSIENT = (429, 503, 504)   # over quota, model loading, daemon draining: the line runs again later
 RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long (or Retry-After) to feed again
+ADMIN_ONLY = {"jobs.purge", "storage.rotate", "storage.status"}   # every tenant's data, or the keys
 
 
 def _transient(msg: protocol.Rejected, line: BatchLine) -> bool:
@@ -55,7 +67,7 @@ def _guarded(handlers: dict) -> dict:
                 return fn(args)
             except (sqlite3.Error, StoreError) as exc:
                 log.exception("jobs: %s failed", name)
-                raise ValueError(f"job store error: {exc}") from None
+                raise Refused("storage_unavailable", f"job store error: {exc}") from None
         return handler
     return {name: guard(name, fn) for name, fn in handlers.items()}
 
@@ -69,7 +81,9 @@ class Flight:
 
 class JobManager:
     def __init__(self, store: JobStore, front, engines: dict, is_running, max_in_flight: int = 64,
-                 models=None):
+                 models=None, retention_days: float | None = None, clock=time.time):
+        """`retention_days`: finished jobs and files older than this are deleted (None: kept);
+        `clock`: wall time, for completion windows and retention (tests move it)."""
         self.store, self.front, self.engines = store, front, engines
         self._is_running = is_running       # driver name -> bool
         self.max_in_flight = max_in_flight
@@ -80,12 +94,16 @@ class JobManager:
         self._finished: dict[str, deque] = {}    # job id -> (monotonic, tokens) of recent results
         self.recent_errors: deque = deque(maxlen=50)
         self.wakeup = asyncio.Event()
+        self.clock = clock
+        self.keeper = Housekeeper(store, self.expire, self._retire, retention_days, clock)
+        self.files.retention_s = self.keeper.retention_s
         self.commands = _guarded({"files.begin": self.files.begin, "files.append": self.files.append,
                                   "files.commit": self.files.commit, "files.discard": self.files.discard,
-                                  "jobs.create": self.create, "jobs.cancel": self.cancel})
+                                  "files.delete": self._woken(self.files.delete), "jobs.create": self.create,
+                                  "jobs.cancel": self.cancel, **{k: self._woken(f) for k, f in self.keeper.commands.items()}})
         self.queries = _guarded({"files.get": self.files.get, "files.page": self.files.page,
-                                 "jobs.list": self.list_jobs, "jobs.get": self.get_job,
-                                 "jobs.errors": lambda args: list(self.recent_errors)})
+                                 "files.list": self.files.list, "jobs.list": self.list_jobs, "jobs.get": self.get_job,
+                                 "jobs.errors": lambda args: list(self.recent_errors), **self.keeper.queries})
 
     # ------------------------------------------------------------ lifecycle
     def resume(self) -> None:
@@ -93,7 +111,7 @@ class JobManager:
         for job_id in self.store.active_jobs():
             job = self.store.get_job(job_id)
             if job["status"] == "cancelling":
-                self._cancel_now(job)
+                self._stop(job_id, "cancelled")
             elif job["status"] == "finalizing":
                 self.store.set_status(job_id, "completed", int(time.time()))
             else:
@@ -101,17 +119,36 @@ class JobManager:
         if self.active or requeued:
             log.info("jobs: resuming %d job(s); %d request(s) were in flight and are sent again",
                      len(self.active), requeued)
+        if self.store.legacy:   # a schema 1 store: sealed now, once, before anything is served
+            started = time.monotonic()
+            rotate_offline(self.store, new_key=False)
+            log.warning("jobs: the job store was sealed (schema 1 -> 2) in %.1f s", time.monotonic() - started)
+        elif self.keeper.resealer.needed():   # a rotation the last kernel did not finish
+            self.keeper.resealer.start()
 
     async def run(self) -> None:
         self.resume()
         while True:
             self.wakeup.clear()
+            busy = False
             try:
                 self.feed()
                 self.files.drop_idle()
             except Exception:  # the job loop must outlive any one bad job
                 log.exception("jobs: feeding failed")
-            await wait_event(self.wakeup, 0.5)
+            try:
+                busy = self.keeper.tick()
+            except Exception:  # e.g. disk full: upkeep waits for the next round
+                log.exception("jobs: upkeep failed")
+            await wait_event(self.wakeup, 0 if busy else 0.5)
+
+    def _woken(self, handler):
+        """A command after which the loop has upkeep to do at once (erasure, re-sealing)."""
+        def run(args):
+            answer = handler(args)
+            self.wakeup.set()
+            return answer
+        return run
 
     def close(self) -> None:
         self.store.close()
@@ -139,9 +176,10 @@ class JobManager:
         starting, next_line = [], job["next_line"]
         for line_no, custom_id, text, new in rows:
             try:
-                line, problem = check_line(line_no, text), None
+                line, problem = (None, (500, "record_unreadable", str(text))) if isinstance(text, Unreadable) \
+                    else (check_line(line_no, text), None)   # (unreadable: altered in the store, or its key is gone)
             except LineError as exc:  # validated at upload; only a changed llmos gets here
-                line, problem = None, str(exc)
+                line, problem = None, (400, "invalid_request", str(exc))
             if line is not None and not self._ready(line.parsed.model):
                 self._paused[job["id"]] = time.monotonic() + RETRY_PAUSE_S
                 break
@@ -152,7 +190,7 @@ class JobManager:
         self.store.mark_running(job["id"], [s[:3] for s in starting], next_line)
         for line_no, custom_id, rid, line, problem in starting:
             if line is None:
-                self._record([self._result(job["id"], line_no, 400, error_body(400, "invalid_request", problem))])
+                self._record([self._result(job["id"], line_no, problem[0], error_body(*problem))])
                 continue
             self.flights[rid] = Flight(job["id"], line)   # first: the front door may answer before submit returns
             try:
@@ -262,30 +300,18 @@ class JobManager:
 
     # ------------------------------------------------------------ commands and queries
     def create(self, args: dict) -> dict:
-        """jobs.create {input_file_id, endpoint, completion_window, metadata}: the job is
-        committed (fsynced) before this returns."""
-        file_id, endpoint = args.get("input_file_id"), args.get("endpoint")
-        window, metadata = args.get("completion_window") or "24h", args.get("metadata")
-        f = self.store.get_file(file_id) if isinstance(file_id, str) else None
-        if f is None:
-            raise ValueError(f"input_file_id: no file {file_id!r}")
-        if f["purpose"] != "batch":
-            raise ValueError(f"input_file_id: file {file_id} has purpose {f['purpose']!r}, not 'batch'")
-        if endpoint not in PARSERS:
-            raise ValueError(f"endpoint must be one of {', '.join(PARSERS)}, got {endpoint!r}")
-        if endpoint != f["endpoint"]:
-            raise ValueError(f"endpoint {endpoint} does not match the file's requests ({f['endpoint']})")
-        if not isinstance(window, str) or len(window) > 16:
-            raise ValueError("completion_window must be a string such as '24h'")
-        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-                isinstance(k, str) and isinstance(v, str) and len(k) <= 64 and len(v) <= 512
-                for k, v in metadata.items())):
-            raise ValueError("metadata must be an object of at most 16 string keys (64) and values (512)")
-        job_id = f"batch_{uuid.uuid4().hex[:24]}"
-        self.store.create_job(job_id, f, endpoint, window, metadata, int(time.time()))
+        """jobs.create {input_file_id, endpoint, completion_window, metadata, idempotency_key}:
+        the job is committed (fsynced) before this returns. A retry with the key of an earlier
+        job answers that job if it asked the same, and is refused (409) if not."""
+        new = check_create(self.store, args)
+        if isinstance(new, str):   # a retry of the job created first with its idempotency key
+            return self.view(self.store.get_job(new))
+        job_id, now = f"batch_{uuid.uuid4().hex[:24]}", int(self.clock())
+        self.store.create_job(job_id, new.file, new.endpoint, new.window, new.metadata, now, now + new.window_s,
+                              new.idem)
         self.active.append(job_id)
         self.wakeup.set()
-        log.info("job %s accepted: %d request(s) from %s", job_id, f["lines"], file_id)
+        log.info("job %s accepted: %d request(s) from %s", job_id, new.file["lines"], new.file["id"])
         return self.view(self.store.get_job(job_id))
 
     def cancel(self, args: dict) -> dict | None:
@@ -294,18 +320,25 @@ class JobManager:
         if job is None:
             return None
         if job["status"] == "in_progress":
-            self.store.set_status(job["id"], "cancelling", int(time.time()))
-            self._cancel_now(job)
+            self.store.set_status(job["id"], "cancelling", int(self.clock()))
+            self._stop(job["id"], "cancelled")
         return self.view(self.store.get_job(job["id"]))
 
-    def _cancel_now(self, job: dict) -> None:
-        for rid in [rid for rid, f in self.flights.items() if f.job_id == job["id"]]:
+    def expire(self, job_id: str) -> None:
+        """The job's completion window has passed: it ends as expired (OpenAI's status)."""
+        job = self.store.get_job(job_id)
+        if job is not None and job["status"] == "in_progress":
+            self._stop(job_id, "expired")
+
+    def _stop(self, job_id: str, state: str) -> None:
+        """End a job early: abort what runs; every unfinished line ends in `state`."""
+        for rid in [rid for rid, f in self.flights.items() if f.job_id == job_id]:
             del self.flights[rid]
-            self.front.abort(protocol.Abort(request_id=rid, reason="batch job cancelled"))
-        self.store.cancel_unfinished(job["id"])
-        self.store.set_status(job["id"], "cancelled", int(time.time()))
-        self._retire(job["id"])
-        log.info("job %s cancelled", job["id"])
+            self.front.abort(protocol.Abort(request_id=rid, reason=f"batch job {state}"))
+        self.store.stop_unfinished(job_id, state)
+        self.store.set_status(job_id, state, int(self.clock()))
+        self._retire(job_id)
+        log.info("job %s %s", job_id, state)
 
     def get_job(self, args: dict) -> dict | None:
         job = self.store.get_job(args.get("id")) if isinstance(args.get("id"), str) else None
@@ -321,3 +354,4 @@ class JobManager:
     def view(self, job: dict) -> dict:
         jid = job["id"]
         return job_view(job, self._running(jid) if job["status"] in ACTIVE else 0, self._finished.get(jid))
+
