@@ -27,8 +27,11 @@ class BadLine(ValueError):
 
 def canonical(obj) -> bytes:
     """Sorted keys, no spaces, ASCII only, no NaN: one byte string per value."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False).encode("ascii")
+    try:
+        text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except TypeError as exc:   # one error type for "not a JSON value", whatever json says
+        raise ValueError(f"not a JSON value: {exc}") from None
+    return text.encode("ascii")
 
 
 def record_hash(record: dict) -> str:
