@@ -3,14 +3,22 @@
 this module only streams an upload to it in bounded chunks of lines and streams file
 contents back page by page, so neither side holds a whole file in memory.
 
+Deletion: DELETE /v1/files/{id} and DELETE /v1/batches/{id} (an ended batch; a running
+one is a 409: cancel it first), POST /llmos/v1/jobs/purge; the kernel erases what they
+held (kernel/jobs/erasure.py). Storage keys: GET /llmos/v1/storage, POST
+/llmos/v1/storage/rotate. POST /v1/files and /v1/batches take OpenAI's Idempotency-Key
+header: a retry with the same key and body answers the first object, another body a 409.
+
 Errors: a malformed batch file is a 400 whose error names the bad lines (code
 "invalid_batch_file", with "lines": their numbers); over MAX_FILE_BYTES is a 413; an
-unknown file or batch is a 404; other refusals of the kernel are 400s.
+unknown file or batch is a 404; the kernel's coded refusals (REFUSALS, see
+kernel/jobs/refusals.py) have their status; its other refusals are 400s.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 
 from aiohttp import web
 
@@ -25,24 +33,37 @@ CHUNK_LINES, CHUNK_BYTES = 500, 512 * 1024   # one files.append: ~10-40 ms of th
 PAGE_LINES = 1000
 KEPT_ERRORS = 50
 MAX_FIELD_BYTES = 64                 # a multipart text field such as purpose ("batch")
+MAX_LIST = 10_000                    # files per page of GET /v1/files (OpenAI's limit)
 LINK = web.AppKey("batch_link", KernelLink)
 log = logging.getLogger(__name__)
+REFUSALS = {"file_not_found": (404, "id"), "batch_not_found": (404, "id"), "file_in_use": (409, "id"),
+            "batch_active": (409, "id"), "idempotency_conflict": (409, "Idempotency-Key"),
+            "rotation_running": (409, None), "storage_unavailable": (503, None)}
+IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")   # printable ASCII, no spaces
+TRUE = {"1": True, "true": True, "0": False, "false": False}
 
 
 def add_routes(app: web.Application, link: KernelLink) -> None:
     app[LINK] = link
     r = app.router
     r.add_post("/v1/files", create_file)
+    r.add_get("/v1/files", list_files)
     r.add_get("/v1/files/{id}", get_file)
+    r.add_delete("/v1/files/{id}", delete_file)
     r.add_get("/v1/files/{id}/content", file_content)
     r.add_post("/v1/batches", create_batch)
     r.add_get("/v1/batches", list_batches)
     r.add_get("/v1/batches/{id}", get_batch)
+    r.add_delete("/v1/batches/{id}", delete_batch)
     r.add_post("/v1/batches/{id}/cancel", cancel_batch)
     r.add_get("/llmos/v1/jobs", list_batches)
     r.add_get("/llmos/v1/jobs/errors", job_errors)   # before {id}: "errors" is never a job id
+    r.add_post("/llmos/v1/jobs/purge", purge_jobs)
     r.add_get("/llmos/v1/jobs/{id}", get_batch)
+    r.add_delete("/llmos/v1/jobs/{id}", delete_batch)
     r.add_post("/llmos/v1/jobs/{id}/cancel", cancel_batch)
+    r.add_get("/llmos/v1/storage", storage_status)
+    r.add_post("/llmos/v1/storage/rotate", rotate_storage)
 
 
 class InvalidBatchFile(ApiError):
@@ -69,7 +90,22 @@ async def _ask(request: web.Request, kind: str, what: str, args: dict, timeout: 
         msg = str(exc)
         if msg.startswith(("unknown command", "unknown query")):
             raise ApiError(501, "this daemon's kernel has no batch jobs", code="not_implemented") from None
-        raise ApiError(400, msg.removeprefix(f"{what}: "), code="invalid_request") from None
+        msg = msg.removeprefix(f"{what}: ")
+        code, _, rest = msg.partition(": ")
+        if code in REFUSALS:
+            status, param = REFUSALS[code]
+            raise ApiError(status, rest, param, code) from None
+        raise ApiError(400, msg, code="invalid_request") from None
+
+
+def _idempotency_key(request: web.Request) -> dict:
+    """{"idempotency_key": KEY} for a request that sent OpenAI's Idempotency-Key header."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return {}
+    if not IDEMPOTENCY_KEY.fullmatch(key):
+        raise ApiError(400, "Idempotency-Key must be 1 to 255 printable ASCII characters", "Idempotency-Key")
+    return {"idempotency_key": key}
 
 
 def _found(data, kind: str, ident: str):
@@ -82,17 +118,21 @@ def _found(data, kind: str, ident: str):
 
 
 async def create_file(request: web.Request) -> web.Response:
-    """multipart/form-data with `purpose` ("batch") and `file` (JSONL)."""
+    """multipart/form-data with `purpose` ("batch") and `file` (JSONL); optionally
+    `expires_after[anchor]` ("created_at") and `expires_after[seconds]`, as OpenAI's SDK sends them."""
     if not request.content_type.startswith("multipart/"):
         raise ApiError(400, "upload the file as multipart/form-data with the fields 'purpose' and 'file'", "file")
+    idem = _idempotency_key(request)
     reader = await request.multipart()
-    purpose, file_id, nbytes = None, None, 0
+    purpose, file_id, nbytes, expiry = None, None, 0, {}
     try:
         while (part := await reader.next()) is not None:
             if part.name == "purpose":
                 purpose = await _small_field(part, "purpose")
                 if purpose != "batch":
                     raise ApiError(400, f"purpose {purpose[:64]!r} is not supported (only 'batch')", "purpose")
+            elif part.name in ("expires_after[anchor]", "expires_after[seconds]"):
+                expiry[part.name[14:-1]] = await _small_field(part, part.name)
             elif part.name == "file":
                 if file_id is not None:
                     raise ApiError(400, "only one file per upload", "file")
@@ -105,13 +145,26 @@ async def create_file(request: web.Request) -> web.Response:
             raise ApiError(400, "the upload has no 'file' field", "file")
         if purpose is None:
             raise ApiError(400, "purpose is required (only 'batch' is supported)", "purpose")
-        obj = await _ask(request, "command", "files.commit", {"id": file_id, "bytes": nbytes, "purpose": purpose})
+        obj = await _ask(request, "command", "files.commit", {"id": file_id, "bytes": nbytes, "purpose": purpose,
+                                                              **_expiry(expiry), **idem})
         file_id = None  # committed: nothing to discard
         return web.json_response(obj)
     finally:
         if file_id is not None and request.app[LINK].up:
             with contextlib.suppress(Exception):
                 await request.app[LINK].command("files.discard", {"id": file_id}, timeout=5)
+
+
+def _expiry(fields: dict) -> dict:
+    """{"expires_after_s": N} from the expires_after form fields (none: no expiry)."""
+    if not fields:
+        return {}
+    if fields.get("anchor") != "created_at":
+        raise ApiError(400, "expires_after[anchor] must be 'created_at'", "expires_after.anchor")
+    seconds = fields.get("seconds")
+    if seconds is None or not (seconds.isascii() and seconds.isdigit()) or len(seconds) > 12:
+        raise ApiError(400, "expires_after[seconds] must be a whole number of seconds", "expires_after.seconds")
+    return {"expires_after_s": int(seconds)}
 
 
 async def _small_field(part, name: str) -> str:
@@ -188,6 +241,27 @@ async def _send_lines(request: web.Request, file_id: str, part) -> int:
     return nbytes
 
 
+async def list_files(request: web.Request) -> web.Response:
+    q = request.query
+    try:
+        limit = int(q.get("limit", MAX_LIST))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer", "limit") from None
+    if not 0 < limit <= MAX_LIST:
+        raise ApiError(400, f"limit must be in 1..{MAX_LIST}", "limit")
+    if q.get("order", "desc") not in ("asc", "desc"):
+        raise ApiError(400, "order must be 'asc' or 'desc'", "order")
+    args = {"limit": limit, "order": q.get("order", "desc"), **{k: q[k] for k in ("after", "purpose") if k in q}}
+    page = await _ask(request, "query", "files.list", args)
+    data = page["data"]
+    return web.json_response({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                              "last_id": data[-1]["id"] if data else None, "has_more": page["has_more"]})
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    return web.json_response(await _ask(request, "command", "files.delete", {"id": request.match_info["id"]}))
+
+
 async def get_file(request: web.Request) -> web.Response:
     fid = request.match_info["id"]
     return web.json_response(_found(await _ask(request, "query", "files.get", {"id": fid}), "file", fid))
@@ -229,7 +303,7 @@ async def create_batch(request: web.Request) -> web.Response:
         if not isinstance(body.get(name), str):
             raise ApiError(400, f"{name} is required (a string)", name)
     args = {k: body.get(k) for k in ("input_file_id", "endpoint", "completion_window", "metadata")}
-    return web.json_response(await _ask(request, "command", "jobs.create", args))
+    return web.json_response(await _ask(request, "command", "jobs.create", {**args, **_idempotency_key(request)}))
 
 
 async def list_batches(request: web.Request) -> web.Response:
@@ -255,3 +329,33 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 async def job_errors(request: web.Request) -> web.Response:
     return web.json_response(await _ask(request, "query", "jobs.errors", {}))
+
+
+async def delete_batch(request: web.Request) -> web.Response:
+    """An ended batch and its results; ?input_file=true: its input file too, if no other batch reads it."""
+    flag = request.query.get("input_file", "false").lower()
+    if flag not in TRUE:
+        raise ApiError(400, "input_file must be true or false", "input_file")
+    return web.json_response(await _ask(request, "command", "jobs.delete",
+                                        {"id": request.match_info["id"], "input_file": TRUE[flag]}))
+
+
+async def purge_jobs(request: web.Request) -> web.Response:
+    """Body {"older_than_s": N, "input_files": true}: batches that ended at least N s ago."""
+    body = parse_json(await read_body(request))
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    age, files = body.get("older_than_s"), body.get("input_files", True)
+    if isinstance(age, bool) or not isinstance(age, (int, float)):
+        raise ApiError(400, "older_than_s is required (a number of seconds)", "older_than_s")
+    if not isinstance(files, bool):
+        raise ApiError(400, "input_files must be true or false", "input_files")
+    return web.json_response(await _ask(request, "command", "jobs.purge", {"older_than_s": age, "input_files": files}))
+
+
+async def storage_status(request: web.Request) -> web.Response:
+    return web.json_response(await _ask(request, "query", "storage.status", {}))
+
+
+async def rotate_storage(request: web.Request) -> web.Response:
+    return web.json_response(await _ask(request, "command", "storage.rotate", {}))
