@@ -13,6 +13,7 @@ import click
 
 from llmos.cli.format import dur, print_table
 from llmos.client import FINAL, Client
+from llmos.keep_alive import parse_keep_alive
 from llmos.paths import Paths
 
 
@@ -40,7 +41,7 @@ def submit(paths: Paths, file: Path, model, wait_):
 @click.group(invoke_without_command=True)
 @click.pass_context
 def jobs(ctx):
-    """Batch jobs: list them (no subcommand), show, wait, cancel, results."""
+    """Batch jobs: list them (no subcommand), show, wait, cancel, results, rm, purge."""
     if ctx.invoked_subcommand is not None:
         return
     with Client(ctx.obj.home, timeout=10) as c:
@@ -159,3 +160,39 @@ def _write(lines, path: str, always: bool = False) -> int:
         if out is not None:
             out.close()
     return n
+
+
+@jobs.command("rm")
+@click.argument("job_ids", nargs=-1, required=True)
+@click.option("--keep-input", is_flag=True, help="keep the input file (by default it goes too, unless "
+                                                 "another job reads it)")
+@click.pass_obj
+def rm(paths: Paths, job_ids, keep_input):
+    """Delete ended jobs: their results, and their input files. A running job is refused
+    (cancel it first). What they held is erased from the job store and its WAL."""
+    with Client(paths.home, timeout=30) as c:
+        for job_id in job_ids:
+            gone = c.delete_job(job_id, input_file=not keep_input)
+            click.echo(f"{job_id} deleted" + (" (and its input file)" if gone.get("input_file_deleted") else ""))
+
+
+def _age(text: str) -> float:
+    try:
+        seconds = parse_keep_alive(text)
+    except ValueError:
+        seconds = None
+    if seconds is None or seconds < 0:
+        raise click.BadParameter(f"{text!r}: use a duration like 7d, 12h or 30m")
+    return seconds
+
+
+@jobs.command()
+@click.option("--older-than", "older_than", required=True, help="jobs that ended at least this long ago: 7d, 12h, 0")
+@click.option("--keep-input", is_flag=True, help="keep their input files")
+@click.pass_obj
+def purge(paths: Paths, older_than, keep_input):
+    """Delete every job that ended at least --older-than ago (running jobs are kept)."""
+    age = _age(older_than)
+    with Client(paths.home, timeout=120) as c:
+        out = c.purge_jobs(age, input_files=not keep_input)
+    click.echo(f"{out['deleted']} job(s) deleted, {out['input_files_deleted']} input file(s)")

@@ -5,15 +5,21 @@
     for line in c.results(job["id"]): ...                     # OpenAI batch output lines (JSON text)
     for line in c.results(job["id"], errors=True): ...        # the error file
 
+    c.delete_job(job["id"], input_file=True)                 # an ended job, its results and its input
+    c.purge_jobs(7 * 86400)                                   # every job that ended a week ago or more
+
 A job is OpenAI's Batch object plus an "llmos" map (counts by state, throughput, eta_s,
-output_file_id / error_file_id, readable while the job runs). Each method returns a
-description (llmos.client.calls) that the host's `_run` / `_open` executes.
+output_file_id / error_file_id, readable while the job runs). An `idempotency_key` makes a
+retry safe: the daemon answers the first file or job sent with it (and refuses another
+body with a 409). Each method returns a description (llmos.client.calls) that the host's
+`_run` / `_open` executes.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -49,16 +55,60 @@ def _with_model(line: str, model: str) -> str:
     return line
 
 
+@dataclass(frozen=True)
+class _Call(Call):
+    """A Call with request headers (the Idempotency-Key)."""
+    headers: dict | None = None
+
+    def request(self) -> dict:
+        return {**super().request(), **({"headers": self.headers} if self.headers else {})}
+
+
+def _key(idempotency_key: str | None) -> dict | None:
+    return {"Idempotency-Key": idempotency_key} if idempotency_key else None
+
+
 class JobsApi:
     """The jobs methods; the host provides `_run(description)` and `_open(description)`."""
 
-    def upload_file(self, source: Source, model: str | None = None) -> dict:
-        """Upload a batch file (purpose "batch"); raises InvalidBatchFile naming bad lines."""
-        return self._run(_upload(source, model))
+    def upload_file(self, source: Source, model: str | None = None, idempotency_key: str | None = None,
+                    expires_after_s: int | None = None) -> dict:
+        """Upload a batch file (purpose "batch"); raises InvalidBatchFile naming bad lines.
+        `expires_after_s`: the daemon deletes the file that long after its upload."""
+        return self._run(_upload(source, model, idempotency_key, expires_after_s))
 
-    def submit_batch(self, source: Source, model: str | None = None, metadata: dict | None = None) -> dict:
-        """Upload and start a job; it is durably stored when this returns."""
-        return self._run(_submit(source, model, metadata))
+    def submit_batch(self, source: Source, model: str | None = None, metadata: dict | None = None,
+                     idempotency_key: str | None = None) -> dict:
+        """Upload and start a job; it is durably stored when this returns. With an
+        idempotency key, a retry after a timeout answers the job the first call created."""
+        return self._run(_submit(source, model, metadata, idempotency_key))
+
+    def list_files(self, limit: int = 10_000, purpose: str | None = None) -> list[dict]:
+        """Uploaded files, newest first."""
+        params = {"limit": limit, **({"purpose": purpose} if purpose else {})}
+        return self._run(Call("GET", "/v1/files", params=params, read=data))
+
+    def delete_file(self, file_id: str) -> dict:
+        """Delete an uploaded file (refused while an unfinished job reads it)."""
+        return self._run(Call("DELETE", f"/v1/files/{file_id}"))
+
+    def delete_job(self, job_id: str, input_file: bool = False) -> dict:
+        """Delete an ended job and its results (a running one is refused: cancel it first);
+        `input_file`: its input file too, unless another job reads it."""
+        return self._run(Call("DELETE", f"/llmos/v1/jobs/{job_id}", params={"input_file": str(input_file).lower()}))
+
+    def purge_jobs(self, older_than_s: float, input_files: bool = True) -> dict:
+        """Delete every job that ended at least `older_than_s` seconds ago (and, unless told
+        otherwise, their input files that no remaining job reads): {"deleted", "input_files_deleted"}."""
+        return self._run(_purge(older_than_s, input_files))
+
+    def storage_status(self) -> dict:
+        """The job store's keys, a rotation's progress and the erasure still to do."""
+        return self._run(Call("GET", "/llmos/v1/storage"))
+
+    def rotate_storage(self) -> dict:
+        """Start re-sealing the job store with a new key (the daemon goes on serving)."""
+        return self._run(Call("POST", "/llmos/v1/storage/rotate"))
 
     def jobs(self, limit: int = 100) -> list[dict]:
         return self._run(Call("GET", "/llmos/v1/jobs", params={"limit": limit}, read=data))
@@ -84,17 +134,31 @@ class JobsApi:
         return self._open(_results(job_id, errors))
 
 
-def _upload(source: Source, model: str | None):
+def _upload(source: Source, model: str | None, idempotency_key: str | None = None,
+            expires_after_s: int | None = None):
     name, content = batch_file(source, model)
-    return (yield Call("POST", "/v1/files", data={"purpose": "batch"},
-                       files={"file": (name, content, "application/jsonl")}))
+    fields = {"purpose": "batch"}
+    if expires_after_s is not None:
+        fields |= {"expires_after[anchor]": "created_at", "expires_after[seconds]": str(expires_after_s)}
+    return (yield _Call("POST", "/v1/files", data=fields, files={"file": (name, content, "application/jsonl")},
+                        headers=_key(idempotency_key)))
 
 
-def _submit(source: Source, model: str | None, metadata: dict | None):
-    file = yield from _upload(source, model)
-    return (yield Call("POST", "/v1/batches", {"input_file_id": file["id"],
-                                               "endpoint": (file.get("llmos") or {}).get("endpoint"),
-                                               "completion_window": "24h", "metadata": metadata}))
+def _submit(source: Source, model: str | None, metadata: dict | None, idempotency_key: str | None = None):
+    file = yield from _upload(source, model, idempotency_key)
+    return (yield _Call("POST", "/v1/batches", {"input_file_id": file["id"],
+                                                "endpoint": (file.get("llmos") or {}).get("endpoint"),
+                                                "completion_window": "24h", "metadata": metadata},
+                        headers=_key(idempotency_key)))
+
+
+def _purge(older_than_s: float, input_files: bool):
+    total = {"deleted": 0, "input_files_deleted": 0}
+    while True:
+        page = yield Call("POST", "/llmos/v1/jobs/purge", {"older_than_s": older_than_s, "input_files": input_files})
+        total = {k: total[k] + int(page.get(k) or 0) for k in total}
+        if not page.get("has_more"):
+            return total
 
 
 def _wait(job_id: str, timeout: float | None, poll: float, on_progress: Callable[[dict], None] | None):
