@@ -131,6 +131,11 @@ class AuditLog:
         self.close()
 
     @property
+    def failed(self) -> str | None:
+        """Why the log stopped taking records (a failed fsync or rotation), or None: for /health."""
+        return self._failed
+
+    @property
     def last(self) -> tuple[str, int, str]:
         """(file, seq, hash) of the last record appended."""
         with self._lock:
@@ -198,7 +203,11 @@ class AuditLog:
         rec = self._build(kind, fields)
         line = seal(rec, self.key)
         if self._size + len(line) > self.max_bytes and not self._only_header:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError as exc:   # the old file may be closed already: nothing more goes in
+                self._failed = f"rotation failed: {exc}"
+                raise AuditError(f"audit log rotation failed: {exc}") from exc
             rec = self._build(kind, fields)
             line = seal(rec, self.key)
         self._write(line)
@@ -241,11 +250,14 @@ class AuditLog:
         self._append("audit.pruned", {"files": [p.name for p in doomed], "kept_from": kept.name,
                                       "kept_seq": first["seq"], "kept_prev": first["prev"]})
         os.fsync(self._fd)
-        for path in doomed:
-            for torn in self.directory.glob(path.name + ".*.torn"):
-                torn.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
-        F.fsync_dir(self.directory)
+        try:
+            for path in doomed:
+                for torn in self.directory.glob(path.name + ".*.torn"):
+                    torn.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            F.fsync_dir(self.directory)
+        except OSError as exc:   # files left behind are still a valid log; the next rotation retries
+            log.warning("audit log: pruning %s failed: %s", kept.name, exc)
 
     def _sync_loop(self) -> None:
         while not self._stop.is_set():   # close() makes the final sync itself
