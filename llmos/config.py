@@ -28,5 +28,11 @@ class DaemonConfig:
     max_loaded_models: int = 1        # engines in memory at once; each gets kv_memory / max_loaded_models of KV
     replicas: int = 1                 # model drivers per --model model (each one engine)
     replica_devices: list = field(default_factory=list)   # devices engines spread over; ["all"]: every GPU
+    allow_local_users: bool = False   # other local uids may use the socket without a key (default tenant)
+    socket_mode: str = "600"          # octal; "660" lets the socket's group connect (they still need keys)
+    socket_group: str | None = None
+    listen: str | None = None         # HOST:PORT of the optional TCP listener (keys required)
+    tls_cert: str | None = None       # PEM files: TLS on the TCP listener
+    tls_key: str | None = None
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -53,5 +53,6 @@ class Paths:
     def ensure(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.run_dir, 0o700)
+        if self.run_dir.stat().st_mode & 0o067:   # private, or traverse-only for --socket-group (0710)
+            os.chmod(self.run_dir, 0o700)
         self.logs_dir.mkdir(parents=True, exist_ok=True)

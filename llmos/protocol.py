@@ -478,6 +478,16 @@ class TextDeltas(Message):
 
 # ---------------------------------------------------------------- kernel <-> io driver
 
+@item
+class Credentials:
+    """Who sent an HTTP request, as the io driver saw it; the kernel decides what it may do
+    (kernel/auth.py). The key itself never crosses the bus, only its SHA-256."""
+    transport: str             # "unix" | "tcp"
+    uid: int | None = None     # the Unix socket peer's (SO_PEERCRED); None over TCP
+    gid: int | None = None
+    key_sha256: str | None = None   # hex digest of the Authorization: Bearer secret, if any
+
+
 @message(0x30)
 class Submit(Message):
     """io -> kernel: a new generation request. `params` are the validated sampling
@@ -494,6 +504,7 @@ class Submit(Message):
     queue_timeout_s: float | None = None
     n: int = 1                         # choices to generate (OpenAI's n); they share the prompt's KV
     keep_alive_s: float | None = None  # its model stays loaded this long after it; < 0: forever; None: default
+    auth: Credentials | None = None    # None only from an io driver that predates access control: refused
 
 
 @message(0x31)
@@ -548,6 +559,7 @@ class Query(Message):
     query_id: str
     what: str
     args: dict
+    auth: Credentials | None = None
 
 
 # The answers' records. The io driver serialises them (`plain`) to the admin API's JSON,
@@ -639,6 +651,32 @@ class MemoryReport:
     integrity: str             # "ok" or "broken: why"
 
 
+@item
+class MetricSeries:
+    """One labelled series of a MetricFamily."""
+    labels: list               # its label values (strings), in the order of the family's label_names
+    value: float               # a counter's total, a gauge's value; a histogram's sum of observations
+    buckets: list | None       # a histogram's cumulative counts: one per bound, then +Inf (its count)
+
+
+@item
+class MetricFamily:
+    """One metric as Prometheus names it, its figures as numbers (the io driver renders the text)."""
+    name: str                  # counters end in _total; histograms have no suffix
+    kind: str                  # "counter" | "gauge" | "histogram"
+    help: str
+    label_names: list          # strings
+    bounds: list | None        # a histogram's bucket upper bounds, ascending (+Inf implied)
+    series: list[MetricSeries]
+
+
+@item
+class MetricsSnapshot:
+    """The answer to "metrics": the kernel's figures at one moment (kernel/metrics.py)."""
+    taken_at: float            # the kernel's wall clock, Unix seconds
+    families: list[MetricFamily]
+
+
 @message(0x36)
 class QueryReply(Message):
     """kernel -> io: the answer to the Query or Command with the same id. At most one answer
@@ -647,14 +685,17 @@ class QueryReply(Message):
     files' answers and the commands', JSON-shaped (OpenAI's objects, kernel/jobs/views.py)."""
     query_id: str
     error: str | None = None
+    status: int | None = None  # with `error`: 401 or 403 when the caller may not ask this
     health: HealthReport | None = None
     models: list[ModelEntry] | None = None
     ps: ProcessReport | None = None
     memory: dict[str, MemoryReport | None] | None = None
+    metrics: MetricsSnapshot | None = None
     data: Any = None
 
     def __post_init__(self):
-        if sum(x is not None for x in (self.error, self.health, self.models, self.ps, self.memory, self.data)) > 1:
+        answers = (self.error, self.health, self.models, self.ps, self.memory, self.metrics, self.data)
+        if sum(x is not None for x in answers) > 1:
             raise ValueError("QueryReply carries at most one answer")
 
     @property
@@ -664,7 +705,8 @@ class QueryReply(Message):
     @property
     def answer(self):
         """What was answered when ok: the record, or `data`."""
-        return next((x for x in (self.health, self.models, self.ps, self.memory) if x is not None), self.data)
+        records = (self.health, self.models, self.ps, self.memory, self.metrics)
+        return next((x for x in records if x is not None), self.data)
 
 
 @message(0x37)
@@ -674,6 +716,7 @@ class Command(Message):
     query_id: str
     what: str
     args: dict
+    auth: Credentials | None = None
 
 
 ALL_MESSAGES: tuple[type, ...] = tuple(_REGISTRY.values())

@@ -142,8 +142,7 @@ def test_hostile_bus_traffic_changes_nothing(daemon):
 def test_kernel_kill_9_drivers_exit_and_next_start_is_clean(tmp_path, tiny_llama_dir):
     d = Daemon(tmp_path, [f"tiny={tiny_llama_dir}"]).wait_ready()
     drivers = [p["pid"] for p in d.ps()["processes"] if p["role"] != "kernel"]
-    pool = Path(f"/dev/shm/llmos-{d.proc.pid}-tiny.kv")
-    assert pool.exists()
+    (pool,) = Path("/dev/shm").glob(f"llmos-{os.getuid()}-{d.proc.pid}-*-tiny.kv")   # (its name is unguessable)
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait()
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
@@ -174,7 +173,7 @@ def test_sigterm_drains_in_flight_requests_then_stops_in_reverse_order(tmp_path,
     assert len(out.get("text", "")) > 0
     assert d.proc.wait(60) == 0
     assert not any(psutil.pid_exists(p) for p in pids)
-    assert not list(Path("/dev/shm").glob(f"llmos-{d.proc.pid}-*"))
+    assert not list(Path("/dev/shm").glob(f"llmos-{os.getuid()}-{d.proc.pid}-*"))
     log = (tmp_path / "llmosd.out").read_text()
     stops = [line for line in log.splitlines() if "-> exited" in line or "stopping" in line]
     order = [name for line in stops for name in ("tokenizer-tiny", "io", "model-tiny") if f"driver {name}:" in line]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import grp
 import logging
 import os
 import sys
@@ -13,26 +15,24 @@ from llmos.kernel.tenants import ALL, DEFAULT_TENANT, TenantConfig
 from llmos.paths import Paths
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+_PID_LOCK: int | None = None   # held open for the daemon's life: the lock is the claim
 
 
 def claim_pid_file(paths: Paths) -> None:
-    """Refuse to start twice; a pid file left by a killed daemon is stale and replaced."""
-    if paths.pid_file.exists():
-        try:
-            pid = int(paths.pid_file.read_text().strip() or 0)
-        except ValueError:
-            pid = 0
-        if pid and pid != os.getpid() and _pid_alive(pid):
-            raise click.ClickException(f"llmosd is already running (pid {pid}, home {paths.home})")
-    paths.pid_file.write_text(str(os.getpid()))
+    """Refuse to start twice on one home: the pid file is locked (flock) while the daemon
+    lives, so two daemons cannot both run its jobs; a file left by a killed daemon is unlocked
+    and simply taken over."""
+    global _PID_LOCK
+    fd = os.open(paths.pid_file, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise click.ClickException(f"llmosd is already running (pid {holder}, home {paths.home})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _PID_LOCK = fd
     if paths.api_socket.exists():
         paths.api_socket.unlink()  # stale: its daemon is gone
 
@@ -134,6 +134,14 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
               help="models in memory at once, each with kv-memory / N of KV (default: the number of --model)")
 @click.option("--replicas", type=click.IntRange(1, 64), default=1,
               help="model drivers per --model model; requests are balanced between them (cache-aware)")
+@click.option("--allow-local-users", is_flag=True,
+              help="other local users may use the socket without an API key (as the default tenant)")
+@click.option("--socket-mode", default="600", help="the API socket's mode, octal: 660 lets --socket-group in")
+@click.option("--socket-group", default=None, help="the API socket's group")
+@click.option("--listen", default=None, metavar="HOST:PORT",
+              help="also serve the API over TCP (off by default); every request there needs an API key")
+@click.option("--tls-cert", default=None, help="PEM certificate: serve TLS on --listen")
+@click.option("--tls-key", default=None, help="PEM private key for --tls-cert")
 @click.option("--replica-devices", default="",
               help="devices the replicas spread over, e.g. cuda:0,cuda:1, or 'all' GPUs (default: --device)")
 @click.option("--memory-limit", default=None,
@@ -142,6 +150,7 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
 def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, memory_limit, replicas,
          replica_devices, **options) -> None:
     """Run the llmos daemon in the foreground."""
+    os.umask(0o077)   # logs, databases, keys and sockets: private to the daemon's user
     paths = Paths.from_env(home)
     lifecycle = check_options(paths, models, options["kv_memory"], options["swap_memory"], keep_alive,
                               max_loaded_models, memory_limit, replicas)
@@ -151,6 +160,21 @@ def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, m
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s kernel %(levelname)s %(name)s: %(message)s")
     claim_pid_file(paths)
+    if options.get("socket_group"):   # the group must be able to reach the socket: traverse only (0710)
+        try:
+            g = options["socket_group"]
+            gid = int(g) if g.isdigit() else grp.getgrnam(g).gr_gid
+            for d in (paths.home, paths.run_dir):
+                os.chown(d, -1, gid)
+                os.chmod(d, 0o710)
+        except (KeyError, OSError, ValueError) as exc:
+            raise click.BadParameter(f"{options['socket_group']!r}: {exc}", param_hint="--socket-group") from None
+    try:
+        if not 0 <= int(options["socket_mode"], 8) <= 0o777:
+            raise ValueError("out of range")
+    except ValueError as exc:
+        raise click.BadParameter(f"{options['socket_mode']!r}: give octal such as 600 or 660 ({exc})",
+                                 param_hint="--socket-mode") from None
     try:
         tenants = dict(parse_tenant(spec) for spec in tenant_specs)
     except ValueError as exc:

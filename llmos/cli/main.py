@@ -20,6 +20,7 @@ import llmos
 from llmos.cli import startup
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
+from llmos.cli.keys import keys
 from llmos.cli.models import models
 from llmos.cli.residency import load, scale, unload
 from llmos.cli import upgrade as _upgrade  # noqa: F401  (adds `models upgrade | rollback | history`)
@@ -316,3 +317,4 @@ cli.add_command(top)
 cli.add_command(load)
 cli.add_command(unload)
 cli.add_command(scale)
+cli.add_command(keys)

@@ -24,6 +24,8 @@ from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
 from llmos.kernel.mem.device import cpu_memory, gpu_memories, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
+from llmos.kernel.access import Access
+from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
@@ -62,6 +64,8 @@ class Kernel:
             self.host.routed
         self.front.on_done = self._request_done
         self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
+        self.authority = Authority(KeyStore(paths.home / "keys.db"), os.getuid(), config.allow_local_users)
+        self.access = Access(self.authority)
         self.commands.update(self.model_commands.commands)
         self.queries.update(self.model_commands.queries)
         registry = RegistryAdmin(self.host.catalog, lambda n: self.host.state(n) in ("loading", "loaded", "unloading"),
@@ -89,10 +93,16 @@ class Kernel:
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
         self.queries.update(self.jobs.queries)
+        self.access.open |= set(self.jobs.commands) | set(self.jobs.queries)   # (scoped by owner in jobs/)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
         self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
+                                       "--socket-mode", self.config.socket_mode,
+                                       *(["--socket-group", self.config.socket_group] if self.config.socket_group else []),
+                                       *(["--listen", self.config.listen] if self.config.listen else []),
+                                       *(["--tls-cert", self.config.tls_cert, "--tls-key", self.config.tls_key]
+                                         if self.config.tls_cert else []),
                                        "--timeout", str(self.config.first_answer_timeout)))
         loops = {"bus receiver": self._receive(), "supervisor": self.supervisor.watch(),
                  "job manager": self.jobs.run(),   # resumes unfinished jobs first
@@ -241,7 +251,12 @@ class Kernel:
         elif isinstance(m, protocol.TextDeltas):
             self.front.text_deltas(m)
         elif isinstance(m, protocol.Submit):
-            self.front.submit(peer, m)
+            try:
+                principal = self.access.submit(m)
+            except AuthError as exc:
+                return self.send(peer, protocol.Rejected(request_id=m.request_id, status=exc.status, param=None,
+                                                         code="invalid_api_key", message=str(exc)))
+            self.front.submit(peer, m, principal)
         elif isinstance(m, protocol.Encoded):
             self.front.encoded(m)
         elif isinstance(m, protocol.Abort):
@@ -268,7 +283,18 @@ class Kernel:
         """Every query and command gets a reply, whatever its handler raises: a client
         waits for it, and silence would only become a timeout."""
         try:
-            answer = self._query(m.what, m.args) if isinstance(m, protocol.Query) else self._command(m.what, m.args)
+            principal = self.access.check(m)
+        except AuthError as exc:
+            return self.send(peer, protocol.QueryReply(query_id=m.query_id, error=str(exc), status=exc.status))
+        try:
+            if m.what == "cancel":   # a principal finds only its own requests
+                answer = self._command(m.what, m.args, {"cancel": lambda a: self.front.cancel(a["id"], principal)})
+            elif m.what == "ps":
+                answer = {"ps": self._ps(principal)}
+            elif isinstance(m, protocol.Query):
+                answer = self._query(m.what, m.args)
+            else:
+                answer = self._command(m.what, m.args)
             reply = protocol.QueryReply(query_id=m.query_id, **answer)
         except Exception as exc:
             log.exception("%s %r failed", type(m).__name__, m.what)
@@ -289,16 +315,20 @@ class Kernel:
         if what == "models":
             created = int(time.time() - (time.monotonic() - self.started))
             return {"models": [self.model_commands.entry(name, created) for name in self.host.names()]}
-        if what == "ps":
-            return {"ps": protocol.ProcessReport(
-                processes=self.supervisor.processes(),
-                requests=self.front.parking.summaries() + [r.summary() for r in self.front.table.values()],
-                scheduler={n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded})}
+
         if what == "memory":
             return {"memory": self.memory()}
         if what in self.queries:
             return self._command(what, args, self.queries)
         return {"error": f"unknown query {what!r}"}
+
+    def _ps(self, principal) -> protocol.ProcessReport:
+        mine = (lambda owner: True) if principal.admin else (lambda owner: owner == principal.name)
+        return protocol.ProcessReport(
+            processes=self.supervisor.processes() if principal.admin else [],
+            requests=self.front.parking.summaries(mine) + [r.summary() for r in self.front.table.values()
+                                                           if mine(r.owner)],
+            scheduler={n: e.policy_snapshot() for n, e in self.engines.items() if e.loaded} if principal.admin else {})
 
     def _command(self, what: str, args: dict, table: dict | None = None) -> dict:
         handler = (self.commands if table is None else table).get(what)

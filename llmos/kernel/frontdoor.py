@@ -11,7 +11,8 @@ import itertools
 import logging
 import time
 
-from llmos import protocol
+from llmos import names, protocol
+from llmos.kernel.auth import KERNEL, Principal
 from llmos.kernel.requests import Request, SchedState, State
 from llmos.kernel.admission import check_submit
 from llmos.kernel.blocks import blocks_needed
@@ -41,10 +42,11 @@ class FrontDoor:
         self.on_done = lambda req, server_failed: None
 
     # ------------------------------------------------------------ io -> kernel
-    def submit(self, peer: str, m: protocol.Submit) -> None:
-        """Admit or refuse one Submit. Whatever goes wrong in here fails this request alone."""
+    def submit(self, peer: str, m: protocol.Submit, principal: Principal = KERNEL) -> None:
+        """Admit or refuse one Submit from `principal` (in-kernel clients are KERNEL).
+        Whatever goes wrong in here fails this request alone."""
         try:
-            self._submit(peer, m)
+            self._submit(peer, m, principal=principal)
         except Exception as exc:
             log.exception("submit %.64r failed", m.request_id)
             cause = f"internal error while admitting the request: {type(exc).__name__}: {exc}"
@@ -59,7 +61,7 @@ class FrontDoor:
         """Submit to one engine, bypassing routing (an upgrade's canary)."""
         self._submit(peer, m, self.engines.get(engine_id))
 
-    def _submit(self, peer: str, m: protocol.Submit, pinned=None) -> None:
+    def _submit(self, peer: str, m: protocol.Submit, pinned=None, principal: Principal = KERNEL) -> None:
         def reject(status, code, message, param=None, retry_after=None):
             self._send(peer, protocol.Rejected(request_id=m.request_id, status=status, code=code,
                                                message=message, param=param, retry_after=retry_after))
@@ -67,6 +69,14 @@ class FrontDoor:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
         if m.request_id in self.table or m.request_id in self.groups or m.request_id in self.parking:
             return reject(400, "duplicate_request_id", f"request id {m.request_id!r:.300} is already in flight")
+        if not principal.may_use(m.model):
+            return reject(403, "permission_denied", f"{principal.name} may not use model '{m.model:.256}'", "model")
+        tenant = m.tenant
+        if principal.tenant is not None:   # a key's tenant: the body may only repeat it
+            if m.tenant not in (principal.tenant, "local"):
+                return reject(403, "permission_denied", f"{principal.name} is tenant '{principal.tenant}', "
+                              f"not '{m.tenant:.64}'", "tenant")
+            tenant = principal.tenant
         engine = pinned or self.route(m)
         if engine is None or not engine.loaded:   # cold or loading: wait for it (release())
             refusal = self.ensure_loaded(m.model)
@@ -74,7 +84,7 @@ class FrontDoor:
                 status, message = refusal
                 return reject(status, "model_not_found" if status == 404 else "model_unavailable", message,
                               "model" if status == 404 else None)
-            if not self.parking.park(peer, m):
+            if not self.parking.park(peer, m, principal):
                 return reject(503, "server_busy", f"{len(self.parking)} requests already wait for models to "
                               "load; try again later", retry_after=1.0)
             return
@@ -85,16 +95,19 @@ class FrontDoor:
         if len(self.table) + m.n > MAX_IN_FLIGHT:
             return reject(503, "server_busy", f"the daemon holds {len(self.table)} requests, its limit is "
                           f"{MAX_IN_FLIGHT}; try again later", retry_after=1.0)
-        quota = engine.check_admission(m.tenant, time.monotonic())
+        quota = engine.check_admission(tenant, time.monotonic())
         if quota is not None:
-            return reject(429, "quota_exceeded", f"tenant '{m.tenant}' is over its {quota.limit} quota: "
+            return reject(429, "quota_exceeded", f"tenant '{tenant}' is over its {quota.limit} quota: "
                           f"{quota.reason}", None, retry_after=quota.retry_after_s)
         try:
-            priority = engine.parse_priority(m.priority, m.tenant)
+            priority = engine.parse_priority(m.priority, tenant)
         except InvalidParam as exc:
             return reject(400, "invalid_parameter", str(exc), "priority")
+        if priority.klass < principal.max_class:
+            return reject(403, "permission_denied", f"{principal.name} may ask for {names.PRIORITY_CLASSES[principal.max_class]} "
+                          f"priority at most, not {priority.class_name}", "priority")
         cfg = engine.config
-        req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=m.tenant,
+        req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=tenant, owner=principal.name,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
                       keep_alive_s=m.keep_alive_s, engine=engine.name,
                       sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
@@ -163,7 +176,7 @@ class FrontDoor:
                       sched=SchedState(arrival=first.sched.arrival, timeout_s=first.sched.timeout_s,
                                        queue_timeout_s=first.sched.queue_timeout_s),
                       prompt_ids=first.prompt_ids, max_tokens=first.max_tokens, state=State.FORKING,
-                      group=first.group, index=index)
+                      group=first.group, index=index, owner=first.owner)
         self._enter(req)
         self.groups[first.group].append(req)
         return req
@@ -172,7 +185,7 @@ class FrontDoor:
     def release(self, model: str) -> None:
         """`model` is up: the submits that waited for it go in, oldest first."""
         for p in self.parking.take(model):
-            self.submit(p.peer, p.submit)
+            self.submit(p.peer, p.submit, p.principal)
 
     def fail_parked(self, model: str, status: int, code: str, message: str) -> None:
         for p in self.parking.take(model):
@@ -189,17 +202,18 @@ class FrontDoor:
         for req in members:
             self._drop(req)
 
-    def cancel(self, client_id: str) -> dict:
+    def cancel(self, client_id: str, principal: Principal = KERNEL) -> dict:
         """The client's abort call: generation stops now (the next step no longer has it) and
         the request ends normally with what it has, finish_reason "cancelled". Unlike Abort
         (the client is gone) an answer is still owed. Raises KeyError for an unknown id."""
-        parked = self.parking.remove(client_id)
-        if parked is not None:
+        parked = self.parking.get(client_id)
+        if parked is not None and principal.owns(parked.principal.name):
+            self.parking.remove(client_id)
             self._send(parked.peer, protocol.Rejected(request_id=client_id, status=409, code="cancelled", param=None,
                                                       message=f"request {client_id} was cancelled before it started"))
             return {"id": client_id, "cancelled": 1}
         members = self._members(client_id)
-        if not members:
+        if not members or not principal.owns(members[0].owner):   # another's is none of its business
             raise KeyError(f"no request {client_id!r} in flight")
         first = members[0]
         if first.state is State.TOKENIZING:   # not accepted yet: it ends as an error

@@ -18,6 +18,7 @@ class Parked:
     peer: str
     submit: protocol.Submit
     since: float
+    principal: object                 # kernel/auth.Principal: it is submitted again as this one
 
 
 class Parking:
@@ -34,11 +35,11 @@ class Parking:
     def models(self) -> set[str]:
         return set(self.by_model)
 
-    def park(self, peer: str, m: protocol.Submit) -> bool:
+    def park(self, peer: str, m: protocol.Submit, principal) -> bool:
         """False when full (the caller refuses the request)."""
         if len(self._model_of) >= MAX_PARKED:
             return False
-        self.by_model.setdefault(m.model, OrderedDict())[m.request_id] = Parked(peer, m, time.monotonic())
+        self.by_model.setdefault(m.model, OrderedDict())[m.request_id] = Parked(peer, m, time.monotonic(), principal)
         self._model_of[m.request_id] = m.model
         return True
 
@@ -52,6 +53,10 @@ class Parking:
     def take_all(self) -> list[Parked]:
         return [p for model in list(self.by_model) for p in self.take(model)]
 
+    def get(self, request_id: str) -> Parked | None:
+        model = self._model_of.get(request_id)
+        return None if model is None else self.by_model[model][request_id]
+
     def remove(self, request_id: str) -> Parked | None:
         model = self._model_of.pop(request_id, None)
         if model is None:
@@ -62,10 +67,10 @@ class Parking:
             del self.by_model[model]
         return parked
 
-    def summaries(self) -> list[protocol.RequestSummary]:
+    def summaries(self, mine=lambda owner: True) -> list[protocol.RequestSummary]:
         now = time.monotonic()
         return [protocol.RequestSummary(id=p.submit.request_id, model=model, tenant=p.submit.tenant, state=names.LOADING,
                                         prompt_tokens=0, output_tokens=0, blocks=0, preemptions=0,
                                         priority="" if p.submit.priority is None else str(p.submit.priority), waited_s=round(now - p.since, 3),
                                         age_s=round(now - p.since, 3))
-                for model, queue in self.by_model.items() for p in queue.values()]
+                for model, queue in self.by_model.items() for p in queue.values() if mine(p.principal.name)]

@@ -96,6 +96,7 @@ class Request:
     max_tokens: int = 0               # resolved at admission
     priority: Priority = field(default_factory=lambda: Priority(1, 0))
     client: str = "io"                # the io driver that submitted it
+    owner: str = "kernel"             # the principal that submitted it (kernel/auth.py): who may see and cancel it
     keep_alive_s: float | None = None  # how long its model stays loaded after it (None: the model's default)
     group: str | None = None          # n > 1: the client's request id (ours is "<group>#<index>")
     index: int = 0                    # which choice of the group this is

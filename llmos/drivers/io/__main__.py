@@ -7,9 +7,11 @@ Connection limits (cap, header and send deadlines, keep-alive, header sizes): li
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
 import signal
+import ssl
 import stat
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from llmos import protocol
 from llmos.drivers.io.kernel_link import KernelLink
-from llmos.drivers.io.limits import GuardedUnixSite, Limits
+from llmos.drivers.io.limits import GuardedTCPSite, GuardedUnixSite, Limits
 from llmos.drivers.io.server import make_app
 from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
 
@@ -29,6 +31,11 @@ log = logging.getLogger("llmos.drivers.io")
 def parse_args(argv=None):
     parser = base_argparser("io")
     parser.add_argument("--socket", required=True, help="path of the API's Unix socket")
+    parser.add_argument("--socket-mode", default="600", help="the socket's permissions, octal (660: its group too)")
+    parser.add_argument("--socket-group", default=None, help="the socket's group (name or gid)")
+    parser.add_argument("--listen", default=None, help="also serve TCP on HOST:PORT (every request needs a key)")
+    parser.add_argument("--tls-cert", default=None, help="serve TLS on --listen with this certificate (PEM)")
+    parser.add_argument("--tls-key", default=None, help="... and this private key (PEM)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds to wait for each kernel answer to a generation request")
     parser.add_argument("--shutdown-timeout", type=float, default=5.0,
@@ -56,6 +63,23 @@ def parse_args(argv=None):
     return args
 
 
+async def _listen_tcp(runner, args, runtime) -> None:
+    host, _, port = args.listen.rpartition(":")
+    context = None
+    if args.tls_cert or args.tls_key:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)   # TLS 1.2+, safe ciphers
+        try:
+            context.load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError, TypeError) as exc:
+            runtime.fatal(f"cannot load the TLS certificate {args.tls_cert!r} / key {args.tls_key!r}: {exc}")
+    try:
+        site = GuardedTCPSite(runner, host.strip("[]") or "127.0.0.1", int(port), args.limits, ssl_context=context)
+        await site.start()
+    except (OSError, ValueError) as exc:
+        runtime.fatal(f"cannot listen on {args.listen}: {exc}")
+    log.info("serving on %s", site.name)
+
+
 async def serve(args) -> None:
     stop = asyncio.Event()
     runtime = DriverRuntime("io", args.name, args.endpoint, asyncio=True)
@@ -80,7 +104,15 @@ async def serve(args) -> None:
         runtime.fatal(f"cannot listen on {sock}: {exc}")
     finally:
         os.umask(old_umask)
-    os.chmod(sock, 0o600)
+    try:
+        if args.socket_group:
+            gid = int(args.socket_group) if args.socket_group.isdigit() else grp.getgrnam(args.socket_group).gr_gid
+            os.chown(sock, -1, gid)
+        os.chmod(sock, int(args.socket_mode, 8) & 0o660)   # never for others, never executable
+    except (OSError, KeyError, ValueError) as exc:
+        runtime.fatal(f"cannot set the socket's group {args.socket_group!r} / mode {args.socket_mode!r}: {exc}")
+    if args.listen:
+        await _listen_tcp(runner, args, runtime)
     log.info("serving on %s", sock)
     runtime.ready(protocol.IoInfo(socket=str(sock), pid=os.getpid()))
     try:

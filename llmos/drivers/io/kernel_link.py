@@ -11,6 +11,7 @@ When the link drops or the driver stops, every waiting request gets a synthetic 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import uuid
 from typing import Any, Callable
@@ -19,6 +20,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from llmos import protocol
+from llmos.drivers.io.credentials import CURRENT
 from llmos.drivers.runtime import DriverRuntime
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,13 @@ class KernelUnavailable(Exception):
 
 class QueryFailed(Exception):
     """The kernel refused or failed a Query or Command; the message is its error."""
+
+
+class AuthRefused(Exception):
+    """The kernel said the caller may not ask this: 401 (who are you?) or 403 (not you)."""
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 class KernelLink:
@@ -84,7 +93,7 @@ class KernelLink:
         queue: asyncio.Queue = asyncio.Queue()
         self._requests[msg.request_id] = queue  # before sending: the answer may come fast
         self._open[msg.request_id] = set(range(msg.n))
-        self.bus.send(msg)
+        self.bus.send(dataclasses.replace(msg, auth=CURRENT.get()) if msg.auth is None else msg)
         return queue
 
     def abort(self, request_id: str, reason: str) -> None:
@@ -117,12 +126,14 @@ class KernelLink:
         fut = asyncio.get_running_loop().create_future()
         self._queries[qid] = fut
         try:
-            self.bus.send(cls(query_id=qid, what=what, args=args or {}))
+            self.bus.send(cls(query_id=qid, what=what, args=args or {}, auth=CURRENT.get()))
             reply = await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:
             raise KernelUnavailable(f"the kernel did not answer '{what}' within {timeout:g} s", 504) from None
         finally:
             self._queries.pop(qid, None)
+        if not reply.ok and reply.status in (401, 403):
+            raise AuthRefused(reply.error, reply.status)
         if not reply.ok:
             raise QueryFailed(reply.error)
         return reply.answer

@@ -297,3 +297,28 @@ class GuardedUnixSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_unix_server(self.guard, self._path, backlog=self._backlog)
+
+
+class GuardedTCPSite(web.BaseSite):
+    """aiohttp's TCPSite, serving through a ConnectionGuard, with TLS when given a context.
+    Off by default (--listen); every request on it needs an API key (kernel/auth.py)."""
+
+    __slots__ = ("_host", "_port", "guard")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limits: Limits, *, ssl_context=None,
+                 backlog: int = 128):
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
+        if runner.server is None:
+            raise RuntimeError("call runner.setup() before creating the site")
+        self._host, self._port = host, port
+        self.guard = ConnectionGuard(runner.server, limits)
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self.guard, self._host, self._port, ssl=self._ssl_context,
+                                                backlog=self._backlog, reuse_address=True)

@@ -19,7 +19,8 @@ from llmos import protocol
 from llmos import openai_format
 from llmos.drivers.io import batches, model_admin, model_ops
 from llmos.drivers.io.bodies import parse_json, read_body
-from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
+from llmos.drivers.io.credentials import attach_credentials
+from llmos.drivers.io.kernel_link import AuthRefused, KernelLink, KernelUnavailable, QueryFailed
 from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")   # a client's own X-Reques
 def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     """`timeout`: seconds to wait for each answer of the kernel to a generation request
     (its first answer may wait behind a long queue) before failing it with 504."""
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_errors, attach_credentials])
     app[LINK], app[TIMEOUT] = link, timeout
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
@@ -55,7 +56,9 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
 
 
 def error_response(err: ApiError) -> web.Response:
-    headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))} if err.retry_after else None
+    headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))} if err.retry_after else {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"   # RFC 6750
     resp = web.json_response(err.body(), status=err.status, headers=headers)
     if err.status in (408, 413, 415):   # the body was not read whole: this connection cannot go on
         resp.force_close()
@@ -71,6 +74,9 @@ async def _errors(request: web.Request, handler):
         return error_response(err)
     except KernelUnavailable as exc:
         return error_response(ApiError(exc.status, str(exc), code="kernel_unavailable"))
+    except AuthRefused as exc:
+        return error_response(ApiError(exc.status, str(exc),
+                                       code="invalid_api_key" if exc.status == 401 else "permission_denied"))
     except QueryFailed as exc:
         return error_response(ApiError(500, f"kernel query failed: {exc}", code="query_failed"))
     except protocol.Unencodable as exc:   # e.g. a lone surrogate in a query string or a path

@@ -3,14 +3,21 @@
 On CPU the pool is a file in /dev/shm that the kernel creates and sizes; model drivers
 map it (torch.from_file, shared) so the KV outlives any driver. On a GPU it is an
 allocation the kernel holds (cuda_pool.py). The host swap pool is always a file here. The kernel never maps
-the tensor itself: it only decides who may write which block. Files are named
-llmos-<kernel pid>-<model>.kv so a later kernel can remove what a killed one left.
+the tensor itself: it only decides who may write which block.
+
+/dev/shm is shared by every local user, so a pool file is named
+llmos-<uid>-<kernel pid>-<random>-<model>.kv: nobody can guess it to plant a file or a link
+there first, and it is created with O_EXCL | O_NOFOLLOW (never an existing file, never
+through a link), mode 0600. A later kernel removes what a killed one left, but only regular
+files that it owns, with its uid in the name, whose kernel is dead; anything else is left alone.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+import secrets
+import stat
 from pathlib import Path
 
 import psutil
@@ -19,7 +26,7 @@ from llmos.kernel.mem.geometry import KVGeometry, KVPool
 
 log = logging.getLogger(__name__)
 SHM_DIR = Path("/dev/shm")
-_NAME = re.compile(r"^llmos-(\d+)-.*\.kv$")
+_NAME = re.compile(r"^llmos-(\d+)-(\d+)-[0-9a-f]{16}-.*\.kv$")
 
 
 class SharedKVPool:
@@ -28,8 +35,8 @@ class SharedKVPool:
     def __init__(self, model: str, geometry: KVGeometry, num_blocks: int):
         self.geometry, self.num_blocks = geometry, num_blocks
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", model)
-        self.path = SHM_DIR / f"llmos-{os.getpid()}-{safe}.kv"
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.path = SHM_DIR / f"llmos-{os.getuid()}-{os.getpid()}-{secrets.token_hex(8)}-{safe}.kv"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)  # sparse: pages are committed as blocks are written
         finally:
@@ -67,11 +74,18 @@ def remove_stale_pools() -> list[Path]:
     removed = []
     if not SHM_DIR.is_dir():
         return removed
-    for path in SHM_DIR.glob("llmos-*.kv"):
+    uid = os.getuid()
+    for path in SHM_DIR.glob(f"llmos-{uid}-*.kv"):
         m = _NAME.match(path.name)
-        if m and not psutil.pid_exists(int(m.group(1))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
+        try:
+            st = path.lstat()
+            if not m or int(m.group(1)) != uid or st.st_uid != uid or not stat.S_ISREG(st.st_mode):
+                continue   # not ours, or not a plain file: someone else's business
+            if not psutil.pid_exists(int(m.group(2))):
+                path.unlink()
+                removed.append(path)
+        except OSError as exc:   # one odd entry must not stop the daemon from starting
+            log.warning("left %s alone: %s", path, exc)
     if removed:
         log.info("removed %d stale KV pool file(s)", len(removed))
     return removed
