@@ -34,5 +34,7 @@ class DaemonConfig:
     listen: str | None = None         # HOST:PORT of the optional TCP listener (keys required)
     tls_cert: str | None = None       # PEM files: TLS on the TCP listener
     tls_key: str | None = None
+    audit_key_file: str | None = None     # HMAC key for the audit chain (else $LLMOS_AUDIT_KEY_FILE; none: unsigned)
+    audit_record_prompts: bool = False    # put prompt text in the audit log's request records
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -120,6 +120,8 @@ class Recorder:
             return httpx.Response(200, text=f"{path}\n\nline 2\n")
         if path in ("/v1/models", "/llmos/v1/jobs", "/llmos/v1/models"):
             return httpx.Response(200, json={"object": "list", "data": [{"id": path}]})
+        if path == "/v1/files" and request.method == "GET":
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "file-in"}]})
         if path == "/v1/files":
             return httpx.Response(200, json={"id": "file-in", "llmos": {"endpoint": "/v1/completions"}})
         if path.startswith("/llmos/v1/jobs/batch_1"):
@@ -139,6 +141,8 @@ CALLS = {   # every public method of the API, with arguments
     "copy_model": ("m", "m2"), "set_model_defaults": ("m", None, 2),
     "load_model": (MODEL,), "unload_model": (MODEL,),
     "scale_model": (MODEL, 2), "upgrade_model": (MODEL, 2), "rollback_model": (MODEL,), "upgrade_status": (MODEL,),
+    "list_files": (), "delete_file": ("file-1",), "delete_job": ("batch_1",), "purge_jobs": (86400.0,),
+    "storage_status": (), "rotate_storage": (),
 }
 STREAMS = {"stream_completion", "stream_chat", "results"}
 

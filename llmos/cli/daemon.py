@@ -142,6 +142,8 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
               help="also serve the API over TCP (off by default); every request there needs an API key")
 @click.option("--tls-cert", default=None, help="PEM certificate: serve TLS on --listen")
 @click.option("--tls-key", default=None, help="PEM private key for --tls-cert")
+@click.option("--audit-key-file", default=None, help="HMAC key (0600 file) signing the audit chain")
+@click.option("--audit-record-prompts", is_flag=True, help="keep prompt text in the audit log (off: never)")
 @click.option("--replica-devices", default="",
               help="devices the replicas spread over, e.g. cuda:0,cuda:1, or 'all' GPUs (default: --device)")
 @click.option("--memory-limit", default=None,

@@ -20,7 +20,9 @@ import llmos
 from llmos.cli import startup
 from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
+from llmos.cli.audit import audit
 from llmos.cli.keys import keys
+from llmos.cli.storage_keys import rotate_storage
 from llmos.cli.models import models
 from llmos.cli.residency import load, scale, unload
 from llmos.cli import upgrade as _upgrade  # noqa: F401  (adds `models upgrade | rollback | history`)
@@ -318,3 +320,5 @@ cli.add_command(load)
 cli.add_command(unload)
 cli.add_command(scale)
 cli.add_command(keys)
+keys.add_command(rotate_storage)   # llmos keys rotate-storage
+cli.add_command(audit)

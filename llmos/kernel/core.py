@@ -24,7 +24,9 @@ from llmos.kernel.jobs import JobManager, JobStore
 from llmos.kernel.jobs.manager import PEER as JOBS_PEER
 from llmos.kernel.mem.device import cpu_memory, gpu_memories, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
+from llmos.audit import AuditLog, audit_dir, key_file_setting, load_key
 from llmos.kernel.access import Access
+from llmos.kernel.auditing import Auditor
 from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel.model_commands import ModelCommands
@@ -63,6 +65,8 @@ class Kernel:
         self.front.ensure_loaded, self.front.route, self.front.on_routed = self.host.ensure, self.host.route, \
             self.host.routed
         self.front.on_done = self._request_done
+        self.auditor = Auditor(None)   # opened in run(), where the home is known to exist
+        self.front.on_rejected = lambda m, principal, status, code: self.auditor.rejected(m, principal, status, code)
         self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
         self.authority = Authority(KeyStore(paths.home / "keys.db"), os.getuid(), config.allow_local_users)
         self.access = Access(self.authority)
@@ -85,6 +89,7 @@ class Kernel:
     # ------------------------------------------------------------ lifecycle
     async def run(self) -> None:
         self.paths.ensure()
+        self.auditor = Auditor(self._open_audit())
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
         self.host.preload()   # their model drivers start loading now
@@ -142,9 +147,14 @@ class Kernel:
             return [g.device for g in gpu_memories()] or [self.device.device]
         return [select_device(d).device for d in wanted] or [self.device.device]
 
-    def _request_done(self, req, server_failed: bool) -> None:
+    def _request_done(self, req, status: int | None) -> None:
+        server_failed = status is not None and status >= 500
         self.host.request_done(req, server_failed)
         self.upgrades.request_done(req, server_failed)
+        if req.group and req.group in self.front.groups:   # one record per client request
+            self.auditor.choice_done(req)
+        else:
+            self.auditor.request(req, status)
 
     def _model_driver_spec(self, engine: ModelEngine) -> DriverSpec:
         return self._spec(engine.driver, "model", "llmos.drivers.model", "--model", engine.spec, "--models-dir",
@@ -191,9 +201,15 @@ class Kernel:
         await self.supervisor.stop_all()
         self.stopped.set()
 
+    def _open_audit(self):
+        kp = key_file_setting(self.config.audit_key_file)
+        return AuditLog(audit_dir(self.paths.home), hmac_key=load_key(kp) if kp else None,
+                        record_prompts=self.config.audit_record_prompts)
+
     def _release(self) -> None:
         if self.jobs is not None:
             self.jobs.close()
+        self.auditor.close()
         for engine in self.engines.values():
             for pool in (engine.pool, engine.host_pool):
                 if pool is not None:
@@ -254,6 +270,7 @@ class Kernel:
             try:
                 principal = self.access.submit(m)
             except AuthError as exc:
+                self.auditor.auth_failure("submit", m.auth, str(exc))
                 return self.send(peer, protocol.Rejected(request_id=m.request_id, status=exc.status, param=None,
                                                          code="invalid_api_key", message=str(exc)))
             self.front.submit(peer, m, principal)
@@ -285,6 +302,7 @@ class Kernel:
         try:
             principal = self.access.check(m)
         except AuthError as exc:
+            self.auditor.auth_failure(m.what, m.auth, str(exc))
             return self.send(peer, protocol.QueryReply(query_id=m.query_id, error=str(exc), status=exc.status))
         try:
             if m.what == "cancel":   # a principal finds only its own requests
@@ -296,6 +314,8 @@ class Kernel:
             else:
                 answer = self._command(m.what, m.args)
             reply = protocol.QueryReply(query_id=m.query_id, **answer)
+            if isinstance(m, protocol.Command):
+                self.auditor.command(m.what, m.args, principal, answer.get("error"))
         except Exception as exc:
             log.exception("%s %r failed", type(m).__name__, m.what)
             reply = protocol.QueryReply(query_id=m.query_id, error=f"{m.what}: internal error: {type(exc).__name__}: {exc}")
@@ -355,7 +375,7 @@ class Kernel:
         io_up = self.supervisor.is_running("io")
         status = "draining" if self.front.draining else ("ok" if ready and io_up else "starting")
         failed = [d.spec.name for d in self.supervisor.table.values() if d.state.value == "failed"]
-        if failed or self.dead_loops:
+        if failed or self.dead_loops or (self.auditor.audit is not None and self.auditor.audit.failed):
             status = "degraded"
         return protocol.HealthReport(
             status=status, pid=os.getpid(), uptime_s=round(time.monotonic() - self.started, 1),

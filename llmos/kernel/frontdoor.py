@@ -39,7 +39,8 @@ class FrontDoor:
         self.ensure_loaded = lambda model: (404, f"The model '{model:.256}' does not exist")
         self.route = lambda m: self.engines.get(m.model)   # the engine (replica) a Submit goes to
         self.on_routed = lambda req, m: None
-        self.on_done = lambda req, server_failed: None
+        self.on_done = lambda req, status: None   # status: 200, the error's, or None (the client left)
+        self.on_rejected = lambda m, principal, status, code: None
 
     # ------------------------------------------------------------ io -> kernel
     def submit(self, peer: str, m: protocol.Submit, principal: Principal = KERNEL) -> None:
@@ -63,6 +64,7 @@ class FrontDoor:
 
     def _submit(self, peer: str, m: protocol.Submit, pinned=None, principal: Principal = KERNEL) -> None:
         def reject(status, code, message, param=None, retry_after=None):
+            self.on_rejected(m, principal, status, code)
             self._send(peer, protocol.Rejected(request_id=m.request_id, status=status, code=code,
                                                message=message, param=param, retry_after=retry_after))
         if self.draining:
@@ -231,14 +233,14 @@ class FrontDoor:
         req = self.table.get(client_id)
         return [req] if req is not None else []
 
-    def _drop(self, req: Request, server_failed: bool = False) -> None:
+    def _drop(self, req: Request, status: int | None = None) -> None:
         """End a request without output: free its memory and its tokenizer state."""
         engine = self.engines[req.engine]
         engine.drop(req)
         if req.detok.epoch == self.tokenizer_epoch.get(engine.tokenizer) and req.state is not State.DONE:
             self._send(engine.tokenizer, protocol.Detokenize(items=[protocol.DetokItem(
                 rid=req.id, ids=[], prior=None, lp=None, stop=None, finish="abort")]))
-        self._forget(req, server_failed)
+        self._forget(req, status)
 
     # ------------------------------------------------------------ model tokens -> tokenizer -> io
     def engine_outputs(self, engine, out) -> None:
@@ -333,20 +335,21 @@ class FrontDoor:
     def _end_with_error(self, req: Request, status: int, code: str, message: str, param: str | None = None):
         """One answer for the client; for n > 1 every choice ends with it."""
         for member in self._members(req.client_id) or [req]:
-            self._drop(member, server_failed=status >= 500)
+            self._drop(member, status)
         self._send(req.client, protocol.Rejected(request_id=req.client_id, status=status, code=code,
                                                  message=message, param=param))
 
-    def _forget(self, req: Request, server_failed: bool = False) -> None:
+    def _forget(self, req: Request, status: int | None = 200) -> None:
         if req.state is not State.DONE:
             req.to(State.DONE)
-        if self.table.pop(req.id, None) is not None:
-            self.on_done(req, server_failed)
+        known = self.table.pop(req.id, None) is not None
         group = self.groups.get(req.group)
         if group is not None:
             group[:] = [r for r in group if r is not req]
             if not group:
                 del self.groups[req.group]
+        if known:
+            self.on_done(req, status)
 
     def fail_all(self, status: int, code: str, message: str) -> None:
         for model in self.parking.models():

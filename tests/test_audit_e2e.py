@@ -1,0 +1,52 @@
+"""The kernel's audit records through a real daemon: one per request (no prompt text), auth
+failures, admin commands; the chain verifies; the CLI reads it."""
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from daemon_harness import Daemon
+from llmos.audit import audit_dir, read_records, verify
+from llmos.cli.main import cli
+from llmos.kernel.auth import KeyStore
+
+MARKER = "zebra-quartz-7741"
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, tiny_llama_dir):
+    home = tmp_path_factory.mktemp("audited")
+    d = Daemon(home, [f"tl={tiny_llama_dir}"]).wait_ready()
+    d.key = KeyStore(home / "keys.db").create("alice", ["tl"], "interactive")[0]
+    yield d
+    d.stop()
+
+
+def test_requests_failures_and_commands_are_recorded_and_the_chain_verifies(daemon):
+    with daemon.http() as c:
+        ok = c.post("/v1/completions", json={"model": "tl", "prompt": f"say {MARKER}", "max_tokens": 3})
+        two = c.post("/v1/completions", json={"model": "tl", "prompt": MARKER, "max_tokens": 4, "n": 2,
+                                              "temperature": 1.0, "seed": 3})
+        missing = c.post("/v1/completions", json={"model": "nope", "prompt": MARKER})
+        bad_key = c.get("/v1/models", headers={"Authorization": "Bearer llmos-" + "0" * 43})
+        restart = c.post("/llmos/v1/drivers/tokenizer-tl/restart")
+        ps = c.get("/llmos/v1/ps")   # a query: not an admin action, not recorded
+    assert (ok.status_code, two.status_code, missing.status_code, bad_key.status_code) == (200, 200, 404, 401)
+    assert restart.status_code == 200 and ps.status_code == 200
+    daemon.stop()   # flushes the log
+    records = list(read_records(audit_dir(daemon.home)))
+    kinds = [r["kind"] for r in records]
+    requests = [r for r in records if r["kind"] == "request"]
+    by_status = sorted((r["status"], r.get("completion_tokens")) for r in requests)
+    assert by_status == [(200, 3), (200, 8), (404, 0)], requests   # n = 2: one record, both choices' tokens
+    assert all(r["principal"] == next(x for x in requests if x["status"] == 200)["principal"] for r in requests)
+    assert kinds.count("auth.failure") == 1 and "admin" in kinds
+    (admin,) = [r for r in records if r["kind"] == "admin"]
+    assert admin["action"] == "restart" and admin["name"] == "tokenizer-tl" and admin["status"] == "ok"
+    for f in audit_dir(daemon.home).iterdir():
+        if f.is_file():
+            assert MARKER.encode() not in f.read_bytes(), f   # prompts stay out unless asked for
+    result = verify(audit_dir(daemon.home))
+    assert result.ok and result.records == len(records), result
+    out = CliRunner().invoke(cli, ["--home", str(daemon.home), "audit", "verify"])
+    assert out.exit_code == 0, out.output
