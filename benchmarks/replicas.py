@@ -103,26 +103,35 @@ async def throughput_run(sock: Path, model: str, prompts: list[str], max_tokens:
 def part_throughput(model_dir: Path, args, prompts: list[str]) -> None:
     print(f"\n== 1. throughput, {len(prompts)} concurrent chats x {args.max_tokens} tokens, {args.model} "
           f"{args.dtype}, each on a fresh daemon ({cpu_model()})")
-    results = {}
-    for n in (1, 2):
-        d = start(model_dir, [f"m={model_dir}"], args, "--replicas", str(n))
-        load = os.getloadavg()[0]
-        try:
-            results[n] = r = asyncio.run(throughput_run(d.socket, "m", prompts, args.max_tokens))
-        finally:
-            d.stop()
-        print(f"replicas={n}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tok_s']:.1f} tok/s; "
-              f"TTFT p50 {r['ttft_p50']:.2f}s p99 {r['ttft_p99']:.2f}s; inter-token p50 {1000 * r['itl_p50']:.1f} ms "
-              f"(1-minute load average {load:.1f} -> {os.getloadavg()[0]:.1f})")
-        total = sum(e["tokens"] for e in r["engines"].values()) or 1
-        for name, e in r["engines"].items():
-            print(f"    engine {name:4s} on {e['device']}: {e['lookups']:3d} requests admitted, "
-                  f"{e['tokens']:6d} tokens computed "
-                  f"({100 * e['tokens'] / total:.1f}%), {e['steps']} steps, forward {e['forward_s']:.1f}s "
-                  f"({100 * e['forward_s'] / r['wall_s']:.0f}% of the wall time)")
-    print(f"ratio 2 replicas / 1 replica: {results[2]['tok_s'] / results[1]['tok_s']:.2f}x "
-          f"(TTFT p50 {results[2]['ttft_p50']:.2f}s vs {results[1]['ttft_p50']:.2f}s)")
+    ratios = []
+    for rnd in range(args.repeat):
+        results = {n: throughput_once(model_dir, args, prompts, n) for n in (1, 2)}
+        ratios.append(results[2]["tok_s"] / results[1]["tok_s"])
+        print(f"ratio 2 replicas / 1 replica{f' (round {rnd + 1})' if args.repeat > 1 else ''}: {ratios[-1]:.2f}x "
+              f"(TTFT p50 {results[2]['ttft_p50']:.2f}s vs {results[1]['ttft_p50']:.2f}s)")
+    if args.repeat > 1:
+        print(f"ratios over {args.repeat} rounds: {', '.join(f'{x:.2f}x' for x in ratios)}")
     print(f"note: {NOTE_2_CORES}")
+
+
+def throughput_once(model_dir: Path, args, prompts: list[str], n: int) -> dict:
+    """One daemon with n replicas, the standard workload on it; prints and returns the result."""
+    d = start(model_dir, [f"m={model_dir}"], args, "--replicas", str(n))
+    load = os.getloadavg()[0]
+    try:
+        r = asyncio.run(throughput_run(d.socket, "m", prompts, args.max_tokens))
+    finally:
+        d.stop()
+    print(f"replicas={n}: {r['tokens']} tokens in {r['wall_s']:.1f}s = {r['tok_s']:.1f} tok/s; "
+          f"TTFT p50 {r['ttft_p50']:.2f}s p99 {r['ttft_p99']:.2f}s; inter-token p50 {1000 * r['itl_p50']:.1f} ms "
+          f"(1-minute load average {load:.1f} -> {os.getloadavg()[0]:.1f})")
+    total = sum(e["tokens"] for e in r["engines"].values()) or 1
+    for name, e in r["engines"].items():
+        print(f"    engine {name:4s} on {e['device']}: {e['lookups']:3d} requests admitted, "
+              f"{e['tokens']:6d} tokens computed "
+              f"({100 * e['tokens'] / total:.1f}%), {e['steps']} steps, forward {e['forward_s']:.1f}s "
+              f"({100 * e['forward_s'] / r['wall_s']:.0f}% of the wall time)")
+    return r
 
 
 # ------------------------------------------------------------------ 2. routing and the prefix cache
@@ -255,6 +264,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=1, help="rounds of 1-then-2 replicas in part 1")
     ap.add_argument("--kv-memory", default="2GiB", help="the daemon's KV budget, split between its engines")
     ap.add_argument("--rules", type=int, default=30, help="sentences per system prompt (~22 tokens each)")
     ap.add_argument("--prefix-concurrency", default="1,8", help="chats in flight in part 2 (comma-separated levels)")
