@@ -153,3 +153,38 @@ def test_bad_upgrade_requests_are_refused_precisely(daemon):
         assert c.post("/llmos/v1/models/nope/upgrade", json={"version": 2}).status_code == 404
         assert c.get("/llmos/v1/models/nope/upgrade").status_code == 404
     assert stream_text(daemon, "qw", PROMPTS[1], TOKENS)   # and it still serves
+
+
+@pytest.fixture()
+def one_slot(tmp_path, versions):
+    Catalog(Paths.from_env(tmp_path)).add("qw", versions[1])
+    d = Daemon(tmp_path, ["qw"], "--max-model-len", "256").wait_ready()   # room for one engine only
+    yield d
+    d.stop()
+
+
+def test_in_place_upgrade_drains_then_loads_and_its_rollback_reloads_the_old(one_slot, answers, versions):
+    d = one_slot
+    refused = llmos(d, "models", "upgrade", "qw", "--to", str(versions[2]))
+    assert refused.exit_code == 1 and "in place" in refused.output, refused.output
+    with Load(d) as load:
+        while len(load.results) < 16:
+            time.sleep(0.05)
+        r = llmos(d, "models", "upgrade", "qw", "--to", str(versions[2]), "--in-place")   # v3: v2 was refused
+        assert r.exit_code == 0 and "draining v3" in r.output and "switched to v3" in r.output, r.output
+        n = len(load.results)
+        while len(load.results) < n + 16:
+            time.sleep(0.05)
+    assert load.errors == []
+    assert all(text in (answers[1][p], answers[2][p]) for p, text in load.results)
+    assert stream_text(d, "qw", PROMPTS[0], TOKENS) == answers[2][PROMPTS[0]]
+    with Load(d) as load:   # a broken version in place: the old one comes back, nothing fails
+        while len(load.results) < 16:
+            time.sleep(0.05)
+        r = llmos(d, "models", "upgrade", "qw", "--to", str(versions[3]), "--in-place")
+        assert r.exit_code == 1 and "rolled back" in r.output, r.output
+        n = len(load.results)
+        while len(load.results) < n + 16:
+            time.sleep(0.05)
+    assert load.errors == []
+    assert all(text == answers[2][p] for p, text in load.results[n:])

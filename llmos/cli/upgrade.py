@@ -41,9 +41,11 @@ def _follow(c: Client, name: str, timeout: float) -> dict:
 @click.argument("name")
 @click.option("--to", "path", required=True, help="the new version: an HF directory or a .gguf file")
 @click.option("--note", default="", help="recorded with the version")
+@click.option("--in-place", is_flag=True, help="when both versions do not fit: new requests wait while the old "
+                                               "version drains, then the new one loads in its memory")
 @click.option("--timeout", type=float, default=900.0, show_default=True, help="seconds to wait for the switch")
 @click.pass_obj
-def upgrade(paths: Paths, name: str, path: str, note: str, timeout: float):
+def upgrade(paths: Paths, name: str, path: str, note: str, in_place: bool, timeout: float):
     """Upgrade NAME without interrupting it: load, canary, switch; automatic rollback."""
     catalog = Catalog(paths)
     with _Bar() as bar:
@@ -51,7 +53,7 @@ def upgrade(paths: Paths, name: str, path: str, note: str, timeout: float):
     click.echo(f"{name}: v{version} added")
     try:
         with Client(paths.home, timeout=30) as c:
-            c.upgrade_model(name, version)
+            c.upgrade_model(name, version, in_place=in_place)
             status = _follow(c, name, timeout)
     except DaemonNotRunning:
         catalog.set_active(name, version, note or "upgrade (no daemon running)")

@@ -63,10 +63,11 @@ class Api(JobsApi):
         """Run `replicas` model drivers for a loaded model; requests are balanced between them."""
         return self._run(Call("POST", f"/llmos/v1/models/{name}/scale", {"replicas": replicas}))
 
-    def upgrade_model(self, name: str, version: int) -> dict:
+    def upgrade_model(self, name: str, version: int, in_place: bool = False) -> dict:
         """Start upgrading a loaded model to a registered version (canary, switch, watch; it
-        rolls back by itself if the version fails). `upgrade_status` follows it."""
-        return self._run(Call("POST", f"/llmos/v1/models/{name}/upgrade", {"version": version}))
+        rolls back by itself if the version fails). `in_place`: when both versions do not fit,
+        new requests wait while the old drains. `upgrade_status` follows it."""
+        return self._run(Call("POST", f"/llmos/v1/models/{name}/upgrade", {"version": version, "in_place": in_place}))
 
     def rollback_model(self, name: str) -> dict:
         """Abandon an upgrade in progress, or go back to the version before the last one."""

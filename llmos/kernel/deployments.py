@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from llmos.kernel.router import Router
 
-LOADING, CANARY, WATCHING = "loading", "canary", "watching"
+DRAINING, LOADING, CANARY, WATCHING = "draining", "loading", "canary", "watching"
 WATCH_REQUESTS = 16        # requests the new version serves before the old one retires
 MAX_WATCH_FAILURES = 2     # server-side failures among them that roll it back
 WATCH_MAX_S = 60.0         # a watch with too little traffic to judge ends well after this long
@@ -42,6 +42,8 @@ class Upgrade:
     switched_at: float | None = None
     previous: list[str] = field(default_factory=list)   # the old version's engines (standing by)
     previous_version: int | None = None
+    in_place: bool = False     # both versions do not fit: drain the old, then load the new (draining first)
+    previous_spec: str = ""
 
 
 @dataclass

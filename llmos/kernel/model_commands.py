@@ -56,7 +56,10 @@ class ModelCommands:
         version = args.get("version")
         if type(version) is not int or version < 1:
             raise ValueError("version must be a registry version number (llmos models show NAME)")
-        return self.upgrades.start(_name(args), version)
+        in_place = args.get("in_place", False)
+        if type(in_place) is not bool:
+            raise ValueError("in_place must be true or false")
+        return self.upgrades.start(_name(args), version, in_place)
 
     def rollback(self, args: dict) -> dict:
         return self.upgrades.rollback(_name(args))

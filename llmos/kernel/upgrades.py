@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
-from llmos.kernel.deployments import CANARY, LOADING, WATCH_MAX_S, WATCHING, Upgrade
+from llmos.kernel.deployments import CANARY, DRAINING, LOADING, WATCH_MAX_S, WATCHING, Upgrade
 from llmos.models.catalog import UPGRADE_FAILED
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class Upgrades:
         host.on_engine_ready, host.on_engine_failed, host.on_tick = self._engine_ready, self.engine_failed, self.tick
 
     # ------------------------------------------------------------ commands
-    def start(self, name: str, version: int) -> dict:
+    def start(self, name: str, version: int, in_place: bool = False) -> dict:
         entry = self.catalog.get(name)
         target = entry.version(version)            # raises UnknownModel for a version it lacks
         d = self.host.deployments.get(name)
@@ -41,16 +41,27 @@ class Upgrades:
             raise ValueError(f"model {name!r} is already being upgraded to v{d.upgrade.version}")
         if d.version == version:
             raise ValueError(f"model {name!r} already serves v{version}")
-        refusal = self.host._make_room(name, d.replicas, growing=True)
-        if refusal is not None:
-            raise ValueError(f"{refusal[1]}; both versions must fit while the new one is tried "
-                             "(unload other models, or lower --kv-memory)")
-        self.host.table.get(name).engines += d.replicas
         spec = f"{name}={target.prepared}"
+        refusal = self.host._make_room(name, d.replicas, growing=True)
+        if refusal is not None and in_place:
+            return self._start_in_place(d, version, spec)
+        if refusal is not None:
+            raise ValueError(f"{refusal[1]}; both versions must fit while the new one is tried (unload other "
+                             "models), or upgrade in place (new requests wait while the old version drains)")
+        self.host.table.get(name).engines += d.replicas
         d.upgrade = Upgrade(version, spec, [], self.clock())
         d.upgrade.engines = [self.host.start_engine(d, spec) for _ in range(d.replicas)]
         log.info("upgrading %s from v%s to v%d: loading %s", name, d.version, version, d.upgrade.engines)
         return {"model": name, "from": d.version, "to": version, "phase": LOADING, "engines": d.upgrade.engines}
+
+    def _start_in_place(self, d, version: int, spec: str) -> dict:
+        """Nothing new goes to the old version (new requests wait in the parking); once it holds
+        nothing it stops, and the new one loads in its memory (tick)."""
+        d.upgrade = Upgrade(version, spec, [], self.clock(), phase=DRAINING, in_place=True,
+                            previous=list(d.serving), previous_version=d.version, previous_spec=d.spec)
+        d.serving = []
+        log.info("upgrading %s in place to v%d: draining %s", d.model, version, d.upgrade.previous)
+        return {"model": d.model, "from": d.version, "to": version, "phase": DRAINING, "engines": []}
 
     def rollback(self, name: str) -> dict:
         """During an upgrade: abandon it now. After one: upgrade back to the version before."""
@@ -99,6 +110,7 @@ class Upgrades:
         d.switch()
         u.switched_at = self.clock()
         self.catalog.set_active(model, u.version, f"canary passed on {', '.join(u.engines)}")
+        self.host.front.release(model)   # an in-place upgrade's waiting requests go in now
         log.info("model %s: switched to v%s after %.1f s", model, u.version, u.switched_at - u.started)
 
     def engine_failed(self, model: str, eid: str, error: str) -> bool:
@@ -132,6 +144,12 @@ class Upgrades:
         now = self.clock()
         for model, d in list(self.host.deployments.items()):
             u = d.upgrade
+            if u is not None and u.phase == DRAINING and not any(self.host.held(e) for e in u.previous):
+                for e in u.previous:
+                    self.host.drop_engine(e)
+                u.engines = [self.host.start_engine(d, u.spec) for _ in range(d.replicas)]
+                u.phase, u.started = LOADING, now   # (the canary's clock starts now)
+                log.info("model %s: v%s drained; loading v%s in its place", model, u.previous_version, u.version)
             if u is not None and u.phase == CANARY and now - u.started > CANARY_TIMEOUT_S:
                 self._roll_back(model, f"the canary did not answer within {CANARY_TIMEOUT_S:.0f} s")
             elif u is not None and u.phase == WATCHING and now - u.switched_at > WATCH_MAX_S:
@@ -144,9 +162,14 @@ class Upgrades:
         u = d.upgrade
         for e in u.engines:
             self.canary.give_up(e, "rolled back")
-        switched = u.phase not in (LOADING, CANARY)
+        switched = u.phase not in (DRAINING, LOADING, CANARY)
         leaving = d.roll_back()
         d.retiring += [e for e in leaving if e in self.host.engines]   # they finish what they hold
+        if u.in_place and not d.serving:   # the old version: still there (draining), or loaded again
+            alive = [e for e in u.previous if e in self.host.engines]
+            d.spec = u.previous_spec
+            d.serving = alive or [self.host.start_engine(d, u.previous_spec) for _ in range(d.replicas)]
+            d.router.set_replicas(d.serving)
         if switched:
             self.catalog.set_active(model, u.previous_version, f"v{u.version} rolled back: {reason}")
         else:

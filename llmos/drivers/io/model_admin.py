@@ -89,9 +89,9 @@ async def _body(request: web.Request, fields: dict, required: tuple) -> dict:
     for key, value in body.items():
         if key not in fields:
             raise ApiError(400, f"unknown field {key[:64]!r} (known: {', '.join(fields)})", key[:64])
-        if not isinstance(value, fields[key]) or isinstance(value, bool):
+        if not isinstance(value, fields[key]) or (isinstance(value, bool) and bool not in fields[key]):
             kinds = " or ".join("null" if t is type(None) else {str: "a string", int: "an integer",
-                                                                 float: "a number"}[t] for t in fields[key])
+                                                                 float: "a number", bool: "true or false"}[t] for t in fields[key])
             raise ApiError(400, f"{key} must be {kinds}", key)
     for key in required:
         if key not in body:

@@ -23,7 +23,7 @@ LINK = web.AppKey("model_ops_link", KernelLink)
 def add_routes(app: web.Application, link: KernelLink) -> None:
     app[LINK] = link
     for what, fields in (("load", None), ("unload", None), ("scale", {"replicas": (int,)}),
-                         ("upgrade", {"version": (int,)}), ("rollback", None)):
+                         ("upgrade", {"version": (int,), "in_place": (bool,)}), ("rollback", None)):
         app.router.add_post(f"/llmos/v1/models/{{name}}/{what}", _command(what, fields))
     app.router.add_get("/llmos/v1/models/{name}/upgrade", upgrade_status)
 
@@ -37,7 +37,7 @@ async def _known(request: web.Request) -> str:
 
 def _command(what: str, fields: dict | None):
     async def route(request: web.Request) -> web.Response:
-        args = await _body(request, fields, tuple(fields)) if fields else {}
+        args = await _body(request, fields, tuple(k for k in fields if k != "in_place")) if fields else {}
         args["name"] = await _known(request)
         try:
             return web.json_response(await request.app[LINK].command(what, args))
