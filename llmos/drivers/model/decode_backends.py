@@ -22,6 +22,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from llmos.drivers.model import native as native_ext
+
 log = logging.getLogger("llmos.model")
 BACKENDS = ("auto", "native", "flashinfer", "gather")
 
@@ -44,10 +46,8 @@ def gather(step, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def native(step, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-    from llmos.drivers.model import native as ext
-
     k, v = step.pool.block_rows(layer)
-    return ext.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, scale)
+    return native_ext.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, scale)   # (load() is cached)
 
 
 def flashinfer(step, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
@@ -96,8 +96,7 @@ def choose(device: torch.device) -> str:
     if want == "native" and device.type != "cpu":
         raise ValueError("the native decode backend runs on the CPU only")
     if want == "native":
-        from llmos.drivers.model import native as ext
-        if ext.load() is None:
+        if native_ext.load() is None:
             raise RuntimeError("LLMOS_DECODE_BACKEND=native but the C++ kernels did not build (see the log)")
     return want
 
