@@ -17,7 +17,10 @@ from __future__ import annotations
 
 from llmos.kernel.jobs.states import ACTIVE, ENDED_AT, TERMINAL
 
-TRASH = {"file": ("file_lines", "file_id"), "job": ("requests", "job_id")}
+# what a trash entry leaves: table, its owner column, the size of a row's values (SQL)
+TRASH = {"file": ("file_lines", "file_id", "length(custom_id) + length(text)"),
+         "job": ("requests", "job_id", "length(custom_id) + COALESCE(length(response), 0)")}
+ERASE_BYTES = 16 * 1024 * 1024
 
 
 class Erasure:
@@ -40,16 +43,22 @@ class Erasure:
     def trash_count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM trash").fetchone()[0]
 
-    def erase_some(self, limit: int) -> int:
-        """Delete up to `limit` rows left by deletions, in one transaction; returns how many."""
-        done = 0
+    def erase_some(self, limit: int, max_bytes: int = ERASE_BYTES) -> int:
+        """Delete up to `limit` rows (and about `max_bytes` of values) left by deletions, in
+        one transaction; returns how many."""
+        done, size = 0, 0
         with self._tx() as db:
             for kind, ident in db.execute("SELECT kind, id FROM trash").fetchall():
-                table, col = TRASH[kind]
-                n = db.execute(f"DELETE FROM {table} WHERE {col}=? AND line_no IN (SELECT line_no FROM {table} "
-                               f"WHERE {col}=? ORDER BY line_no LIMIT ?)", (ident, ident, limit - done)).rowcount
-                done += n
-                if done >= limit:
+                table, col, values = TRASH[kind]
+                last = None
+                for line_no, n in db.execute(f"SELECT line_no, {values} FROM {table} WHERE {col}=? ORDER BY line_no "
+                                             "LIMIT ?", (ident, limit - done)):
+                    last, done, size = line_no, done + 1, size + n
+                    if size >= max_bytes:
+                        break
+                if last is not None:
+                    db.execute(f"DELETE FROM {table} WHERE {col}=? AND line_no<=?", (ident, last))
+                if done >= limit or size >= max_bytes:
                     break
                 db.execute("DELETE FROM trash WHERE kind=? AND id=?", (kind, ident))
         return done

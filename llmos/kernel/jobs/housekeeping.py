@@ -2,8 +2,9 @@
 
     sweep (every SWEEP_S): batches past their completion window expire; files past their
           expires_at, and (retention) finished jobs and files older than N days, are deleted
-    erase: rows left by deletions go, ERASE_ROWS per step; then the WAL is checkpointed and
-          truncated (erasure.py), then free pages are returned VACUUM_PAGES per step
+    erase: rows left by deletions go, ERASE_ROWS (or 16 MiB of values) per step; then the
+          WAL is checkpointed and truncated (erasure.py); then free pages are returned to
+          the file system, VACUUM_PAGES per step
     reseal: a rotation's next RESEAL_ROWS rows (rotation.py)
 
 and the deletion commands: jobs.delete (an ended job, and its input file if no other job

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 PEER = "@jobs"
 TRANSIENT = (429, 503, 504)   # over quota, model loading, daemon draining: the line runs again later
 RETRY_PAUSE_S = 1.0      # after a transient refusal, a job waits this long (or Retry-After) to feed again
-ADMIN_ONLY = {"jobs.purge", "storage.rotate", "storage.status"}   # every tenant's data, or the keys
+ADMIN_ONLY = frozenset({"jobs.purge", "storage.rotate", "storage.status"})   # every tenant's data, or the keys
 
 
 def _transient(msg: protocol.Rejected, line: BatchLine) -> bool:
@@ -80,6 +80,8 @@ class Flight:
 
 
 class JobManager:
+    admin_only = ADMIN_ONLY   # commands and queries only an admin may send (kernel/access.py)
+
     def __init__(self, store: JobStore, front, engines: dict, is_running, max_in_flight: int = 64,
                  models=None, retention_days: float | None = None, clock=time.time):
         """`retention_days`: finished jobs and files older than this are deleted (None: kept);
@@ -100,7 +102,8 @@ class JobManager:
         self.commands = _guarded({"files.begin": self.files.begin, "files.append": self.files.append,
                                   "files.commit": self.files.commit, "files.discard": self.files.discard,
                                   "files.delete": self._woken(self.files.delete), "jobs.create": self.create,
-                                  "jobs.cancel": self.cancel, **{k: self._woken(f) for k, f in self.keeper.commands.items()}})
+                                  "jobs.cancel": self.cancel,
+                                  **{k: self._woken(f) for k, f in self.keeper.commands.items()}})
         self.queries = _guarded({"files.get": self.files.get, "files.page": self.files.page,
                                  "files.list": self.files.list, "jobs.list": self.list_jobs, "jobs.get": self.get_job,
                                  "jobs.errors": lambda args: list(self.recent_errors), **self.keeper.queries})

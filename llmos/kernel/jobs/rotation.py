@@ -2,8 +2,8 @@
 
     start: (rotate) a new key goes first in the key file, so every write from now on is
            sealed with it; the old keys stay readable
-    step:  one small transaction re-seals the next RESEAL_ROWS rows still sealed with an
-           old key (or, after a schema 1 store was opened, still plaintext)
+    step:  one small transaction looks at the next RESEAL_ROWS rows and re-seals those still
+           sealed with an old key (or plaintext, in a schema 1 store), RESEAL_BYTES at most
     done:  the WAL is checkpointed (so the re-sealed rows are in the database file, synced),
            then the old keys are dropped from the key file
 
@@ -23,6 +23,7 @@ from llmos.kernel.jobs.sealing import Keyring, StorageKeyError, Unreadable, reco
 
 log = logging.getLogger(__name__)
 RESEAL_ROWS = 256
+RESEAL_BYTES = 8 * 1024 * 1024   # and at most about this much plaintext per step
 OFFLINE_WAIT_S = 10.0
 # table, primary key, sealed columns (every sealed value of the store; see store.py)
 SEALED = [("files", ("id",), ("filename", "idem_digest")),
@@ -90,32 +91,41 @@ class Resealer:
         return False
 
     def _step_table(self, table: str, pk: tuple, cols: tuple, limit: int) -> bool:
-        kid = self.keys.current
-        stale = " OR ".join(f"({c} IS NOT NULL AND (typeof({c})!='blob' OR substr({c}, 2, 4)!=:kid))" for c in cols)
-        after = f"AND ({', '.join(pk)}) > ({', '.join(':c%d' % i for i in range(len(pk)))})" if self.cursor else ""
-        args = {"kid": kid, "limit": limit, **{f"c{i}": v for i, v in enumerate(self.cursor or ())}}
+        """The next `limit` rows after the cursor (in primary key order), of which those with
+        stale values are re-sealed, up to RESEAL_BYTES of them; True if the table goes on."""
+        keys, where = ", ".join(pk), " AND ".join(f"{p}=?" for p in pk)
+        stale = ", ".join(f"CASE WHEN {c} IS NOT NULL AND (typeof({c})!='blob' OR substr({c}, 2, 4)!=:kid) "
+                          f"THEN length({c}) END" for c in cols)   # (the length of a stale value, else NULL)
+        after = f"WHERE ({keys}) > ({', '.join(':c%d' % i for i in range(len(pk)))})" if self.cursor else ""
+        args = {"kid": self.keys.current, "limit": limit, **{f"c{i}": v for i, v in enumerate(self.cursor or ())}}
         with self.store._tx() as db:
-            rows = db.execute(f"SELECT {', '.join(pk + cols)} FROM {table} WHERE ({stale}) {after} "
-                              f"ORDER BY {', '.join(pk)} LIMIT :limit", args).fetchall()
+            rows = db.execute(f"SELECT {keys}, {stale} FROM {table} {after} ORDER BY {keys} LIMIT :limit",
+                              args).fetchall()
+            size, seen = 0, 0
             for row in rows:
-                key, values = tuple(row[:len(pk)]), row[len(pk):]
+                if size >= RESEAL_BYTES:
+                    break
+                seen += 1
+                key, todo = tuple(row[:len(pk)]), [c for c, n in zip(cols, row[len(pk):]) if n is not None]
+                if not todo:
+                    continue
+                values = db.execute(f"SELECT {', '.join(todo)} FROM {table} WHERE {where}", key).fetchone()
                 sets = {}
-                for col, value in zip(cols, values):
-                    if value is None or (isinstance(value, bytes) and Keyring.id_of(value) == kid):
-                        continue
+                for col, value in zip(todo, values):
                     name = record(table, col, *key)
                     plain = self.store.open(name, value, raw=True)
                     if isinstance(plain, Unreadable):
                         self.unreadable += 1
-                        continue
-                    sets[col] = self.store.seal(name, plain)
+                    else:
+                        sets[col] = self.store.seal(name, plain)
+                        size += len(plain)
                 if sets:
-                    db.execute(f"UPDATE {table} SET {', '.join(f'{c}=?' for c in sets)} WHERE "
-                               + " AND ".join(f"{p}=?" for p in pk), (*sets.values(), *key))
+                    db.execute(f"UPDATE {table} SET {', '.join(f'{c}=?' for c in sets)} WHERE {where}",
+                               (*sets.values(), *key))
                     self.resealed += len(sets)
-        if rows:
-            self.cursor = tuple(rows[-1][:len(pk)])
-        return len(rows) == limit
+        if seen:
+            self.cursor = tuple(rows[seen - 1][:len(pk)])
+        return seen < len(rows) or len(rows) == limit
 
     def status(self) -> dict:
         k = self.keys

@@ -291,7 +291,8 @@ class JobStore(FileTable, Erasure):
         if job["status"] in ENDED_EARLY:
             rows = self.db.execute(
                 "SELECT line_no, custom_id, request_id, status_code, response, state FROM requests WHERE job_id=? "
-                "AND state != 'completed' AND line_no>? UNION ALL SELECT f.line_no, f.custom_id, NULL, NULL, NULL, NULL "
+                "AND state != 'completed' AND line_no>? "
+                "UNION ALL SELECT f.line_no, f.custom_id, NULL, NULL, NULL, NULL "
                 "FROM file_lines f WHERE f.file_id=? AND f.line_no>? AND f.line_no>=? ORDER BY 1 LIMIT ?",
                 (job["id"], after, job["input_file_id"], after, job["next_line"], limit)).fetchall()
             return self._results(job["id"], rows, job["input_file_id"])
