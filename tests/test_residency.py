@@ -87,3 +87,17 @@ def test_bad_keep_alive_is_a_clear_error(value):
 def test_max_loaded_below_one_is_refused():
     with pytest.raises(ValueError):
         ResidencyTable(max_loaded=0)
+
+
+def test_the_router_keeps_a_prefix_on_one_replica_until_it_is_overloaded():
+    from llmos.kernel.router import Router
+    r = Router()
+    r.set_replicas(["a", "b"])
+    prefix = "system prompt " * 80
+    first = r.pick(prefix + "q0", {"a": 0, "b": 0})
+    other = "b" if first == "a" else "a"
+    assert [r.pick(prefix + f"q{i}", {first: 3000, other: 0}) for i in range(1, 4)] == [first] * 3   # within balance
+    assert r.pick(prefix + "q9", {first: 9000, other: 0}) == other         # overloaded: the least loaded
+    assert r.pick("fresh text", {"a": 5, "b": 1}) == "b"                    # no prefix: the least loaded
+    r.pick(prefix + "x", {"a": 0, "b": 0})
+    assert r.pick(prefix + "y", {"a": 10, "b": 2}) == "b"                   # both hold it: the less loaded

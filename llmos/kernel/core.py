@@ -255,9 +255,20 @@ class Kernel:
             peer, msg = await self.bus.recv()   # (any frame that fails to decode is a BadMessage, dropped)
             try:
                 self._dispatch(peer, msg)
-            except Exception:  # one bad message must not stop the kernel
+            except Exception as exc:  # one bad message must not stop the kernel
                 self.bus.rejected += 1
                 log.exception("error handling %s from %s", type(msg).__name__, peer)
+                if isinstance(msg, protocol.Submit):   # its client waits: a request is never silently dropped
+                    self._reject_submit(peer, msg, exc)
+
+    def _reject_submit(self, peer: str, m: protocol.Submit, exc: Exception) -> None:
+        try:
+            self.front.forget_failed_submit(m.request_id)
+            self.send(peer, protocol.Rejected(request_id=m.request_id, status=500, code="internal_error", param=None,
+                                              message=f"internal error while admitting the request: "
+                                                      f"{type(exc).__name__}: {exc}"))
+        except Exception:
+            log.exception("could not answer the failed submit %.64r", m.request_id)
 
     def _dispatch(self, peer: str, m) -> None:
         if isinstance(m, protocol.StepResult) or isinstance(m, protocol.StepFailed):

@@ -183,6 +183,13 @@ class FrontDoor:
         self.groups[first.group].append(req)
         return req
 
+    def forget_failed_submit(self, request_id: str) -> None:
+        """A Submit whose handling raised outside submit()'s own guard: drop what it left."""
+        self.parking.remove(request_id)
+        req = self.table.get(request_id)
+        if req is not None and req.state is not State.DONE:
+            self._drop(req, 500)
+
     # ------------------------------------------------------------ models coming and going
     def release(self, model: str) -> None:
         """`model` is up: the submits that waited for it go in, oldest first."""

@@ -61,7 +61,10 @@ class Replica:
 
 
 class Router:
-    def __init__(self, balance_abs: int = 2048, balance_rel: float = 1.5):
+    def __init__(self, balance_abs: int = 8192, balance_rel: float = 1.5):
+        # 8,192 tokens: a handful of long-prompt requests; at 2,048 two or three ~850-token
+        # prompts tipped the balance and the prefix spilled onto every replica
+        # (benchmarks/replicas.py's router replay: 7 of 8 prefix/replica pairs at 2,048, the ideal 4 at 8,192).
         self.balance_abs, self.balance_rel = balance_abs, balance_rel
         self.replicas: dict[str, Replica] = {}
         self.cache_hits = 0
@@ -91,7 +94,9 @@ class Router:
             r = self.replicas[n]
             length = r.matched(hashes)
             balanced = r.load_tokens <= floor + self.balance_abs or r.load_tokens <= floor * self.balance_rel
-            if length > best_len and balanced:
+            better = length > best_len or (length == best_len and length and r.load_tokens <
+                                            self.replicas[best].load_tokens)   # a tie: the less loaded
+            if better and balanced:
                 best, best_len = n, length
         self.routed += 1
         self.cache_hits += best_len > 0
