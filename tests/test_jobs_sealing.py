@@ -161,7 +161,9 @@ def test_a_tampered_or_swapped_row_reads_as_an_error_and_a_wrong_key_reads_nothi
     assert out["4"]["response"]["status_code"] == 200
     m.close()
     monkeypatch.setenv("LLMOS_STORAGE_KEY", base64.b64encode(os.urandom(32)).decode())   # another key
-    m = manager(JobStore(tmp_path / "jobs.db"))
+    with pytest.raises(StorageKeyError, match="not among the keys given"):
+        JobStore(tmp_path / "jobs.db")                         # is refused: it would open nothing
+    m = manager(JobStore(tmp_path / "jobs.db", keys=load_keyring(tmp_path)))   # (forced)
     assert {json.loads(x)["error"]["code"] for x in lines_of(m, fid)} == {"record_unreadable"}
     assert {json.loads(x)["error"]["code"] for x in lines_of(m, f"file-out-{job_id}")} == {"record_unreadable"}
     assert m.files.get({"id": fid})["filename"] == "(unreadable)"

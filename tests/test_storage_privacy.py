@@ -1,7 +1,7 @@
 """Encryption at rest and deletion, through a real daemon (tiny model): a marker in the
 prompts is never on disk in the clear (database, WAL, shm, logs), and after deletion even
-its ciphertext is gone; tampered and swapped rows read as errors, a wrong key reads
-nothing; the key rotates while a job runs; the deletion routes, with their 404s and
+its ciphertext is gone; tampered and swapped rows read as errors, a wrong key is refused
+(and opens nothing); the key rotates while a job runs; the deletion routes, with their 404s and
 409s; idempotency keys; expires_at."""
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import sqlite3
 import time
 import uuid
 
-import httpx
 import openai
 import pytest
 from click.testing import CliRunner
 
-from daemon_harness import Daemon, serving
+from daemon_harness import serving
 from llmos.cli import main as cli_main
 from llmos.cli.storage_keys import rotate_storage
 from llmos.client import Client, RequestRejected, openai_client
+from llmos.kernel.jobs import JobStore
+from llmos.kernel.jobs.files import Files
 from llmos.kernel.jobs.rotation import SEALED
-from llmos.kernel.jobs.sealing import load_keyring, record
+from llmos.kernel.jobs.sealing import Keyring, load_keyring, record
 from llmos.paths import Paths
 
 
@@ -101,7 +102,7 @@ def test_a_marker_is_never_on_disk_in_the_clear_and_after_deletion_nothing_is_le
     assert not found(daemon.home, [mark.encode(), *answers, *[x[-24:] for x in ciphertexts]]), "deleted data remains"
 
 
-def test_a_tampered_or_swapped_row_reads_as_an_error_and_another_key_reads_nothing(tmp_path, tiny_llama_dir):
+def test_a_tampered_or_swapped_row_reads_as_an_error_and_another_key_is_refused(tmp_path, tiny_llama_dir):
     home, args = tmp_path / "home", ([f"tiny={tiny_llama_dir}"], "--max-model-len", "256")
     with serving(home, *args):
         with Client(home) as c:
@@ -121,17 +122,19 @@ def test_a_tampered_or_swapped_row_reads_as_an_error_and_another_key_reads_nothi
         bad = [o for o in out.values() if o["error"]]
         assert len(bad) == 1 and bad[0]["custom_id"] == "tamper-2" and bad[0]["error"]["code"] == "record_unreadable"
         assert bad[0]["response"] is None and out["tamper-3"]["response"]["status_code"] == 200
-    other = base64.b64encode(os.urandom(32)).decode()
-    d = Daemon(home, *args, env={"LLMOS_STORAGE_KEY": other}).wait_ready()
+    other = base64.b64encode(os.urandom(32)).decode()        # another key opens nothing, and is refused
+    r = CliRunner().invoke(rotate_storage, [], obj=Paths.from_env(home), env={"LLMOS_STORAGE_KEY": other})
+    assert r.exit_code == 1 and "not among the keys given" in r.output, r.output
+    store = JobStore(home / "jobs.db", keys=Keyring([base64.b64decode(other)], "env"))   # (forced open)
     try:
-        with Client(home) as c, d.http() as h:
-            assert c.job(job["id"])["request_counts"]["completed"] == 4        # metadata stays readable
-            text = h.get(f"/v1/files/{job['input_file_id']}/content").text
-            assert {json.loads(x)["error"]["code"] for x in text.splitlines()} == {"record_unreadable"}
-            assert {json.loads(x)["error"]["code"] for x in c.results(job["id"])} == {"record_unreadable"}
-            assert "tamper" not in text
+        files = Files(store, {"tiny"})
+        page = files.page({"id": job["input_file_id"], "limit": 100})["lines"]
+        assert len(page) == 4 and {json.loads(x)["error"]["code"] for x in page} == {"record_unreadable"}
+        out = files.page({"id": f"file-out-{job['id']}", "limit": 100})["lines"]
+        assert {json.loads(x)["error"]["code"] for x in out} == {"record_unreadable"}
+        assert not any("tamper" in x for x in page + out)
     finally:
-        d.stop()
+        store.close()
 
 
 # ---------------------------------------------------------------- rotation

@@ -18,12 +18,18 @@ from llmos.paths import Paths
 
 
 def _report(status: dict) -> None:
-    click.echo(f"every value is sealed with key {status['key_id']} ({status['resealed']} re-sealed"
-               + (f", {status['unreadable']} unreadable" if status["unreadable"] else "") + ")")
+    """What the pass did; exit code 1 if some values opened with no key (they are left)."""
+    if status["unreadable"]:
+        click.echo(f"{status['resealed']} values re-sealed with key {status['key_id']}; {status['unreadable']} "
+                   "could not be opened with any key (altered, or sealed with a key not given) and were left")
+    else:
+        click.echo(f"every value is sealed with key {status['key_id']} ({status['resealed']} re-sealed)")
     if status["dropped_key_ids"] and status["source"] == "file":
         click.echo(f"old key(s) removed: {', '.join(status['dropped_key_ids'])}")
     if status.get("note"):
         click.echo(status["note"])
+    if status["unreadable"]:
+        raise click.exceptions.Exit(1)
 
 
 def _offline(paths: Paths) -> dict:
@@ -32,13 +38,14 @@ def _offline(paths: Paths) -> dict:
     from llmos.kernel.jobs.store import JobStore
     if not paths.jobs_db.exists():
         raise click.ClickException(f"no job store at {paths.jobs_db}")
-    store = JobStore(paths.jobs_db)
     try:
-        return rotate_offline(store)
+        store = JobStore(paths.jobs_db)
+        try:
+            return rotate_offline(store)
+        finally:
+            store.close()
     except StorageKeyError as exc:
         raise click.ClickException(str(exc)) from None
-    finally:
-        store.close()
 
 
 @click.command("rotate-storage")

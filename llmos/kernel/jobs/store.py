@@ -32,7 +32,7 @@ from pathlib import Path
 
 from llmos.kernel.jobs.erasure import Erasure
 from llmos.kernel.jobs.filetable import FileTable
-from llmos.kernel.jobs.sealing import Keyring, Unreadable, load_keyring, record
+from llmos.kernel.jobs.sealing import Keyring, StorageKeyError, Unreadable, load_keyring, record
 from llmos.kernel.jobs.states import ACTIVE, ALLOWED, ENDED_EARLY
 
 SCHEMA_VERSION = 2
@@ -90,6 +90,8 @@ class JobStore(FileTable, Erasure):
             raise StoreError(f"{self.path} has schema version {version}; this llmos knows {SCHEMA_VERSION}")
         try:   # a sealed store whose key file is gone must not get a new key: its data would be lost unseen
             self.keys = keys or load_keyring(self.path.parent, create=version != SCHEMA_VERSION)
+            if version == SCHEMA_VERSION and keys is None:
+                self._check_key()
         except BaseException:
             self.db.close()
             raise
@@ -111,6 +113,17 @@ class JobStore(FileTable, Erasure):
 
     def close(self) -> None:
         self.db.close()
+
+    def _check_key(self) -> None:
+        """Refuse keys that cannot open this store: the newest file was sealed with a key that
+        is not among them (a wrong LLMOS_STORAGE_KEY would leave every row unreadable, and
+        seal new rows with a key the next start may not have)."""
+        row = self.db.execute("SELECT substr(filename, 2, 4) FROM files WHERE typeof(filename)='blob' "
+                              "ORDER BY rowid DESC LIMIT 1").fetchone()
+        if row and row[0].hex() not in self.keys.ids:
+            raise StorageKeyError(f"{self.path} was sealed with storage key {row[0].hex()}, which is not among the "
+                                  f"keys given ({', '.join(self.keys.ids)}, from {self.keys.source}): give that key, "
+                                  "or move the job store away to start afresh")
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = False):
