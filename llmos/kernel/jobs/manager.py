@@ -179,8 +179,10 @@ class JobManager:
         starting, next_line = [], job["next_line"]
         for line_no, custom_id, text, new in rows:
             try:
-                line, problem = (None, (500, "record_unreadable", str(text))) if isinstance(text, Unreadable) \
-                    else (check_line(line_no, text), None)   # (unreadable: altered in the store, or its key is gone)
+                if isinstance(text, Unreadable):   # altered in the store, or its key is gone
+                    line, problem = None, (500, "record_unreadable", str(text))
+                else:
+                    line, problem = check_line(line_no, text), None
             except LineError as exc:  # validated at upload; only a changed llmos gets here
                 line, problem = None, (400, "invalid_request", str(exc))
             if line is not None and not self._ready(line.parsed.model):
@@ -357,4 +359,3 @@ class JobManager:
     def view(self, job: dict) -> dict:
         jid = job["id"]
         return job_view(job, self._running(jid) if job["status"] in ACTIVE else 0, self._finished.get(jid))
-
