@@ -36,5 +36,6 @@ class DaemonConfig:
     tls_key: str | None = None
     audit_key_file: str | None = None     # HMAC key for the audit chain (else $LLMOS_AUDIT_KEY_FILE; none: unsigned)
     audit_record_prompts: bool = False    # put prompt text in the audit log's request records
+    job_retention_days: float | None = None   # ended jobs and files older than this are deleted (None: kept)
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
 

@@ -228,3 +228,31 @@ def test_the_tcp_listener_serves_tls_and_always_needs_a_key(tmp_path, tiny_llama
             plain.get("/health").raise_for_status()   # no plaintext on a TLS port
     finally:
         d.stop()
+
+
+def test_files_and_batches_are_their_owners_alone(daemon):
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "tl", "prompt": "Hi", "max_tokens": 2}})
+    with daemon.http() as c:
+        up = c.post("/v1/files", files={"file": ("in.jsonl", line + "\n")}, data={"purpose": "batch"},
+                    headers={"Authorization": f"Bearer {daemon.keys['alice']}"})
+    assert up.status_code == 200, up.text
+    fid = up.json()["id"]
+    batch = call(daemon, "alice", "POST", "/v1/batches", {"input_file_id": fid, "endpoint": "/v1/completions",
+                                                          "completion_window": "24h"})
+    assert batch.status_code == 200, batch.text
+    bid = batch.json()["id"]
+    for who in ("alice", "admin"):
+        assert call(daemon, who, "GET", f"/v1/files/{fid}").status_code == 200
+        assert call(daemon, who, "GET", f"/v1/batches/{bid}").status_code == 200
+    assert call(daemon, "bob", "GET", f"/v1/files/{fid}").status_code == 404
+    assert call(daemon, "bob", "GET", f"/v1/files/{fid}/content").status_code == 404
+    assert call(daemon, "bob", "GET", f"/v1/batches/{bid}").status_code == 404
+    assert call(daemon, "bob", "POST", f"/v1/batches/{bid}/cancel").status_code == 404
+    assert call(daemon, "bob", "DELETE", f"/v1/files/{fid}").status_code == 404
+    assert call(daemon, "bob", "POST", "/v1/batches", {"input_file_id": fid, "endpoint": "/v1/completions",
+                                                       "completion_window": "24h"}).status_code == 400
+    assert fid not in json.dumps(call(daemon, "bob", "GET", "/v1/files").json())
+    assert bid not in json.dumps(call(daemon, "bob", "GET", "/v1/batches").json())
+    assert bid in json.dumps(call(daemon, "alice", "GET", "/v1/batches").json())
+    assert call(daemon, "alice", "POST", "/llmos/v1/jobs/purge", {"older_than_s": 1}).status_code == 403

@@ -144,6 +144,8 @@ def check_options(paths: Paths, models, kv_memory: str, swap_memory: str, keep_a
 @click.option("--tls-key", default=None, help="PEM private key for --tls-cert")
 @click.option("--audit-key-file", default=None, help="HMAC key (0600 file) signing the audit chain")
 @click.option("--audit-record-prompts", is_flag=True, help="keep prompt text in the audit log (off: never)")
+@click.option("--job-retention-days", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="delete ended batch jobs and their files after this many days (default: keep)")
 @click.option("--replica-devices", default="",
               help="devices the replicas spread over, e.g. cuda:0,cuda:1, or 'all' GPUs (default: --device)")
 @click.option("--memory-limit", default=None,

@@ -29,6 +29,7 @@ from llmos.kernel.access import Access
 from llmos.kernel.auditing import Auditor
 from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
+from llmos.kernel.job_owners import JobOwners
 from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
 from llmos.kernel.upgrades import Upgrades
@@ -92,13 +93,15 @@ class Kernel:
         self.auditor = Auditor(self._open_audit())
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
-        self.host.preload()   # their model drivers start loading now
+        # The job store first: a storage key that does not open it must stop us before any driver starts.
         self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running,
-                               models=KnownModels(self.host))
+                               models=KnownModels(self.host), retention_days=self.config.job_retention_days)
+        self.host.preload()   # their model drivers start loading now
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
         self.queries.update(self.jobs.queries)
-        self.access.open |= set(self.jobs.commands) | set(self.jobs.queries)   # (scoped by owner in jobs/)
+        self.access.open |= (set(self.jobs.commands) | set(self.jobs.queries)) - self.jobs.admin_only
+        self.job_owners = JobOwners(self.paths.jobs_db)   # ...each principal its own (job_owners.py)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
@@ -320,6 +323,10 @@ class Kernel:
                 answer = self._command(m.what, m.args, {"cancel": lambda a: self.front.cancel(a["id"], principal)})
             elif m.what == "ps":
                 answer = {"ps": self._ps(principal)}
+            elif m.what in self.jobs.commands or m.what in self.jobs.queries:   # one's own files and batches
+                table = self.jobs.commands if m.what in self.jobs.commands else self.jobs.queries
+                answer = self._command(m.what, m.args, {m.what: self.job_owners.scoped(m.what, table[m.what],
+                                                                                        principal)})
             elif isinstance(m, protocol.Query):
                 answer = self._query(m.what, m.args)
             else:

@@ -309,7 +309,8 @@ class FrontDoor:
         if req is None or req.state is State.DONE:
             return None
         if not 0 <= item.n <= req.detok.sent - req.detok.acked:
-            log.warning("dropped a TextDelta that does not fit request %s: %.200r", item.rid, item)
+            log.warning("dropped a TextDelta that does not fit request %s (%d tokens, %d sent, %d acked)",
+                        item.rid, item.n, req.detok.sent, req.detok.acked)   # (never the text: logs carry no user data)
             return None
         return req
 

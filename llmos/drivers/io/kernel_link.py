@@ -157,7 +157,8 @@ class KernelLink:
                 if queue is None:
                     continue  # aborted or already finished
                 if item.index not in open_choices:
-                    log.warning("dropped Outputs item for an unknown or finished choice: %.200r", item)
+                    log.warning("dropped Outputs item for an unknown or finished choice: %.128s #%d",
+                                item.rid, item.index)   # (never the text)
                     continue
                 queue.put_nowait(item)
                 if item.finish is not None:

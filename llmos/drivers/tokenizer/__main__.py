@@ -55,7 +55,7 @@ class TokenizerDriver:
             try:
                 delta = self._one(item)
             except Exception:
-                log.exception("bad detokenize item %r", item)
+                log.exception("bad detokenize item for %.128s (%d ids)", item.rid, len(item.ids or []))
                 continue
             if delta is not None:
                 out.append(delta)
