@@ -5,6 +5,7 @@ Model `qw` v1 is a tiny qwen2 (seed 0), v2 the same architecture with other weig
 so every answer says which version produced it."""
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from conftest import tiny_model_dir
 from daemon_harness import Daemon, stream_text
 from llmos.cli.main import cli
+from llmos.client import Client
 from llmos.models.catalog import Catalog
 from llmos.paths import Paths
 
@@ -95,9 +97,14 @@ def llmos(d: Daemon, *args):
 
 
 def test_upgrade_under_load_fails_nothing_and_every_stream_is_one_version(daemon, answers, versions):
+    lines = [{"custom_id": f"j{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"model": "qw", "prompt": PROMPTS[i % 16], "max_tokens": 24, "ignore_eos": True}}
+             for i in range(48)]
     with Load(daemon) as load:
         while len(load.results) < 32:   # steady state first
             time.sleep(0.05)
+        with Client(daemon.home) as c:   # a batch job on the model runs across the upgrade
+            job_id = c.submit_batch(lines)["id"]
         r = llmos(daemon, "models", "upgrade", "qw", "--to", str(versions[2]), "--note", "seed 1")
         assert r.exit_code == 0 and "switched to v2" in r.output, r.output
         s = wait_idle_upgrade(daemon)      # the watch: v2 serves its first requests, then v1 retires
@@ -105,6 +112,11 @@ def test_upgrade_under_load_fails_nothing_and_every_stream_is_one_version(daemon
         while len(load.results) < switched_at + 32:
             time.sleep(0.05)
     assert load.errors == []
+    with Client(daemon.home) as c:
+        job = c.wait(job_id, timeout=300, poll=0.2)
+        results = [json.loads(x) if isinstance(x, str) else x for x in c.results(job_id)]
+    assert job["status"] == "completed" and job["request_counts"] == {"total": 48, "completed": 48, "failed": 0}
+    assert sorted(x["custom_id"] for x in results) == sorted(f"j{i}" for i in range(48))
     by_version = {1: 0, 2: 0}
     for prompt, text in load.results:
         assert text in (answers[1][prompt], answers[2][prompt]), (prompt, text)   # never a mix
