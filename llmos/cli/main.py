@@ -56,6 +56,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
+@click.version_option(llmos.__version__, prog_name="llmos", message="%(prog)s %(version)s")
 @click.option("--home", envvar="LLMOS_HOME", type=click.Path(file_okay=False),
               help="llmos state directory (default $LLMOS_HOME or ~/.llmos)")
 @click.pass_context

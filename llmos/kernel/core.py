@@ -30,6 +30,7 @@ from llmos.kernel.auditing import Auditor
 from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel.job_owners import JobOwners
+from llmos.kernel.metrics import Metrics
 from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
 from llmos.kernel.upgrades import Upgrades
@@ -67,7 +68,8 @@ class Kernel:
             self.host.routed
         self.front.on_done = self._request_done
         self.auditor = Auditor(None)   # opened in run(), where the home is known to exist
-        self.front.on_rejected = lambda m, principal, status, code: self.auditor.rejected(m, principal, status, code)
+        self.metrics = Metrics(self.engines, self.front, self.supervisor, lambda: self.jobs)
+        self.front.on_rejected = self._rejected
         self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
         self.authority = Authority(KeyStore(paths.home / "keys.db"), os.getuid(), config.allow_local_users)
         self.access = Access(self.authority)
@@ -140,8 +142,11 @@ class Kernel:
         return task
 
     def _new_engine(self, eid: str, model: str, spec: str, device: str) -> ModelEngine:
-        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self.front.engine_outputs, model,
-                           device)
+        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self._engine_outputs, model, device)
+
+    def _engine_outputs(self, engine: ModelEngine, out) -> None:
+        self.metrics.outputs(out)   # (first tokens and token gaps, before the front door ends any)
+        self.front.engine_outputs(engine, out)
 
     def _engine_devices(self) -> list[str]:
         """Where engines run: --replica-devices ("all": every GPU), else the daemon's device."""
@@ -150,7 +155,12 @@ class Kernel:
             return [g.device for g in gpu_memories()] or [self.device.device]
         return [select_device(d).device for d in wanted] or [self.device.device]
 
+    def _rejected(self, m, principal, status: int, code: str) -> None:
+        self.auditor.rejected(m, principal, status, code)
+        self.metrics.rejected(status, code)
+
     def _request_done(self, req, status: int | None) -> None:
+        self.metrics.request_done(req, status)
         server_failed = status is not None and status >= 500
         self.host.request_done(req, server_failed)
         self.upgrades.request_done(req, server_failed)
@@ -285,6 +295,7 @@ class Kernel:
                 principal = self.access.submit(m)
             except AuthError as exc:
                 self.auditor.auth_failure("submit", m.auth, str(exc))
+                self.metrics.rejected(exc.status, "invalid_api_key")
                 return self.send(peer, protocol.Rejected(request_id=m.request_id, status=exc.status, param=None,
                                                          code="invalid_api_key", message=str(exc)))
             self.front.submit(peer, m, principal)
@@ -356,6 +367,8 @@ class Kernel:
 
         if what == "memory":
             return {"memory": self.memory()}
+        if what == "metrics":
+            return {"metrics": self.metrics.snapshot()}
         if what in self.queries:
             return self._command(what, args, self.queries)
         return {"error": f"unknown query {what!r}"}

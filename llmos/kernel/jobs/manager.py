@@ -95,6 +95,7 @@ class JobManager:
         self._paused: dict[str, float] = {}      # job id -> monotonic time feeding may resume
         self._finished: dict[str, deque] = {}    # job id -> (monotonic, tokens) of recent results
         self.recent_errors: deque = deque(maxlen=50)
+        self.lines_done = {"completed": 0, "failed": 0}   # lines with a result since the kernel started
         self.wakeup = asyncio.Event()
         self.clock = clock
         self.keeper = Housekeeper(store, self.expire, self._retire, retention_days, clock)
@@ -277,6 +278,7 @@ class JobManager:
                 self.store.requeue(r["job_id"], [r["line_no"]])
             raise
         for r in applied:
+            self.lines_done[r["state"]] += 1
             self._finished.setdefault(r["job_id"], deque(maxlen=10_000)).append((now, r["completion_tokens"]))
             if r["state"] == "failed":
                 err = json.loads(r["response"])["error"]

@@ -209,6 +209,10 @@ class JobStore(FileTable, Erasure):
             rows = self.db.execute("SELECT * FROM jobs ORDER BY rowid DESC LIMIT ?", (limit,))
         return [self._job(r) for r in rows]
 
+    def job_counts(self) -> dict[str, int]:
+        """How many jobs are in each state."""
+        return dict(self.db.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
+
     def active_jobs(self) -> list[str]:
         """Ids of jobs not yet in a final state, oldest first (the order they are fed in)."""
         marks = ",".join("?" * len(ACTIVE))
