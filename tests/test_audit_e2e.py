@@ -41,6 +41,8 @@ def test_requests_failures_and_commands_are_recorded_and_the_chain_verifies(daem
     assert by_status == [(200, 3), (200, 8), (404, 0)], requests   # n = 2: one record, both choices' tokens
     assert all(r["principal"] == next(x for x in requests if x["status"] == 200)["principal"] for r in requests)
     assert kinds.count("auth.failure") == 1 and "admin" in kinds
+    (loaded,) = [r for r in records if r["kind"] == "model.load"]   # the kernel's own doing, recorded too
+    assert (loaded["model"], loaded["principal"], loaded["status"]) == ("tl", "kernel", "ok")
     (admin,) = [r for r in records if r["kind"] == "admin"]
     assert admin["action"] == "restart" and admin["name"] == "tokenizer-tl" and admin["status"] == "ok"
     for f in audit_dir(daemon.home).iterdir():

@@ -36,6 +36,11 @@ class Auditor:
         except (AuditError, ValueError, OSError) as exc:
             log.error("audit: could not record %s: %s", kind, exc)
 
+    def event(self, kind: str, **fields) -> None:
+        """Something the kernel did by itself (a model loaded on demand, unloaded when idle,
+        evicted, an upgrade switched or rolled back)."""
+        self._record(kind, principal="kernel", **fields)
+
     def auth_failure(self, route: str, creds, reason: str) -> None:
         self._record("auth.failure", route=route, transport=getattr(creds, "transport", None),
                      uid=getattr(creds, "uid", None), key=(creds.key_sha256[:12] if creds and creds.key_sha256 else None),

@@ -93,6 +93,7 @@ class Kernel:
     async def run(self) -> None:
         self.paths.ensure()
         self.auditor = Auditor(self._open_audit())
+        self.host.on_event = self.auditor.event   # loads, unloads, upgrades, rollbacks the kernel makes itself
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
         # The job store first: a storage key that does not open it must stop us before any driver starts.

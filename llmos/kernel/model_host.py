@@ -49,6 +49,7 @@ class ModelHost:
         self.on_engine_ready = lambda model, engine: None
         self.on_engine_failed = lambda model, engine, error: None
         self.on_tick = lambda: None
+        self.on_event = lambda kind, **fields: None   # the audit log (kernel/auditing.py), set by the kernel
         self.catalog = Catalog(paths)
         self._registered_names, self._registered_at = frozenset(), float("-inf")
 
@@ -181,6 +182,7 @@ class ModelHost:
             r.state, r.last_used = Residency.LOADED, self.clock()
             self.ever_loaded.add(model)
             log.info("model %s loaded", model)
+            self.on_event("model.load", model=model, version=self.deployments[model].version, status="ok")
         if r.state is Residency.LOADED:
             self.front.release(model)
 
@@ -202,6 +204,7 @@ class ModelHost:
             return
         r = self.table.get(engine.model)
         log.error("model %s failed to load: %s", engine.model, error)
+        self.on_event("model.load", model=engine.model, status="failed", error=error[:500])
         self.front.fail_parked(engine.model, 503, "model_unavailable", f"model '{engine.model}' failed to load: {error}")
         self._teardown(engine.model, failed_engine=eid)
         r.state, r.error = Residency.FAILED, error
@@ -224,6 +227,7 @@ class ModelHost:
         if r.state not in (Residency.LOADED, Residency.LOADING):
             return
         log.info("unloading model %s: %s", name, why)
+        self.on_event("model.unload", model=name, reason=why, status="ok")
         self._teardown(name)
         r.state = Residency.UNLOADED
 

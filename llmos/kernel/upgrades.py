@@ -112,6 +112,8 @@ class Upgrades:
         self.catalog.set_active(model, u.version, f"canary passed on {', '.join(u.engines)}")
         self.host.front.release(model)   # an in-place upgrade's waiting requests go in now
         log.info("model %s: switched to v%s after %.1f s", model, u.version, u.switched_at - u.started)
+        self.host.on_event("model.upgrade", model=model, from_version=u.previous_version, to_version=u.version,
+                           status="switched")
 
     def engine_failed(self, model: str, eid: str, error: str) -> bool:
         """A candidate's driver could not load: roll back. False if `eid` is no candidate."""
@@ -175,6 +177,8 @@ class Upgrades:
         else:
             self.catalog.record(model, UPGRADE_FAILED, u.version, reason)
         log.error("model %s: upgrade to v%s rolled back: %s", model, u.version, reason)
+        self.host.on_event("model.rollback", model=model, from_version=u.version, to_version=d.version,
+                           status="rolled back", reason=reason[:500])
         self._record(model, u.previous_version if switched else d.version, u.version, "rolled back", reason)
         self.host.front.release(model)   # (nothing waits on a candidate; this keeps the order simple)
 
