@@ -170,6 +170,9 @@ def test_keys_cli_prints_the_secret_once_and_lists_no_secret(tmp_path):
     assert secret not in listed.output and secret not in (tmp_path / "keys.db").read_bytes().decode("latin-1")
     kid = KeyStore(tmp_path / "keys.db").rows()[0].id
     assert run("revoke", kid).exit_code == 0 and run("revoke", kid).exit_code == 1
+    from llmos.audit import audit_dir, read_records, verify
+    changes = [(r["action"], r["id"]) for r in read_records(audit_dir(tmp_path)) if r["kind"] == "key.change"]
+    assert changes == [("create", kid), ("revoke", kid)] and verify(audit_dir(tmp_path)).ok   # no daemon: recorded here
     for bad in (["--tenant", ""], ["--tenant", "a", "--max-priority", "urgent"], ["--tenant", "a", "--expires", "soon"],
                 ["--tenant", "a", "--expires", "-5"]):
         r = run("create", *bad)

@@ -2,6 +2,8 @@
 failures, admin commands; the chain verifies; the CLI reads it."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -33,6 +35,8 @@ def test_requests_failures_and_commands_are_recorded_and_the_chain_verifies(daem
         ps = c.get("/llmos/v1/ps")   # a query: not an admin action, not recorded
     assert (ok.status_code, two.status_code, missing.status_code, bad_key.status_code) == (200, 200, 404, 401)
     assert restart.status_code == 200 and ps.status_code == 200
+    made = CliRunner().invoke(cli, ["--home", str(daemon.home), "keys", "create", "--tenant", "carol"])
+    assert made.exit_code == 0, made.output
     daemon.stop()   # flushes the log
     records = list(read_records(audit_dir(daemon.home)))
     kinds = [r["kind"] for r in records]
@@ -43,6 +47,9 @@ def test_requests_failures_and_commands_are_recorded_and_the_chain_verifies(daem
     assert kinds.count("auth.failure") == 1 and "admin" in kinds
     (loaded,) = [r for r in records if r["kind"] == "model.load"]   # the kernel's own doing, recorded too
     assert (loaded["model"], loaded["principal"], loaded["status"]) == ("tl", "kernel", "ok")
+    (change,) = [r for r in records if r["kind"] == "key.change"]   # through the daemon, which holds the log
+    assert (change["action"], change["tenant"], change["status"]) == ("create", "carol", "ok")
+    assert made.stdout.splitlines()[0] not in json.dumps(records)   # never the secret
     (admin,) = [r for r in records if r["kind"] == "admin"]
     assert admin["action"] == "restart" and admin["name"] == "tokenizer-tl" and admin["status"] == "ok"
     for f in audit_dir(daemon.home).iterdir():

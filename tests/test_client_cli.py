@@ -142,7 +142,7 @@ CALLS = {   # every public method of the API, with arguments
     "load_model": (MODEL,), "unload_model": (MODEL,),
     "scale_model": (MODEL, 2), "upgrade_model": (MODEL, 2), "rollback_model": (MODEL,), "upgrade_status": (MODEL,),
     "list_files": (), "delete_file": ("file-1",), "delete_job": ("batch_1",), "purge_jobs": (86400.0,),
-    "storage_status": (), "rotate_storage": (),
+    "storage_status": (), "rotate_storage": (), "key_changed": ("create", "k1", "alice"),
 }
 STREAMS = {"stream_completion", "stream_chat", "results"}
 

@@ -6,11 +6,13 @@ creation, and never again. The daemon sees a new or revoked key within a second.
 from __future__ import annotations
 
 import datetime
+import os
 
 import click
 
 from llmos import names
 from llmos.cli.format import print_table
+from llmos.client import Client, DaemonNotRunning, LlmosError
 from llmos.keep_alive import parse_keep_alive
 from llmos.kernel.auth import KeyStore
 from llmos.paths import Paths
@@ -19,6 +21,27 @@ from llmos.paths import Paths
 def _store(paths: Paths) -> KeyStore:
     paths.home.mkdir(parents=True, exist_ok=True)
     return KeyStore(paths.home / "keys.db")
+
+
+def _audit(paths: Paths, action: str, row) -> None:
+    """Key changes are audit records: through the running daemon (it holds the log), else here."""
+    fields = {"action": action, "id": row.id, "tenant": row.tenant}
+    try:
+        with Client(paths.home, timeout=10) as c:
+            c.key_changed(action, row.id, row.tenant)
+        return
+    except DaemonNotRunning:
+        pass
+    except LlmosError as exc:   # the key changed all the same: say that the record is missing
+        click.echo(f"warning: the daemon did not record this in its audit log: {exc}", err=True)
+        return
+    from llmos.audit import AuditError, AuditLog, audit_dir, key_file_setting, load_key
+    try:
+        kp = key_file_setting(None)
+        with AuditLog(audit_dir(paths.home), hmac_key=load_key(kp) if kp else None) as log:
+            log.record("key.change", principal=f"uid:{os.getuid()}", status="ok", **fields)
+    except (AuditError, OSError, ValueError) as exc:
+        click.echo(f"warning: the audit log could not record this: {exc}", err=True)
 
 
 def _when(t) -> str:
@@ -54,6 +77,7 @@ def create(paths: Paths, tenant, models, max_priority, admin, expires, note):
         raise click.ClickException(str(exc)) from None
     click.echo(secret)
     click.echo(f"key {row.id} for tenant {row.tenant}: keep the secret above; it is not shown again", err=True)
+    _audit(paths, "create", row)
 
 
 @keys.command("list")
@@ -70,8 +94,10 @@ def list_keys(paths: Paths):
 @click.pass_obj
 def revoke(paths: Paths, key_id: str):
     """Revoke a key (within a second the daemon refuses it)."""
+    store = _store(paths)
     try:
-        _store(paths).revoke(key_id)
+        store.revoke(key_id)
     except KeyError as exc:
         raise click.ClickException(str(exc.args[0])) from None
     click.echo(f"revoked {key_id}")
+    _audit(paths, "revoke", store.get(key_id))

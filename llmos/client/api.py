@@ -104,6 +104,10 @@ class Api(JobsApi):
         body = {k: v for k, v in (("keep_alive_s", keep_alive_s), ("replicas", replicas)) if v is not _UNSET}
         return self._run(Call("PATCH", _model_path(name), body))
 
+    def key_changed(self, action: str, key_id: str, tenant: str) -> dict:
+        """Tell the daemon an API key was created or revoked (`llmos keys` edits keys.db), for its audit log."""
+        return self._run(Call("POST", "/llmos/v1/keys/changed", {"action": action, "id": key_id, "tenant": tenant}))
+
     def cancel_request(self, request_id: str) -> dict:
         """Stop a request in flight (its response id or the X-Request-Id it was sent with);
         it answers with what it generated so far, finish_reason "cancelled"."""

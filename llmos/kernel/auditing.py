@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 COMMAND_KINDS = {"load": "model.load", "unload": "model.unload", "upgrade": "model.upgrade",
                  "rollback": "model.rollback", "jobs.create": "job.submit", "jobs.cancel": "job.cancel",
                  "files.delete": "job.delete", "jobs.delete": "job.delete", "jobs.purge": "job.delete",
-                 "storage.rotate": "key.change"}
+                 "storage.rotate": "key.change", "keys.changed": "key.change"}
 QUIET = {"files.begin", "files.append", "files.commit", "files.discard"}   # an upload: its commit is jobs'
 
 
@@ -50,9 +50,11 @@ class Auditor:
         if what in QUIET:
             return
         target = {k: v for k, v in args.items() if k in ("name", "id", "version", "replicas", "to", "file_id",
-                                                          "job_id", "model") and isinstance(v, (str, int))}
-        self._record(COMMAND_KINDS.get(what, "admin"), action=what, principal=principal.name if principal else None,
-                     status="ok" if error is None else "refused", error=error, **target)
+                                                          "job_id", "model", "action", "tenant")
+                  and isinstance(v, (str, int))}
+        fields = {"action": what, **target}   # (keys.changed names its own action)
+        self._record(COMMAND_KINDS.get(what, "admin"), principal=principal.name if principal else None,
+                     status="ok" if error is None else "refused", error=error, **fields)
 
     def rejected(self, m, principal, status: int, code: str) -> None:
         self._record("request", request_id=m.request_id, principal=principal.name, model=m.model[:256],

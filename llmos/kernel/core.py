@@ -42,6 +42,13 @@ log = logging.getLogger(__name__)
 CUDA_CONTEXT_BYTES = 1 << 30   # left free on a GPU for the kernel's CUDA context and allocator slack
 
 
+def _key_change(args: dict) -> dict:
+    """Only for the audit record (Auditor.command); the keys themselves live in keys.db."""
+    if args.get("action") not in ("create", "revoke") or not isinstance(args.get("id"), str) or len(args["id"]) > 64:
+        raise ValueError("keys.changed needs action (create or revoke) and the key's id")
+    return {"recorded": True}
+
+
 class Kernel:
     def __init__(self, config: DaemonConfig, paths: Paths):
         self.config, self.paths = config, paths
@@ -55,7 +62,8 @@ class Kernel:
         self.front = FrontDoor(self.engines, self.send, self.supervisor.state_of)
         self.local_clients: dict = {}       # "@name" -> callable(message): in-kernel request sources
         # Command.what -> handler(args) -> data
-        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"])}
+        self.commands: dict = {"restart": self._restart_driver, "cancel": lambda a: self.front.cancel(a["id"]),
+                               "keys.changed": _key_change}   # the CLI edited keys.db: the audit log says so
         self.queries: dict = {}             # Query.what -> handler(args) -> data: read-only subsystem queries
         self.jobs: JobManager | None = None
         self.host = ModelHost(config, paths, self.engines, self.front, self.supervisor, self._new_engine,

@@ -49,6 +49,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
         app.router.add_get(path, _query_route(what, to_json))
     app.router.add_post("/llmos/v1/drivers/{name}/restart", restart_driver)
     app.router.add_post("/llmos/v1/requests/{id}/cancel", cancel_request)
+    app.router.add_post("/llmos/v1/keys/changed", key_changed)
     model_ops.add_routes(app, link)    # /llmos/v1/models/{name}/load, unload, scale, upgrade, rollback
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     model_admin.add_routes(app, link)  # /llmos/v1/models, /llmos/v1/models/{name}
@@ -130,6 +131,17 @@ async def cancel_request(request: web.Request) -> web.Response:
     except QueryFailed as exc:
         raise ApiError(404, str(exc), "id", code="request_not_found") from None
     return web.json_response(data)
+
+
+async def key_changed(request: web.Request) -> web.Response:
+    """`llmos keys` made or revoked a key: the kernel records it in the audit log (admin only)."""
+    body = parse_json(await read_body(request))
+    if not isinstance(body, dict) or set(body) - {"action", "id", "tenant"}:
+        raise ApiError(400, "give {action, id, tenant}")
+    try:
+        return web.json_response(await request.app[LINK].command("keys.changed", body))
+    except QueryFailed as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def _query_route(what: str, to_json):
