@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,20 +25,10 @@ def tiny_model_dir(kind: str, cache: Path, tokenizer_dir: Path, seed: int = 0) -
     a fresh model instead of reusing a stale one. Built aside and renamed into place:
     concurrent sessions never see half a model."""
     from llmos.models import tiny
+    from llmos.models.convert import build_once
     digest = hashlib.sha256(Path(tiny.__file__).read_bytes()).hexdigest()[:12]
     out = Path(cache) / f"tiny-{kind}-seed{seed}-{digest}"
-    if not (out / "config.json").is_file():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=cache))
-        try:
-            tiny.make_tiny_model(kind, tmp, tokenizer_dir, seed=seed)
-            os.chmod(tmp, 0o755)   # mkdtemp makes it 0700; the cache is shared
-            os.rename(tmp, out)    # atomic; fails if another session got there first
-        except OSError:
-            if not (out / "config.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return build_once(out, lambda tmp: tiny.make_tiny_model(kind, tmp, tokenizer_dir, seed=seed))
 
 
 @pytest.fixture(scope="session")

@@ -89,8 +89,14 @@ def convert_checked(gguf: Path, out: Path, progress: Progress | None = None) -> 
 
 def convert_once(gguf: Path, out: Path, convert: Callable[[Path, str, Path], None]) -> Path:
     """Return `out`, first filling it with convert(gguf.parent, gguf.name, tmp) if it holds no
-    config.json. Safe from several processes at once: one converts into a temp dir and renames
-    it into place, the others wait for it on a lock file. A failed conversion leaves nothing."""
+    config.json (build_once)."""
+    return build_once(out, lambda tmp: convert(gguf.parent, gguf.name, tmp))
+
+
+def build_once(out: Path, build: Callable[[Path], None]) -> Path:
+    """Return the model directory `out`, first filling it with build(tmp) if it holds no
+    config.json. Safe from several processes at once: one builds into a temp dir and renames
+    it into place, the others wait for it on a lock file. A failed build leaves nothing."""
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +107,7 @@ def convert_once(gguf: Path, out: Path, convert: Callable[[Path, str, Path], Non
             return out
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
-            convert(gguf.parent, gguf.name, tmp)
+            build(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; other users' daemons may share the cache
             try:
                 os.rename(tmp, out)  # atomic; fails if `out` appeared meanwhile (a lock-less writer)
