@@ -505,6 +505,9 @@ class Submit(Message):
     n: int = 1                         # choices to generate (OpenAI's n); they share the prompt's KV
     keep_alive_s: float | None = None  # its model stays loaded this long after it; < 0: forever; None: default
     auth: Credentials | None = None    # None only from an io driver that predates access control: refused
+    # The client's own X-Request-Id. request_id is the io driver's, unique and unguessable; the
+    # client's id is unique only among its principal's requests (ps and cancel know it by it).
+    client_request_id: str | None = None
 
 
 @message(0x31)
@@ -618,6 +621,7 @@ class RequestSummary:
     priority: str              # "interactive", "batch:3", ...
     waited_s: float
     age_s: float
+    client_id: str | None = None   # the client's X-Request-Id, if it gave one
 
 
 @item
