@@ -621,7 +621,7 @@ class RequestSummary:
     priority: str              # "interactive", "batch:3", ...
     waited_s: float
     age_s: float
-    client_id: str | None = None   # the client's X-Request-Id, if it gave one
+    kernel_id: str | None = None   # our id when the client named it (`id` is then its X-Request-Id)
 
 
 @item

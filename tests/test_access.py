@@ -100,6 +100,15 @@ def test_another_principals_request_is_invisible_and_uncancellable(daemon):
     alice_ps = call(daemon, "alice", "GET", "/llmos/v1/ps").json()
     assert alice_ps["requests"] == [] and alice_ps["processes"] == []
     assert call(daemon, "alice", "POST", "/llmos/v1/requests/bob-1/cancel").status_code == 404
+    # Ids are per principal: alice may use bob's id for her own request (and learns nothing
+    # from it); bob may not use it twice at once.
+    mine = call(daemon, "alice", "POST", "/v1/completions", BODY, headers={"X-Request-Id": "bob-1"})
+    assert mine.status_code == 200 and mine.headers["X-Request-Id"] == "bob-1", mine.text
+    assert mine.json()["choices"][0]["text"] == call(daemon, "alice", "POST", "/v1/completions", BODY).json()[
+        "choices"][0]["text"]
+    again = call(daemon, "bob", "POST", "/v1/completions", {**BODY, "priority": "batch"},
+                 headers={"X-Request-Id": "bob-1"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "duplicate_request_id"
     assert [r["id"] for r in call(daemon, "bob", "GET", "/llmos/v1/ps").json()["requests"]] == ["bob-1"]
     assert "bob-1" in [r["id"] for r in call(daemon, "admin", "GET", "/llmos/v1/ps").json()["requests"]]
     assert call(daemon, "bob", "POST", "/llmos/v1/requests/bob-1/cancel").status_code == 200

@@ -30,6 +30,7 @@ class FrontDoor:
         self._driver_state = driver_state  # driver name -> (state, last error or None)
         self.table: dict[str, Request] = {}
         self.groups: dict[str, list[Request]] = {}   # n > 1: client id -> its choices still in the table
+        self.named: dict[tuple[str, str], str] = {}   # (owner, the client's X-Request-Id) -> our request id
         self._seq_ids = itertools.count(1)
         self.draining = False
         self.tokenizer_epoch: dict[str, int] = {}   # tokenizer driver -> incarnation counter
@@ -69,8 +70,17 @@ class FrontDoor:
                                                message=message, param=param, retry_after=retry_after))
         if self.draining:
             return reject(503, "shutting_down", "the daemon is shutting down and admits no new requests")
-        if m.request_id in self.table or m.request_id in self.groups or m.request_id in self.parking:
+        if self._live(m.request_id) and m.request_id not in self.parking:   # (a parked one comes back)
             return reject(400, "duplicate_request_id", f"request id {m.request_id!r:.300} is already in flight")
+        name = m.client_request_id
+        if name is not None:   # the client's own id: one namespace per principal, so it reveals nothing
+            if not isinstance(name, str) or not 1 <= len(name) <= 128:
+                return reject(400, "invalid_parameter", "X-Request-Id must be 1 to 128 characters", "X-Request-Id")
+            holder = self.named.get((principal.name, name))
+            if holder is not None and holder != m.request_id and self._live(holder):
+                return reject(409, "duplicate_request_id", f"request id {name!r} is already in flight",
+                              "X-Request-Id")
+            self._name(principal.name, name, m.request_id)
         if not principal.may_use(m.model):
             return reject(403, "permission_denied", f"{principal.name} may not use model '{m.model:.256}'", "model")
         tenant = m.tenant
@@ -110,6 +120,7 @@ class FrontDoor:
                           f"priority at most, not {priority.class_name}", "priority")
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=tenant, owner=principal.name,
+                      client_request_id=m.client_request_id,
                       params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
                       keep_alive_s=m.keep_alive_s, engine=engine.name,
                       sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
@@ -167,6 +178,27 @@ class FrontDoor:
     def _enter(self, req: Request) -> None:
         self.table[req.id] = req
 
+    def _live(self, request_id: str) -> bool:
+        return request_id in self.table or request_id in self.groups or request_id in self.parking
+
+    def _name(self, owner: str, name: str, request_id: str) -> None:
+        """Remember a client's own id. Entries whose request ended before it was entered (a
+        refusal) are swept here, in bulk, rather than tracked through every way out."""
+        if len(self.named) > 2 * (len(self.table) + len(self.parking)) + 1024:
+            self.named = {k: v for k, v in self.named.items() if self._live(v)}
+        self.named[(owner, name)] = request_id
+
+    def resolve(self, request_id: str, principal: Principal) -> str:
+        """Our id for what a principal calls `request_id`: its own X-Request-Id first, then our
+        id; an admin may also name another principal's request by that client's id."""
+        own = self.named.get((principal.name, request_id))
+        if own is not None and self._live(own):
+            return own
+        if principal.admin and not self._live(request_id):
+            return next((v for (_, name), v in self.named.items() if name == request_id and self._live(v)),
+                        request_id)
+        return request_id
+
     def _choice(self, first: Request, index: int) -> Request:
         """Choice `index` of an n > 1 request: same prompt and limits, its own seed; it waits
         (FORKING) until the engine forks it from choice 0 once the prompt's KV exists."""
@@ -178,7 +210,7 @@ class FrontDoor:
                       sched=SchedState(arrival=first.sched.arrival, timeout_s=first.sched.timeout_s,
                                        queue_timeout_s=first.sched.queue_timeout_s),
                       prompt_ids=first.prompt_ids, max_tokens=first.max_tokens, state=State.FORKING,
-                      group=first.group, index=index, owner=first.owner)
+                      group=first.group, index=index, owner=first.owner, client_request_id=first.client_request_id)
         self._enter(req)
         self.groups[first.group].append(req)
         return req
@@ -211,27 +243,28 @@ class FrontDoor:
         for req in members:
             self._drop(req)
 
-    def cancel(self, client_id: str, principal: Principal = KERNEL) -> dict:
+    def cancel(self, request_id: str, principal: Principal = KERNEL) -> dict:
         """The client's abort call: generation stops now (the next step no longer has it) and
         the request ends normally with what it has, finish_reason "cancelled". Unlike Abort
         (the client is gone) an answer is still owed. Raises KeyError for an unknown id."""
+        client_id = self.resolve(request_id, principal)
         parked = self.parking.get(client_id)
         if parked is not None and principal.owns(parked.principal.name):
             self.parking.remove(client_id)
             self._send(parked.peer, protocol.Rejected(request_id=client_id, status=409, code="cancelled", param=None,
-                                                      message=f"request {client_id} was cancelled before it started"))
-            return {"id": client_id, "cancelled": 1}
+                                                      message=f"request {request_id:.200} was cancelled before it started"))
+            return {"id": request_id, "cancelled": 1}
         members = self._members(client_id)
         if not members or not principal.owns(members[0].owner):   # another's is none of its business
-            raise KeyError(f"no request {client_id!r} in flight")
+            raise KeyError(f"no request {request_id!r:.200} in flight")
         first = members[0]
         if first.state is State.TOKENIZING:   # not accepted yet: it ends as an error
-            self._end_with_error(first, 409, "cancelled", f"request {client_id} was cancelled before it started")
-            return {"id": client_id, "cancelled": len(members)}
+            self._end_with_error(first, 409, "cancelled", f"request {request_id:.200} was cancelled before it started")
+            return {"id": request_id, "cancelled": len(members)}
         engine = self.engines[first.engine]
         ended = engine.stop(members, "cancelled")   # (a FORKING choice never ran: it finishes empty)
         self.tokens_ready(engine, ended)
-        return {"id": client_id, "cancelled": len(ended)}
+        return {"id": request_id, "cancelled": len(ended)}
 
     def _members(self, client_id: str) -> list[Request]:
         """Every request still in the table for this client id (n of them for n > 1)."""
@@ -356,6 +389,9 @@ class FrontDoor:
             group[:] = [r for r in group if r is not req]
             if not group:
                 del self.groups[req.group]
+        key = (req.owner, req.client_request_id)
+        if req.client_request_id and self.named.get(key) == req.client_id and not self._live(req.client_id):
+            del self.named[key]
         if known:
             self.on_done(req, status)
 

@@ -69,7 +69,9 @@ class Parking:
 
     def summaries(self, mine=lambda owner: True) -> list[protocol.RequestSummary]:
         now = time.monotonic()
-        return [protocol.RequestSummary(id=p.submit.request_id, model=model, tenant=p.submit.tenant, state=names.LOADING,
+        return [protocol.RequestSummary(id=p.submit.client_request_id or p.submit.request_id,
+                                        kernel_id=p.submit.request_id if p.submit.client_request_id else None,
+                                        model=model, tenant=p.submit.tenant, state=names.LOADING,
                                         prompt_tokens=0, output_tokens=0, blocks=0, preemptions=0,
                                         priority="" if p.submit.priority is None else str(p.submit.priority), waited_s=round(now - p.since, 3),
                                         age_s=round(now - p.since, 3))

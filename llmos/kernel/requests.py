@@ -97,6 +97,7 @@ class Request:
     priority: Priority = field(default_factory=lambda: Priority(1, 0))
     client: str = "io"                # the io driver that submitted it
     owner: str = "kernel"             # the principal that submitted it (kernel/auth.py): who may see and cancel it
+    client_request_id: str | None = None   # the client's X-Request-Id: unique only among its owner's requests
     keep_alive_s: float | None = None  # how long its model stays loaded after it (None: the model's default)
     group: str | None = None          # n > 1: the client's request id (ours is "<group>#<index>")
     index: int = 0                    # which choice of the group this is
@@ -107,6 +108,13 @@ class Request:
     def client_id(self) -> str:
         """The id the client knows this request by."""
         return self.group or self.id
+
+    @property
+    def shown_id(self) -> str:
+        """What its owner calls it: the X-Request-Id it gave (choice i: "<id>#i"), else our id."""
+        if self.client_request_id is None:
+            return self.id
+        return f"{self.client_request_id}#{self.index}" if self.index else self.client_request_id
 
     @property
     def num_tokens(self) -> int:
@@ -133,7 +141,8 @@ class Request:
 
     def summary(self) -> protocol.RequestSummary:
         return protocol.RequestSummary(
-            id=self.id, model=self.model, tenant=self.tenant, state=self.display_state,
+            id=self.shown_id, kernel_id=self.id if self.client_request_id else None,
+            model=self.model, tenant=self.tenant, state=self.display_state,
             prompt_tokens=len(self.prompt_ids), output_tokens=len(self.output.ids), blocks=len(self.kv.blocks),
             preemptions=self.sched.preemptions, priority=self.priority.name,
             waited_s=round((self.sched.started_at or time.monotonic()) - self.sched.arrival, 3),

@@ -168,26 +168,26 @@ async def _json_body(request: web.Request):
 
 async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamResponse:
     link, timeout = request.app[LINK], request.app[TIMEOUT]
-    rid = request.headers.get("X-Request-Id") or f"cmpl-{uuid.uuid4().hex}"
-    if not REQUEST_ID.fullmatch(rid):
+    given = request.headers.get("X-Request-Id")   # the client's: unique only among its principal's (kernel)
+    if given is not None and not REQUEST_ID.fullmatch(given):
         raise ApiError(400, "X-Request-Id must be 1 to 128 characters of letters, digits and ._:-", "X-Request-Id")
-    if link.has(rid):
-        raise ApiError(409, f"request id {rid!r} is already in flight", "X-Request-Id", code="duplicate_request_id")
+    rid = f"cmpl-{uuid.uuid4().hex}"   # ours on the bus: unique and unguessable, so no client can take another's
+    shown = given or rid
     done, reason = False, "client disconnected"
     try:  # registered inside the try: whatever fails below, `finally` frees the id
         queue = link.submit(protocol.Submit(
             request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
             prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
             priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n,
-            keep_alive_s=req.keep_alive_s))
+            keep_alive_s=req.keep_alive_s, client_request_id=given))
         first = await _next(queue, timeout)
         if not isinstance(first, protocol.Accepted):
             done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it
             raise _as_error(first)
-        shaper = ResponseShaper(req, rid, first.prompt_tokens)
+        shaper = ResponseShaper(req, shown, first.prompt_tokens)
         if req.stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                               "X-Request-Id": rid})
+                                               "X-Request-Id": shown})
             try:
                 done = await _stream(request, resp, queue, shaper, timeout)
             except ConnectionError:   # the client went away mid-stream: abort it (finally), quietly
@@ -201,7 +201,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
                 raise _as_error(item)
             shaper.add(item)
         done = True
-        return web.json_response(shaper.response(), headers={"X-Request-Id": rid})
+        return web.json_response(shaper.response(), headers={"X-Request-Id": shown})
     except protocol.Unencodable as exc:   # nothing was sent
         done = True
         raise ApiError(400, f"the request cannot be sent to the kernel: {exc}") from None
