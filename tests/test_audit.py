@@ -275,6 +275,21 @@ def test_the_request_record_carries_no_prompt_unless_asked(tmp_path):
         assert log.request(**fields)["prompt"] == "my secret question"
 
 
+def test_a_kept_prompt_is_sealed_when_the_log_has_a_seal(tmp_path):
+    from llmos.audit.events import open_prompt
+    from llmos.kernel.jobs.sealing import Unreadable, load_keyring
+    keys = load_keyring(tmp_path)
+    fields = dict(request_id="r1", principal="key-1", model="m", prompt_tokens=1, completion_tokens=1,
+                  status=200, duration_s=0.1, prompt=[{"role": "user", "content": "my secret question"}])
+    with AuditLog(tmp_path / "log", record_prompts=True) as log:
+        log.seal = keys.seal
+        rec = log.request(**fields)
+    assert "prompt" not in rec and b"secret" not in (tmp_path / "log" / FIRST).read_bytes()
+    assert open_prompt(rec, keys.open) == fields["prompt"]
+    with pytest.raises(Unreadable):   # authenticated as this request's: moved to another, it does not open
+        open_prompt({**rec, "request_id": "r2"}, keys.open)
+
+
 # ---------------------------------------------------------------- the CLI, on a real log
 
 

@@ -22,6 +22,9 @@ kernel's own job runner.
 """
 from __future__ import annotations
 
+import base64
+import json
+
 KINDS = (
     "auth.failure", "admin", "key.change", "model.load", "model.unload", "model.upgrade",
     "model.rollback", "job.submit", "job.delete", "job.cancel", "request",
@@ -33,10 +36,12 @@ def request_fields(*, request_id: str, principal: str | None, model: str | None,
                    prompt_tokens: int, completion_tokens: int, status: int, duration_s: float,
                    tenant: str | None = None, endpoint: str | None = None,
                    finish_reason: str | None = None, error: str | None = None,
-                   prompt=None, record_prompts: bool = False) -> dict:
+                   prompt=None, record_prompts: bool = False, seal=None) -> dict:
     """The fields of one `request` record. The prompt (text or chat messages) is kept only
     when the operator turned record_prompts on: by default the log says who asked which
-    model for how many tokens, never what they asked. Unset optional fields are left out."""
+    model for how many tokens, never what they asked. With `seal` (the job store's
+    Keyring.seal) a kept prompt is encrypted like the job store's: `prompt_sealed`, base64,
+    authenticated as "audit.prompt:<request_id>". Unset optional fields are left out."""
     fields = {
         "request_id": request_id, "principal": principal, "model": model,
         "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens),
@@ -44,5 +49,18 @@ def request_fields(*, request_id: str, principal: str | None, model: str | None,
         "tenant": tenant, "endpoint": endpoint, "finish_reason": finish_reason, "error": error,
     }
     if record_prompts and prompt is not None:
-        fields["prompt"] = prompt
+        if seal is None:
+            fields["prompt"] = prompt
+        else:
+            blob = seal(sealed_prompt_name(request_id), json.dumps(prompt).encode())
+            fields["prompt_sealed"] = base64.b64encode(blob).decode()
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def sealed_prompt_name(request_id: str) -> str:
+    return f"audit.prompt:{request_id}"
+
+
+def open_prompt(rec: dict, open_sealed):
+    """The prompt of a request record whose prompt is sealed (`open_sealed`: Keyring.open)."""
+    return json.loads(open_sealed(sealed_prompt_name(rec["request_id"]), base64.b64decode(rec["prompt_sealed"])))

@@ -49,6 +49,7 @@ class AuditLog:
         self.keep_files = keep_files
         self.sync_interval = sync_interval
         self.record_prompts = record_prompts
+        self.seal = None   # set to the job store's Keyring.seal: then kept prompts are encrypted
         self.anchor_path = self.directory / F.ANCHOR
         self._lock = threading.Lock()          # the chain state and the file
         self._sync_lock = threading.Lock()     # one fsync + anchor rewrite at a time
@@ -91,7 +92,7 @@ class AuditLog:
 
     def request(self, **fields) -> dict:
         """The per-request record (events.request_fields); the prompt only if record_prompts."""
-        return self.record("request", **request_fields(record_prompts=self.record_prompts, **fields))
+        return self.record("request", **request_fields(record_prompts=self.record_prompts, seal=self.seal, **fields))
 
     def sync(self) -> None:
         """Make every record appended so far durable, then point the anchor at the last one."""

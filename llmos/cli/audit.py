@@ -93,16 +93,38 @@ def tail_cmd(directory: Path, count, follow_, as_json):
 @click.option("--kind", "kinds", multiple=True, metavar="K",
               help="only these kinds (repeatable; globs: 'model.*')")
 @click.option("--json", "as_json", is_flag=True, help="the stored JSON lines")
+@click.option("--prompts", is_flag=True,
+              help="open the sealed prompts (--audit-record-prompts) with the home's storage key")
 @click.pass_obj
-def show_cmd(directory: Path, since, kinds, as_json):
+def show_cmd(directory: Path, since, kinds, as_json, prompts):
     """Records written since DATE or in the last DURATION, oldest first."""
     start = parse_since(since, time.time())
+    opener = _prompt_opener(directory) if prompts else None
     for rec in read_records(directory):
         if not isinstance(rec.get("ts"), (int, float)) or rec["ts"] < start:
             continue
         if kinds and not any(fnmatch.fnmatchcase(str(rec.get("kind")), k) for k in kinds):
             continue
+        if opener and "prompt_sealed" in rec:
+            rec = {**rec, "prompt": opener(rec)}
         click.echo(_line(rec, as_json))
+
+
+def _prompt_opener(directory: Path):
+    """rec -> its prompt, or why it does not open (a dropped key has erased it for good)."""
+    from llmos.audit.events import open_prompt
+    from llmos.kernel.jobs.sealing import StorageKeyError, Unreadable, load_keyring
+    try:
+        keys = load_keyring(directory.parent, create=False)
+    except StorageKeyError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    def opener(rec):
+        try:
+            return open_prompt(rec, keys.open)
+        except (Unreadable, ValueError) as exc:
+            return f"<unreadable: {exc}>"
+    return opener
 
 
 @audit.command("keygen")
