@@ -6,6 +6,7 @@ then served on demand. Every bad request is followed by a good one, answered as 
 from __future__ import annotations
 
 import shutil
+import sqlite3
 
 import pytest
 
@@ -216,3 +217,22 @@ def test_the_sdk(daemon, files, monkeypatch):
         assert c.remove_model("sdk", force=True)["removed"] == "sdk"
         with pytest.raises(NotFound):
             c.remove_model("sdk")
+
+
+def test_a_locked_registry_is_a_503_and_the_daemon_serves_on(daemon, tiny_qwen2_dir):
+    """Another process holding the registry's write lock (a long `llmos models add`) costs the
+    kernel's loop a short busy wait, then a 503; it does not stall every stream for 30 s."""
+    from llmos.models.catalog import db_path
+    from llmos.paths import Paths
+    locker = sqlite3.connect(str(db_path(Paths.from_env(daemon.home))), isolation_level=None)
+    try:
+        locker.execute("BEGIN IMMEDIATE")
+        refused(send(daemon, "POST", "/llmos/v1/models", {"name": "locked", "path": str(tiny_qwen2_dir)}), 503,
+                code="registry_unavailable")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    with daemon.http() as c:
+        r = c.post("/v1/completions", json={"model": "tl", "prompt": "Hi", "max_tokens": 2, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert send(daemon, "POST", "/llmos/v1/models", {"name": "locked", "path": str(tiny_qwen2_dir)}).status_code == 201

@@ -50,7 +50,7 @@ class ModelHost:
         self.on_engine_failed = lambda model, engine, error: None
         self.on_tick = lambda: None
         self.on_event = lambda kind, **fields: None   # the audit log (kernel/auditing.py), set by the kernel
-        self.catalog = Catalog(paths)
+        self.catalog = Catalog(paths, busy_timeout_s=2.0)   # locked longer: a 503, not a stalled loop
         self._registered_names, self._registered_at = frozenset(), float("-inf")
 
     # ------------------------------------------------------------ what exists

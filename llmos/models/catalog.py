@@ -96,8 +96,11 @@ class Catalog:
     """The registry of one $LLMOS_HOME. Cheap to create; each call opens its own connection,
     so one Catalog may be used from several threads."""
 
-    def __init__(self, paths: Paths):
+    def __init__(self, paths: Paths, busy_timeout_s: float = 30.0):
+        """busy_timeout_s: how long a call waits for another writer's lock. The kernel passes a
+        short one: its loop must not stall behind a `llmos models add` in another process."""
         self.paths, self.path = paths, db_path(paths)
+        self.busy_timeout_s = busy_timeout_s
         with self._connect() as db:
             if db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
                 return
@@ -316,7 +319,7 @@ class Catalog:
     @contextlib.contextmanager
     def _connect(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        db = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, isolation_level=None)
         try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")   # writes are rare; each one survives a power cut
