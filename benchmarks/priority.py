@@ -4,6 +4,7 @@
     python benchmarks/priority.py --model smollm2 --batch-tokens 128
     python benchmarks/priority.py --scenarios tenants   # only the tenant shares
     python benchmarks/priority.py --scenarios chunked   # only chunked prefill
+    python benchmarks/priority.py --scenarios priority,tenants --charts   # + PNGs in docs/img
 
 Scenario `priority`: a saturating batch-class load (--batch-requests long requests) and,
 once it runs, a stream of interactive requests. Reports interactive time-to-first-token
@@ -32,12 +33,16 @@ window (the gaps between two tokens of a stream that overlap the time from the p
 submission to its first token) against their steady p50 (the second before), and the
 long prompt's time to first token, loaded and on the idle daemon (p50 of 3). Tokens are
 counted by `return_token_ids`, so a token whose text the detokenizer holds back counts.
+
+--charts DIR writes PNGs (charts.py) of the first two: priority-ttft.png, TTFT p50/p95 by
+class and scheduler, and tenant-shares.png, each tenant's received tokens/s over time.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
@@ -50,7 +55,9 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from daemon_harness import Daemon, bench_model_dir  # noqa: E402
+from daemon_harness import Daemon, bench_model_dir, cpu_model  # noqa: E402
+
+CHARTS = HERE.parent / "docs" / "img"
 
 
 def pct(values, q):
@@ -95,12 +102,13 @@ async def scenario(sock, model, args) -> dict:
         loaded = await interactive_stream(client, model, args.interactive, args.gap)
         done = await asyncio.gather(*batch)
         wall = time.perf_counter() - t0
-    return {"idle": idle, "loaded": loaded, "batch_tok_s": sum(n for _, n in done) / wall}
+    return {"idle": idle, "loaded": loaded, "batch_tok_s": sum(n for _, n in done) / wall,
+            "batch_ttft": [f for f, _ in done if f is not None]}
 
 
-async def closed_loop(client, model, tenant, args, window, received, stop) -> None:
-    """One client of `tenant`: a request, then the next, until `stop`; counts the stream
-    chunks with text received inside `window` (perf_counter start, end) into received[tenant]."""
+async def closed_loop(client, model, tenant, args, events, stop) -> None:
+    """One client of `tenant`: a request, then the next, until `stop`; appends (perf_counter,
+    tenant, number of choices with text) to `events` for each stream chunk that has text."""
     body = {"model": model, "max_tokens": args.tenant_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "tenant": tenant}
     i = 0
@@ -111,20 +119,18 @@ async def closed_loop(client, model, tenant, args, window, received, stop) -> No
             async for line in r.aiter_lines():
                 if stop.is_set():
                     return          # closing the stream aborts the request
-                if line.startswith("data: {"):
-                    now = time.perf_counter()
-                    if window[0] <= now < window[1]:
-                        received[tenant] += sum(1 for c in json.loads(line[6:]).get("choices") or [] if c["text"])
+                if line.startswith("data: {") and (
+                        n := sum(1 for c in json.loads(line[6:]).get("choices") or [] if c["text"])):
+                    events.append((time.perf_counter(), tenant, n))
 
 
 async def tenants(sock, model, args) -> dict:
     transport = httpx.AsyncHTTPTransport(uds=str(sock))
     async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=3600) as client:
-        received, stop = Counter(), asyncio.Event()
-        window = [float("inf"), float("inf")]
+        events, stop = [], asyncio.Event()
 
         def start(tenant):
-            return [asyncio.ensure_future(closed_loop(client, model, tenant, args, window, received, stop))
+            return [asyncio.ensure_future(closed_loop(client, model, tenant, args, events, stop))
                     for _ in range(args.tenant_streams)]
 
         async def snapshot():
@@ -137,12 +143,12 @@ async def tenants(sock, model, args) -> dict:
                      for k in ("running", "served_tokens")}
             return (count["running"], count["served_tokens"]), s["preemptions"]
 
-        clients = start("light")
+        began, clients = time.perf_counter(), start("light")
         await asyncio.sleep(args.tenant_head_start)
         (head_start, _), _ = await snapshot()
         joined = time.perf_counter()
         clients += start("heavy")
-        window[:] = [joined + args.tenant_warmup, joined + args.tenant_warmup + args.tenant_window]
+        window = [joined + args.tenant_warmup, joined + args.tenant_warmup + args.tenant_window]
         samples, converged, served = [], None, []
         while time.perf_counter() < window[1]:
             await asyncio.sleep(0.5)
@@ -157,7 +163,13 @@ async def tenants(sock, model, args) -> dict:
         for c in clients:
             c.cancel()
         await asyncio.gather(*clients, return_exceptions=True)
-    return {"received": received, "head_start": head_start, "converged_s": converged, "preemptions": preemptions,
+    received = Counter()
+    for t, tenant, n in events:
+        if window[0] <= t < window[1]:
+            received[tenant] += n
+    return {"received": received, "head_start": head_start,
+            "timeline": {"events": events, "began": began, "joined": joined, "end": window[1]},
+            "converged_s": converged, "preemptions": preemptions,
             "served": {t: served[-1][t] - served[0][t] for t in ("light", "heavy")} if served and served[-1] else {},
             "running": {t: sum(s[t] for s in samples) / max(1, len(samples)) for t in ("light", "heavy")}}
 
@@ -276,27 +288,47 @@ def main() -> None:
     ap.add_argument("--chunked-prompt", type=int, default=2000, help="tokens of the long prompt")
     ap.add_argument("--chunked-budgets", default="256,4096", help="comma-separated --max-batched-tokens to compare")
     ap.add_argument("--chunked-repeats", type=int, default=5, help="long prompts admitted per budget")
+    ap.add_argument("--charts", nargs="?", const=str(CHARTS), default=None, metavar="DIR",
+                    help=f"write priority-ttft.png and tenant-shares.png there (default {CHARTS.relative_to(HERE.parent)})")
     args = ap.parse_args()
     scenarios, known = set(args.scenarios.split(",")), {"priority", "tenants", "chunked"}
     if not scenarios <= known:
         ap.error(f"unknown scenarios: {', '.join(sorted(scenarios - known))}")
+    if args.charts:
+        import charts  # noqa: F401  (fail now, not after the run, when matplotlib is missing)
     model_dir = bench_model_dir(args.model)
-    print(f"model {args.model}; max {args.max_num_seqs} running")
+    cpu, load0 = cpu_model(), os.getloadavg()[0]
+    print(f"model {args.model}; max {args.max_num_seqs} running; CPU {cpu}, {os.cpu_count()} cores, "
+          f"1-minute load average before the run {load0:.1f}")
+    note = f"model {args.model}, max {args.max_num_seqs} running, load before run {load0:.1f}"
     if "priority" in scenarios:
         print(f"{args.batch_requests} batch requests x {args.batch_tokens} tokens; {args.interactive} interactive requests")
+        by_class = {}
         for sched in ("fcfs", "priority"):
             r = run(model_dir, ["--scheduler", sched], scenario, args)
             print(f"{sched:8s}: interactive TTFT idle p50 {pct(r['idle'], 50) * 1e3:.0f} ms p95 "
                   f"{pct(r['idle'], 95) * 1e3:.0f} ms | under batch load p50 {pct(r['loaded'], 50) * 1e3:.0f} ms "
-                  f"p95 {pct(r['loaded'], 95) * 1e3:.0f} ms | batch throughput {r['batch_tok_s']:.0f} tok/s")
+                  f"p95 {pct(r['loaded'], 95) * 1e3:.0f} ms | batch throughput {r['batch_tok_s']:.0f} tok/s | "
+                  f"batch TTFT p50 {pct(r['batch_ttft'], 50):.2f} s p95 {pct(r['batch_ttft'], 95):.2f} s")
+            by_class[sched] = {name: (pct(r[k], 50), pct(r[k], 95)) for name, k in (
+                ("interactive, idle daemon", "idle"), ("interactive, under batch load", "loaded"),
+                ("batch (the load)", "batch_ttft"))}
+        if args.charts:
+            out = charts.ttft_by_class(
+                by_class, Path(args.charts) / "priority-ttft.png",
+                f"TTFT by priority class: {args.interactive} interactive requests during "
+                f"{args.batch_requests} x {args.batch_tokens}-token batch requests", charts.footer(cpu, note))
+            print(f"chart: {out}")
     if "tenants" in scenarios:
         print(f"tenants light:heavy = 1:3, {args.tenant_streams} streams each x {args.tenant_tokens} tokens; "
               f"light alone for {args.tenant_head_start:.0f} s, then heavy joins; "
               f"{args.tenant_window:.0f} s window from {args.tenant_warmup:.0f} s after heavy joined")
+        panels = {}
         for sched in ("fcfs", "priority"):
             r = run(model_dir, ["--scheduler", sched, "--tenant", "light:weight=1", "--tenant", "heavy:weight=3"],
                     tenants, args)
             got, sv = r["received"], r["served"]
+            panels[f"{sched} scheduler: heavy/light {got['heavy'] / max(1, got['light']):.2f} counted"] = r["timeline"]
             conv = "never" if r["converged_s"] is None else f"{r['converged_s']:.1f} s after heavy joined"
             print(f"{sched:8s}: received light {got['light']} tokens, heavy {got['heavy']} tokens, "
                   f"ratio {got['heavy'] / max(1, got['light']):.2f} | mean running "
@@ -306,6 +338,15 @@ def main() -> None:
                 print(f"          served by the kernel (prompt and recompute included): light {sv['light']}, "
                       f"heavy {sv['heavy']}, ratio {sv['heavy'] / max(1, sv['light']):.2f}; "
                       f"preemptions {r['preemptions']}")
+        if args.charts:
+            marks = {"heavy joins": args.tenant_head_start,
+                     "counting starts": args.tenant_head_start + args.tenant_warmup}
+            out = charts.tenant_shares(
+                {s: charts.rates(tl["events"], tl["began"], tl["end"], 1.0) for s, tl in panels.items()},
+                {"light": 1, "heavy": 3}, Path(args.charts) / "tenant-shares.png",
+                f"Tenant shares: {args.tenant_streams} streams per tenant x {args.tenant_tokens} tokens",
+                charts.footer(cpu, note), marks)
+            print(f"chart: {out}")
 
     if "chunked" in scenarios:
         budgets = [int(b) for b in args.chunked_budgets.split(",")]

@@ -2,18 +2,22 @@
 
     python benchmarks/throughput.py                       # starts its own daemon (smollm2, float32)
     python benchmarks/throughput.py --home ~/.llmos --no-start   # use a running daemon
+    python benchmarks/throughput.py --sweep 1,4,8,16,32 --skip-hf --chart   # + docs/img chart
 
 Workload (design.md, section 6): the prompts of benchmarks/prompts.json as chats,
 greedy, exactly --max-tokens output tokens each (ignore_eos), all submitted at once.
 Baselines on the same model and dtype: transformers `generate` one prompt at a time
 (on a subset, it is slow) and statically batched (left padding). Prints tokens/s for
 each, the ratios, time-to-first-token percentiles and the kernel's share of step time.
+With --sweep, llmos runs once per concurrency level on the same daemon (the baselines use
+the largest); --chart writes tokens/s and TTFT against concurrency as a PNG (charts.py).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -23,6 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE))
 import loadgen  # noqa: E402  (benchmarks/loadgen.py: the load generator peers.py uses too)
+from daemon_harness import cpu_model  # noqa: E402
+
+CHART = HERE.parent / "docs" / "img" / "throughput-concurrency.png"
 
 
 async def run_llmos(sock: Path, model: str, prompts: list[str], max_tokens: int) -> dict:
@@ -70,7 +77,15 @@ def main() -> None:
     ap.add_argument("--no-start", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--daemon-arg", action="append", default=[], help="extra llmosd option (repeatable)")
+    ap.add_argument("--sweep", default=None, help="comma-separated concurrency levels, instead of --concurrency")
+    ap.add_argument("--chart", nargs="?", const=str(CHART), default=None, metavar="PATH.png",
+                    help=f"write tokens/s and TTFT against concurrency as a PNG (default {CHART.relative_to(HERE.parent)})")
     args = ap.parse_args()
+    levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.concurrency]
+    args.concurrency = max(levels)
+    if args.chart:
+        import charts  # noqa: F401  (fail now, not after the run, when matplotlib is missing)
+    load0 = os.getloadavg()[0]
 
     prompts_all = json.loads((HERE / "prompts.json").read_text())
     prompts = [prompts_all[i % len(prompts_all)] for i in range(args.concurrency)]
@@ -91,14 +106,26 @@ def main() -> None:
         sock = daemon.socket
     try:
         asyncio.run(run_llmos(sock, args.model, prompts[:2], 4))  # warm-up
-        ours = asyncio.run(run_llmos(sock, args.model, prompts, args.max_tokens))
+        rows = []
+        for c in levels:
+            ours = {"concurrency": c, **asyncio.run(run_llmos(sock, args.model, prompts[:c], args.max_tokens))}
+            rows.append(ours)
+            print(f"llmos       {c:3d} concurrent: {ours['tokens']} tokens in {ours['wall_s']:.1f}s = "
+                  f"{ours['tok_s']:.1f} tok/s; TTFT p50 {ours['ttft_p50']:.2f}s p90 {ours['ttft_p90']:.2f}s "
+                  f"p99 {ours['ttft_p99']:.2f}s; {ours['steps']} steps, kernel share of step time "
+                  f"{100 * ours['kernel_share']:.1f}%, time between steps {100 * ours['loop_share']:.1f}%",
+                  flush=True)
     finally:
         if daemon:
             daemon.stop()
-    print(f"llmos       {args.concurrency:3d} concurrent: {ours['tokens']} tokens in {ours['wall_s']:.1f}s = "
-          f"{ours['tok_s']:.1f} tok/s; TTFT p50 {ours['ttft_p50']:.2f}s p90 {ours['ttft_p90']:.2f}s "
-          f"p99 {ours['ttft_p99']:.2f}s; {ours['steps']} steps, kernel share of step time "
-          f"{100 * ours['kernel_share']:.1f}%, time between steps {100 * ours['loop_share']:.1f}%")
+    ours = max(rows, key=lambda r: r["concurrency"])   # the baselines run at this concurrency
+    cpu = cpu_model()
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; 1-minute load average before the run {load0:.1f}")
+    if args.chart:
+        note = f"{args.model} {args.dtype}, {args.max_tokens} tokens/request, load before run {load0:.1f}"
+        out = charts.concurrency(rows, args.chart, f"llmos: throughput and time to first token ({args.model})",
+                                 charts.footer(cpu, note))
+        print(f"chart: {out}")
     if args.skip_hf:
         return
     static = run_hf(model_dir, args.dtype, prompts, args.max_tokens, batch=True)
