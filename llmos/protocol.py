@@ -681,11 +681,36 @@ class MetricsSnapshot:
     families: list[MetricFamily]
 
 
+@item
+class Alert:
+    """One alert: a rule (kernel/alert_rules.py) holding for one set of its labels (kernel/alerts.py)."""
+    rule: str
+    state: str                 # "pending" | "firing" | "resolved"
+    severity: str              # "info" | "warning" | "critical"
+    labels: dict               # label -> value: what it is about ({"driver": "io"})
+    value: float | None        # the figure at the last evaluation (None: it has no value now)
+    threshold: float
+    condition: str             # the rule in one line: increase(llmos_driver_restarts_total[10m]) > 3
+    summary: str
+    active_since: float        # Unix time the condition began to hold
+    fired_at: float | None
+    resolved_at: float | None
+
+
+@item
+class AlertReport:
+    """The answer to "alerts"."""
+    active: list[Alert]        # firing, then pending
+    recent: list[Alert]        # resolved, newest first
+    rules: dict                # rule name -> its condition in one line
+    failing: dict              # rule name -> why its last evaluation failed
+
+
 @message(0x36)
 class QueryReply(Message):
     """kernel -> io: the answer to the Query or Command with the same id. At most one answer
     field is set: `error` when the kernel refused or failed; else the record of the query
-    (health, models, ps, memory: None for a model still loading); else `data`, the jobs' and
+    (health, models, ps, memory: None for a model still loading, metrics, alerts); else `data`, the jobs' and
     files' answers and the commands', JSON-shaped (OpenAI's objects, kernel/jobs/views.py)."""
     query_id: str
     error: str | None = None
@@ -695,10 +720,11 @@ class QueryReply(Message):
     ps: ProcessReport | None = None
     memory: dict[str, MemoryReport | None] | None = None
     metrics: MetricsSnapshot | None = None
+    alerts: AlertReport | None = None
     data: Any = None
 
     def __post_init__(self):
-        answers = (self.error, self.health, self.models, self.ps, self.memory, self.metrics, self.data)
+        answers = (self.error, self.health, self.models, self.ps, self.memory, self.metrics, self.alerts, self.data)
         if sum(x is not None for x in answers) > 1:
             raise ValueError("QueryReply carries at most one answer")
 
@@ -709,7 +735,7 @@ class QueryReply(Message):
     @property
     def answer(self):
         """What was answered when ok: the record, or `data`."""
-        records = (self.health, self.models, self.ps, self.memory, self.metrics)
+        records = (self.health, self.models, self.ps, self.memory, self.metrics, self.alerts)
         return next((x for x in records if x is not None), self.data)
 
 
