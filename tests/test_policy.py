@@ -165,16 +165,22 @@ def test_aged_head_does_not_preempt():
 
 def test_min_run_protects_recent_admissions_with_backoff():
     pol = PriorityPolicy(min_run_s=2.0)
-    victim = Req("v", P("batch"), arrival=0)
+    victim = Req("v", P("batch:3"), arrival=0)
     running(pol, victim)
     victim.sched.started_at = 10.0
     head = Req("rt", P("realtime"), arrival=10)
-    assert pol.preemption_candidates(head, [victim], now=11.9) == []
-    assert pol.preemption_candidates(head, [victim], now=12.0)[:1] == [victim]
-    # A request preempted before is protected for min_run_s * 2**preemptions.
+    same_class = Req("b0", P("batch:0"), arrival=10)   # a higher level of the victim's class
+    assert pol.preemption_candidates(same_class, [victim], now=11.9) == []
+    assert pol.preemption_candidates(same_class, [victim], now=12.0)[:1] == [victim]
+    # A higher class's first preemption is free: min_run_s * (2**0 - 1).
+    assert pol.preemption_candidates(head, [victim], now=10.0)[:1] == [victim]
+    # A request preempted before is protected for min_run_s * 2**preemptions (a higher
+    # class's head: min_run_s * (2**preemptions - 1)).
     victim.sched.preemptions = 2
-    assert pol.preemption_candidates(head, [victim], now=17.9) == []
-    assert pol.preemption_candidates(head, [victim], now=18.0)[:1] == [victim]
+    assert pol.preemption_candidates(same_class, [victim], now=17.9) == []
+    assert pol.preemption_candidates(same_class, [victim], now=18.0)[:1] == [victim]
+    assert pol.preemption_candidates(head, [victim], now=15.9) == []
+    assert pol.preemption_candidates(head, [victim], now=16.0)[:1] == [victim]
     # A protected victim is skipped for an unprotected one.
     other = Req("o", P("interactive"), arrival=1, started_at=0.0)
     pol.on_queued(other)

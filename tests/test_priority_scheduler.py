@@ -42,16 +42,37 @@ def test_a_waiting_higher_priority_request_preempts_the_lowest_running_one():
 
 def test_no_preemption_for_equal_priority_or_recently_admitted_work():
     sched, clock = priority_scheduler(seqs=1, min_run_s=5.0)
-    a = make_request(priority="batch")
+    a = make_request(priority="batch:3")
     sched.add(a)
     run_step(sched)
-    sched.add(make_request(priority="batch"))
-    sched.add(make_request(priority="realtime"))
-    run_step(sched)                  # realtime waits: `a` ran for less than min_run_s
+    sched.add(make_request(priority="batch:3"))   # equal: never
+    sched.add(make_request(priority="batch:0"))   # a higher level of its class: once `a` ran min_run_s
+    run_step(sched)
     assert a.state is State.RUNNING and a.sched.preemptions == 0
     clock.advance(5)
     run_step(sched)
     assert a.state is State.WAITING and a.sched.preemptions == 1
+
+
+def test_a_higher_class_preempts_at_once_and_then_the_protection_doubles():
+    sched, clock = priority_scheduler(seqs=1, min_run_s=5.0)
+    a = make_request(priority="batch", max_tokens=50)
+    sched.add(a)
+    run_step(sched)
+    first = make_request(priority="interactive", max_tokens=2)
+    sched.add(first)
+    run_step(sched)                  # no wait for `a`'s min_run_s: interactive TTFT is not batch's business
+    assert a.state is State.WAITING and a.sched.preemptions == 1
+    for _ in range(10):
+        run_step(sched)
+    assert first.state is State.FINISHING and a.state is State.RUNNING
+    second = make_request(priority="interactive", max_tokens=2)
+    sched.add(second)
+    run_step(sched)                  # preempted once: protected min_run_s * (2 - 1) since readmitted
+    assert a.state is State.RUNNING and a.sched.preemptions == 1
+    clock.advance(5)
+    run_step(sched)
+    assert a.state is State.WAITING and a.sched.preemptions == 2
 
 
 def test_preempted_request_finishes_with_all_its_tokens():

@@ -22,6 +22,7 @@ from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.audit import audit
 from llmos.cli.keys import keys
+from llmos.cli.service import service
 from llmos.cli.storage_keys import rotate_storage
 from llmos.cli.models import models
 from llmos.cli.residency import load, scale, unload
@@ -323,3 +324,4 @@ cli.add_command(scale)
 cli.add_command(keys)
 keys.add_command(rotate_storage)   # llmos keys rotate-storage
 cli.add_command(audit)
+cli.add_command(service)

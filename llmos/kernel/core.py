@@ -37,6 +37,7 @@ from llmos.kernel.upgrades import Upgrades
 from llmos.kernel.registry_admin import RegistryAdmin
 from llmos.kernel.supervisor import DriverSpec, DState, Supervisor
 from llmos.paths import Paths
+from llmos.service.notify import ServiceNotifier
 
 log = logging.getLogger(__name__)
 CUDA_CONTEXT_BYTES = 1 << 30   # left free on a GPU for the kernel's CUDA context and allocator slack
@@ -88,6 +89,7 @@ class Kernel:
         self.commands.update(registry.commands)
         self.queries.update(registry.queries)
         self.dead_loops: dict[str, str] = {}  # long-lived kernel loop -> why it ended (health: degraded)
+        self.service = ServiceNotifier(self.health)   # systemd's Type=notify: READY=1, WATCHDOG=1, STOPPING=1
 
     def send(self, peer: str, msg) -> None:
         """Send to a driver over the bus, or to an in-kernel client (peer names starting with @)."""
@@ -125,7 +127,7 @@ class Kernel:
                                        "--timeout", str(self.config.first_answer_timeout)))
         loops = {"bus receiver": self._receive(), "supervisor": self.supervisor.watch(),
                  "job manager": self.jobs.run(),   # resumes unfinished jobs first
-                 "model host": self.host.watch()}
+                 "model host": self.host.watch(), "service notifier": self.service.run()}
         tasks = [self._long_lived(name, coro) for name, coro in loops.items()]
         try:
             await self.stopped.wait()
@@ -215,6 +217,7 @@ class Kernel:
             return
         log.info("shutting down: draining %d request(s)", len(self.front.table))
         self.front.draining = True
+        self.service.stopping()
         deadline = time.monotonic() + self.config.drain_timeout
         while self.front.table and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

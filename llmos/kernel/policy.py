@@ -267,17 +267,24 @@ class PriorityPolicy:
         memory must be found). `running` must be non-empty. `now` is unused today."""
         return max(running, key=self._victim_key)
 
-    def protected(self, req, now: float) -> bool:
-        """Too recently admitted to be preempted for priority or fairness."""
+    def protected(self, req, now: float, by=None) -> bool:
+        """Too recently admitted to be preempted for priority or fairness (by the waiting
+        request `by`). Against a head of a higher class the first preemption is free (the
+        window is min_run_s * (2**preemptions - 1)): an interactive request must not wait out
+        a batch request's protection, which, with batch requests admitted in waves, held
+        interactive TTFT near min_run_s. The window still doubles, so a victim finishes."""
         if req.sched.started_at is None:
             return False
-        return now - req.sched.started_at < self.min_run_s * 2 ** min(req.sched.preemptions, 20)
+        doubled = 2 ** min(req.sched.preemptions, 20)
+        if by is not None and by.priority.klass < req.priority.klass:
+            doubled -= 1
+        return now - req.sched.started_at < self.min_run_s * doubled
 
     def preemption_candidates(self, head, running: list, now: float) -> list:
         """Running requests the waiting `head` may preempt, first victim first: those of
         strictly lower *base* priority than the head's and not protected. Base, not aged:
         a re-queued victim must not age its way into preempting back."""
-        found = [r for r in running if r.priority > head.priority and not self.protected(r, now)]
+        found = [r for r in running if r.priority > head.priority and not self.protected(r, now, head)]
         return sorted(found, key=self._victim_key, reverse=True)
 
     def fairness_candidates(self, head, running: list, now: float) -> list:
