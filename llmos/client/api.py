@@ -47,6 +47,10 @@ class Api(JobsApi):
     def memory(self) -> dict:
         return self._run(Call("GET", "/llmos/v1/memory"))
 
+    def alerts(self) -> dict:
+        """Active alerts (firing, pending), recent (resolved) ones, the rules (docs/alerts.md)."""
+        return self._run(Call("GET", "/llmos/v1/alerts"))
+
     def restart_driver(self, name: str) -> dict:
         """Restart one driver by name (a failed one gets a fresh restart budget)."""
         return self._run(Call("POST", f"/llmos/v1/drivers/{name}/restart"))

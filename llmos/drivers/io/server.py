@@ -30,6 +30,7 @@ TIMEOUT = web.AppKey("timeout", float)
 # Admin routes: path -> (the kernel Query, its answer -> the JSON served).
 ADMIN_QUERIES = {
     "/llmos/v1/ps": ("ps", protocol.plain),
+    "/llmos/v1/alerts": ("alerts", protocol.plain),   # active and recent (kernel/alerts.py)
     "/llmos/v1/memory": ("memory", lambda models: {name: protocol.plain(report) if report is not None
                                                    else {"state": "loading"} for name, report in models.items()}),
 }
