@@ -11,6 +11,7 @@ import sys
 import click
 
 from llmos.config import DaemonConfig
+from llmos.logging_setup import setup_logging
 from llmos.kernel.tenants import ALL, DEFAULT_TENANT, TenantConfig
 from llmos.paths import Paths
 
@@ -161,8 +162,7 @@ def main(home, models, log_level, tenant_specs, keep_alive, max_loaded_models, m
     os.environ["LLMOS_HOME"] = str(paths.home)
     os.environ["LLMOS_LOG_LEVEL"] = log_level
     paths.ensure()
-    logging.basicConfig(level=log_level, stream=sys.stderr,
-                        format="%(asctime)s kernel %(levelname)s %(name)s: %(message)s")
+    setup_logging("kernel", paths.logs_dir, log_level)   # JSON lines, rotated (llmos/logging_setup.py)
     claim_pid_file(paths)
     if options.get("socket_group"):   # the group must be able to reach the socket: traverse only (0710)
         try:

@@ -22,6 +22,7 @@ from llmos.cli.format import dur, print_table
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.audit import audit
 from llmos.cli.keys import keys
+from llmos.cli.logs import logs
 from llmos.cli.service import service
 from llmos.cli.storage_keys import rotate_storage
 from llmos.cli.models import models
@@ -29,6 +30,7 @@ from llmos.cli.residency import load, scale, unload
 from llmos.cli import upgrade as _upgrade  # noqa: F401  (adds `models upgrade | rollback | history`)
 from llmos.cli.top import top
 from llmos.client import Client, DaemonNotRunning, LlmosError
+from llmos.logging_setup import STDERR_SUFFIX, cap_file
 from llmos.paths import Paths
 
 
@@ -111,10 +113,11 @@ def start(paths: Paths, models, dtype, timeout, daemon_args):
         click.echo(f"llmosd is already running{f' (pid {pid})' if pid else ''}")
         return
     paths.ensure()
-    log_path = paths.logs_dir / "llmosd.log"
+    # Its JSON log is logs/kernel.log; its stderr keeps a crash and, readable, its warnings.
+    log_path = cap_file(paths.logs_dir / f"kernel{STDERR_SUFFIX}")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(daemon_command(args), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env=_daemon_env(paths))
+                                start_new_session=True, env={**_daemon_env(paths), "LLMOS_LOG_ECHO": "WARNING"})
     startup.wait_started(paths, proc, log_path, timeout)
 
 
@@ -325,3 +328,4 @@ cli.add_command(keys)
 keys.add_command(rotate_storage)   # llmos keys rotate-storage
 cli.add_command(audit)
 cli.add_command(service)
+cli.add_command(logs)

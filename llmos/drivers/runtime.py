@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from llmos import protocol
+from llmos import logging_setup, protocol
 from llmos.bus import DriverBus
 
 HEARTBEAT_S = 1.0
@@ -30,11 +30,8 @@ def base_argparser(role: str) -> argparse.ArgumentParser:
 
 
 def setup_logging(name: str) -> None:
-    logging.basicConfig(
-        level=os.environ.get("LLMOS_LOG_LEVEL", "INFO"),
-        format=f"%(asctime)s {name} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    """JSON lines into the file the kernel chose for this driver (llmos/logging_setup.py)."""
+    logging_setup.setup_logging(name)
 
 
 class DriverRuntime:

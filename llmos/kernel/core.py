@@ -29,6 +29,7 @@ from llmos.kernel.access import Access
 from llmos.kernel.auditing import Auditor
 from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
+from llmos.kernel import request_log
 from llmos.kernel.job_owners import JobOwners
 from llmos.kernel.metrics import Metrics
 from llmos.kernel.model_commands import ModelCommands
@@ -168,10 +169,12 @@ class Kernel:
 
     def _rejected(self, m, principal, status: int, code: str) -> None:
         self.auditor.rejected(m, principal, status, code)
+        request_log.rejected(m, principal, status, code)
         self.metrics.rejected(status, code)
 
     def _request_done(self, req, status: int | None) -> None:
         self.metrics.request_done(req, status)
+        request_log.done(req, status)   # one JSON line: ids, tenant, model, status, tokens, times
         server_failed = status is not None and status >= 500
         self.host.request_done(req, server_failed)
         self.upgrades.request_done(req, server_failed)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from llmos import protocol
+from llmos.logging_setup import STDERR_SUFFIX, cap_file, log_target
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +106,16 @@ class Supervisor:
 
     def _spawn(self, d: DriverProcess) -> None:
         d.change_state(DState.STARTING)
-        logf = open(self.logs_dir / f"{d.spec.name}.log", "ab")
-        d.proc = subprocess.Popen(d.spec.argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                  env=self.env, close_fds=True)
-        logf.close()
+        # The driver logs JSON into logs/<name>.log itself; its raw output (a crash before its
+        # logging is up, a C library's messages) goes beside it. Under journald: our stderr.
+        out, env = None, dict(os.environ if self.env is None else self.env)
+        if log_target() != "journal":
+            out = open(cap_file(self.logs_dir / f"{d.spec.name}{STDERR_SUFFIX}"), "ab")
+            env["LLMOS_LOG_DIR"] = str(self.logs_dir)
+        d.proc = subprocess.Popen(d.spec.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                  env=env, close_fds=True)
+        if out is not None:
+            out.close()
         d.started_at = d.last_heartbeat = time.monotonic()
         log.info("driver %s started, pid %d", d.spec.name, d.proc.pid)
 

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from llmos import protocol
+from llmos.drivers.io.access_log import AccessLogger
 from llmos.drivers.io.kernel_link import KernelLink
 from llmos.drivers.io.limits import GuardedTCPSite, GuardedUnixSite, Limits
 from llmos.drivers.io.server import make_app
@@ -92,7 +93,8 @@ async def serve(args) -> None:
     # handler_cancellation: a client that disconnects cancels its handler, whose cleanup
     # sends Abort so the kernel frees the request's memory.
     runner = web.AppRunner(make_app(link, args.timeout), handler_cancellation=True,
-                           shutdown_timeout=args.shutdown_timeout, access_log=None,
+                           shutdown_timeout=args.shutdown_timeout, access_log_class=AccessLogger,
+                           access_log=logging.getLogger("llmos.access"),
                            **args.limits.handler_kwargs())
     await runner.setup()
     sock = Path(args.socket)
