@@ -19,6 +19,7 @@ import psutil
 import llmos
 from llmos.cli import startup
 from llmos.cli.format import dur, print_table
+from llmos.cli.alerts import alerts
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.audit import audit
 from llmos.cli.keys import keys
@@ -327,5 +328,6 @@ cli.add_command(scale)
 cli.add_command(keys)
 keys.add_command(rotate_storage)   # llmos keys rotate-storage
 cli.add_command(audit)
-cli.add_command(service)
 cli.add_command(logs)
+cli.add_command(service)
+cli.add_command(alerts)
