@@ -249,8 +249,10 @@ def test_new_rules_replace_old_ones_and_a_bad_set_changes_nothing():
     alerts.set_rules(parse_rules([{**KV, "for": 0}], defaults=False))
     clock.t += 1
     alerts.evaluate(gauge(0.99))
-    alerts.set_rules([])
+    alerts.set_rules(parse_rules([RESTARTS], defaults=False))   # Kv is gone: its firing alert resolves
     assert [a.state for a in said] == ["firing", "resolved", "firing", "resolved"] and alerts.report().active == []
+    alerts.set_rules(None)   # the config names no rules (a reload): the defaults
+    assert [r.name for r in alerts.rules] == [d["name"] for d in DEFAULT_RULES]
 
 
 def test_the_report_travels_typed_on_the_bus():

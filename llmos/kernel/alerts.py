@@ -98,11 +98,12 @@ class Alerts:
         self._figures_failing = False
         self.set_rules(rules)
 
-    def set_rules(self, rules: list) -> None:
-        """Replace the rules: Rules, or dicts (parse_rules: a bad one raises ValueError and
-        nothing changes). A rule kept as it was keeps its window; the firing alerts of a rule
-        that is gone resolve, its pending ones are dropped."""
-        if any(isinstance(r, dict) for r in rules):
+    def set_rules(self, rules: list | None) -> None:
+        """Replace the rules: parsed Rules, taken as they are; or the config's tables (a list
+        of dicts; None or [] for none), merged over the defaults by parse_rules (a bad one
+        raises ValueError and nothing changes). A rule kept as it was keeps its window; the
+        firing alerts of a rule that is gone resolve, its pending ones are dropped."""
+        if not rules or not all(isinstance(r, Rule) for r in rules):
             rules = parse_rules(rules)
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
