@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmos import protocol
 from llmos import openai_format
-from llmos.drivers.io import batches, metrics_route, model_admin, model_ops
+from llmos.drivers.io import batches, metrics_route, model_admin, model_ops, readiness
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.credentials import attach_credentials
 from llmos.drivers.io.kernel_link import AuthRefused, KernelLink, KernelUnavailable, QueryFailed
@@ -55,6 +55,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     batches.add_routes(app, link)  # /v1/files, /v1/batches, /llmos/v1/jobs
     model_admin.add_routes(app, link)  # /llmos/v1/models, /llmos/v1/models/{name}
     metrics_route.add_routes(app, link)  # /metrics, /version
+    readiness.add_routes(app, link)  # /ready, /ready?model=X
     return app
 
 
