@@ -371,6 +371,25 @@ class PoolMapped(Message):
     error: str | None
 
 
+@item
+class LogitsControls:
+    """What the sampler needs to change one sequence's logits (StepPlan.controls): only the
+    sequences that asked for a penalty, a logit bias or min_p carry one. `row` is its index in
+    the plan (a row with sample == 1). The token lists are what the kernel knows; the driver
+    keeps nothing, so a restarted driver samples exactly as the dead one would have:
+    output_ids are the tokens generated so far (sent only with a penalty on), prompt_ids the
+    prompt (sent only with repetition_penalty != 1). bias_ids[i] gets bias_values[i] added."""
+    row: int
+    min_p: float
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+    output_ids: list       # ints
+    prompt_ids: list       # ints
+    bias_ids: list         # ints
+    bias_values: list      # floats
+
+
 @message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
                        "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs",
                        "swap_out", "swap_in", "copy"))
@@ -383,7 +402,8 @@ class StepPlan(Message):
     unseeded; gen_index[i] (tokens generated so far) makes seeded sampling stateless.
     top_logprobs[i] < 0 means no logprobs. Before the forward pass the driver copies
     swap_out [k, 2] (device block -> host block), then swap_in [k, 2] (host -> device),
-    then copy [k, 2] (device block -> device block: copy-on-write of shared blocks)."""
+    then copy [k, 2] (device block -> device block: copy-on-write of shared blocks).
+    controls: penalties, logit bias and min_p of the rows that use them (LogitsControls)."""
     step_id: int
     seq_ids: np.ndarray
     num_new: np.ndarray
@@ -400,6 +420,7 @@ class StepPlan(Message):
     swap_out: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
     swap_in: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
     copy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))   # (src, dst) blocks
+    controls: list[LogitsControls] = field(default_factory=list)   # empty unless a sequence asked for them
 
 
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))

@@ -2,6 +2,7 @@
 (the kernel never trusts the bus). Pure Python: the kernel imports it."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
@@ -26,6 +27,11 @@ MAX_MESSAGES = 2048            # OpenAI's limit on messages
 MAX_TIMEOUT_S = 7 * 24 * 3600  # timeout / queue_timeout: a week
 MAX_TENANT_CHARS = 64
 MAX_REQUEST_ID_CHARS = 256     # the io driver allows 128 for X-Request-Id; job lines make longer ones
+MAX_PENALTY = 2.0              # presence_penalty / frequency_penalty in [-2, 2] (OpenAI's)
+MAX_REPETITION_PENALTY = 2.0   # repetition_penalty in (0, 2]: past 2 a repeated token is all but banned
+MAX_LOGIT_BIAS_ENTRIES = 300   # OpenAI's limit on logit_bias
+MAX_LOGIT_BIAS = 100.0         # each bias in [-100, 100] (OpenAI's); the kernel bounds ids by the vocabulary
+_TOKEN_ID_KEY = re.compile(r"[0-9]{1,10}")   # a logit_bias key: a token id as a plain decimal string
 
 
 def check_text(name: str, value: str) -> None:
@@ -58,11 +64,28 @@ class SamplingParams:
     logprobs: int | None = None        # number of top logprobs per token; None: no logprobs
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0      # logit -= presence * (token generated so far)
+    frequency_penalty: float = 0.0     # logit -= frequency * (times generated so far)
+    repetition_penalty: float = 1.0    # CTRL's, over prompt and output; 1: off
+    logit_bias: dict[str, float] = field(default_factory=dict)   # token id (decimal string, as JSON keys) -> bias
+    min_p: float = 0.0                 # keep tokens with p >= min_p * p_max; 0: off
 
     @cached_property
     def stop_id_set(self) -> frozenset[int]:
         """stop_token_ids for the per-token check (validated: at most MAX_STOP_TOKEN_IDS)."""
         return frozenset(self.stop_token_ids)
+
+    @cached_property
+    def logits_controls(self) -> bool:
+        """Whether the sampler must change this sequence's logits (penalties, bias, min_p): only
+        these sequences carry LogitsControls in the step plan; all others take the plain path."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_p)
+
+    @cached_property
+    def bias_pairs(self) -> tuple[list[int], list[float]]:
+        """logit_bias as (token ids, biases), in key order (validated: ids are decimal strings)."""
+        return [int(k) for k in self.logit_bias], [float(v) for v in self.logit_bias.values()]
 
     @property
     def greedy(self) -> bool:
@@ -116,6 +139,31 @@ class SamplingParams:
         self.stop_token_ids = sorted(set(ids))
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParam("min_tokens", "min_tokens must not exceed max_tokens")
+        self._validate_controls()
+
+    def _validate_controls(self) -> None:
+        _num("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _num("frequency_penalty", self.frequency_penalty, -MAX_PENALTY, MAX_PENALTY)
+        _num("repetition_penalty", self.repetition_penalty, 0.0, MAX_REPETITION_PENALTY)
+        if self.repetition_penalty == 0:
+            raise InvalidParam("repetition_penalty", "repetition_penalty must be greater than 0")
+        _num("min_p", self.min_p, 0.0, 1.0)
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS_ENTRIES:   # the count before any entry
+            raise InvalidParam("logit_bias", f"logit_bias must be an object of at most {MAX_LOGIT_BIAS_ENTRIES} "
+                                             "token ids")
+        normal = {}
+        for key, value in bias.items():
+            if not (isinstance(key, str) and _TOKEN_ID_KEY.fullmatch(key) and int(key) <= MAX_TOKEN_ID):
+                raise InvalidParam("logit_bias", f"logit_bias keys must be token ids in [0, {MAX_TOKEN_ID}] written "
+                                                 f"in decimal, got {key!r:.40}")
+            if str(int(key)) in normal:
+                raise InvalidParam("logit_bias", f"logit_bias names token {int(key)} twice")
+            _num("logit_bias", value, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+            normal[str(int(key))] = float(value)
+        self.logit_bias = normal
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            setattr(self, name, float(getattr(self, name)))   # the plan carries float32
 
 
 def _int(name, value, lo=None, hi=None, optional=False):
@@ -132,5 +180,5 @@ def _int(name, value, lo=None, hi=None, optional=False):
 def _num(name, value, lo, hi):
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise InvalidParam(name, f"{name} must be a number, got {type(value).__name__}")
-    if not lo <= value <= hi:
+    if not lo <= value <= hi:   # NaN fails this too
         raise InvalidParam(name, f"{name} must be between {lo} and {hi}, got {value}")

@@ -187,12 +187,20 @@ COMMON = {
     # OpenAI fields without effect, and fields accepted only at their no-op value
     **{name: any_json for name in ("user", "store", "metadata", "service_tier", "parallel_tool_calls",
                                    "prompt_cache_key", "safety_identifier", "reasoning_effort", "verbosity")},
-    **{name: field_value(st.sampled_from([0, 0.0, -0.0]), st.sampled_from([0.5, -2, NAN, False, "0"]))
-       for name in ("presence_penalty", "frequency_penalty", "min_p")},
-    "repetition_penalty": field_value(st.sampled_from([1, 1.0]), st.sampled_from([1.1, 0, NAN, True])),
-    "logit_bias": field_value(st.just({}), st.dictionaries(st.sampled_from(["0", "1", "-1", "x", "99999999"]),
-                                                           ints, min_size=1, max_size=3)),
     "use_beam_search": field_value(st.just(False), st.sampled_from([True, 0, "false"])),
+    # sampling controls (issue 16): in range and at the edges, then past them
+    **{name: field_value(st.one_of(st.floats(-2, 2), st.sampled_from([0, 2, -2, -0.0])),
+                         st.sampled_from([2.01, -3, NAN, INF, False, "0"]))
+       for name in ("presence_penalty", "frequency_penalty")},
+    "repetition_penalty": field_value(st.one_of(st.floats(1e-3, 2), st.sampled_from([1, 2, 5e-324])),
+                                      st.sampled_from([0, -1, 2.5, NAN, True])),
+    "min_p": field_value(st.one_of(st.floats(0, 1), st.sampled_from([0, 1, 5e-324])),
+                         st.sampled_from([-0.1, 1.5, NAN, "0"])),
+    "logit_bias": field_value(
+        st.dictionaries(st.one_of(st.builds(str, token_ids), st.sampled_from(["0", "0049151"])),
+                        st.one_of(st.floats(-100, 100), st.sampled_from([-100, 100])), max_size=300),
+        st.dictionaries(st.sampled_from(["-1", "x", "49152", "99999999999", " 1", "1.0"]), ints,
+                        min_size=1, max_size=3)),
 }
 COMPLETION_FIELDS = {
     **COMMON,

@@ -124,7 +124,7 @@ def test_n_choices_are_shaped_by_index_and_usage_counts_each_completion(oai, sta
     ({"temperature": 5}, "temperature"), ({"temperature": "hot"}, "temperature"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
     ({"top_p": 0}, "top_p"), ({"stop": 3}, "stop"), ({"n": 0}, "n"), ({"n": 129}, "n"), ({"n": "2"}, "n"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"stream": "yes"}, "stream"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
     ({"model": 7}, "model"), ({"tools": [{"type": "function"}]}, "tools"), ({"bogus": 1}, "bogus"),

@@ -34,6 +34,9 @@ def check_submit(m: protocol.Submit, max_model_len: int, vocab_size: int) -> Sam
         raise InvalidParam("params", f"malformed sampling parameters: {exc}") from None
     if vocab_size and params.top_k > vocab_size:
         raise InvalidParam("top_k", f"top_k must be at most the vocabulary size {vocab_size}, got {params.top_k}")
+    if vocab_size and params.logit_bias and max(params.bias_pairs[0]) >= vocab_size:
+        raise InvalidParam("logit_bias", f"logit_bias token ids must be below the vocabulary size {vocab_size}, "
+                                         f"got {max(params.bias_pairs[0])}")
     for name in ("max_tokens", "min_tokens"):
         value = getattr(params, name)
         if value is not None and value > max_model_len:

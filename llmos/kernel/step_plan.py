@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from llmos import protocol
+from llmos.kernel.requests import Request
 from llmos.kernel.scheduler import ScheduledSeq
 
 
@@ -32,8 +33,22 @@ def build_plan(step_id: int, batch: list[ScheduledSeq], ops: dict[str, list]) ->
         seed=np.asarray([-1 if x.seed is None else x.seed & (2**62 - 1) for x in p], dtype=np.int64),
         gen_index=protocol.i32([len(s.req.output.ids) for s in batch]),
         top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
+        controls=[_controls(i, s.req) for i, s in enumerate(batch) if s.sample and s.req.params.logits_controls],
         **{name: _pairs(pairs) for name, pairs in ops.items()},
     )
+
+
+def _controls(row: int, req: Request) -> protocol.LogitsControls:
+    """A sequence's logits controls, with the token history they need and no more: the
+    driver keeps no counts, so the plan is all it knows (a restart changes nothing). The
+    output is copied (it grows after the step); the prompt never changes."""
+    x = req.params
+    penalized = x.presence_penalty != 0 or x.frequency_penalty != 0 or x.repetition_penalty != 1
+    bias_ids, bias_values = x.bias_pairs
+    return protocol.LogitsControls(
+        row=row, min_p=x.min_p, presence_penalty=x.presence_penalty, frequency_penalty=x.frequency_penalty,
+        repetition_penalty=x.repetition_penalty, output_ids=list(req.output.ids) if penalized else [],
+        prompt_ids=req.prompt_ids if x.repetition_penalty != 1 else [], bias_ids=bias_ids, bias_values=bias_values)
 
 
 def _pairs(pairs: list) -> np.ndarray:

@@ -19,7 +19,8 @@ ROLES = {"system", "user", "assistant", "tool"}
 MAX_NAME_CHARS = 256   # model names and string priorities
 
 _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
-             "ignore_eos", "min_tokens")
+             "ignore_eos", "min_tokens", "presence_penalty", "frequency_penalty", "repetition_penalty",
+             "logit_bias", "min_p")
 _COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "priority", "return_token_ids",
            "timeout", "queue_timeout", "keep_alive",
            *_SAMPLING}
@@ -27,10 +28,7 @@ _COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "prio
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
             "safety_identifier", "reasoning_effort", "verbosity"}
 # Fields we accept only at their no-op value (None is always fine).
-_DEFAULT_ONLY = {
-    "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-    "logit_bias": ({},), "min_p": (0,), "use_beam_search": (False,),
-}
+_DEFAULT_ONLY = {"use_beam_search": (False,)}
 _COMPLETION_ONLY = {"prompt": None, "best_of": (1,), "echo": (False,), "suffix": ("",)}
 _CHAT_ONLY = {
     "messages": None, "max_completion_tokens": None, "top_logprobs": None,

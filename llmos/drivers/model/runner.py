@@ -13,6 +13,7 @@ import torch
 
 from llmos import protocol
 from llmos.drivers.model import decode_backends, paged_attention
+from llmos.drivers.model.logits_controls import gather
 from llmos.drivers.model.packed import pack_linears
 from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
@@ -186,18 +187,22 @@ class ModelRunner:
     def execute(self, plan: protocol.StepPlan) -> protocol.StepResult:
         t0 = time.perf_counter()
         self.check_plan(plan)
+        rows = np.flatnonzero(plan.sample != 0)
+        try:
+            controls = gather(plan.controls, rows, self.config.vocab_size, self.config.max_position_embeddings)
+        except ValueError as exc:
+            raise BadPlan(str(exc)) from None
         self._swap(plan.swap_out, plan.swap_in)
         self._copy(plan.copy)
         step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device,
                               self.decode_backend)
-        rows = np.flatnonzero(plan.sample != 0)
         last = np.cumsum(plan.num_new.astype(np.int64))[rows] - 1  # logits only where we sample
         out = self.model(
             input_ids=torch.from_numpy(plan.tokens.astype(np.int64))[None].to(self.device),
             position_ids=torch.from_numpy(pos)[None].to(self.device),
             use_cache=False, logits_to_keep=torch.from_numpy(last).to(self.device), llmos_step=step)
         s = sample(out.logits[0], plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
-                   plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows])
+                   plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows], controls)
         return protocol.StepResult(
             step_id=plan.step_id, seq_ids=plan.seq_ids[rows], tokens=s.tokens, logprobs=s.logprobs,
             top_ids=s.top_ids, top_lps=s.top_lps, forward_ms=(time.perf_counter() - t0) * 1e3)

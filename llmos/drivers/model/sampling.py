@@ -5,6 +5,10 @@ Stateless by design: a seeded sequence draws its noise from a generator seeded b
 or a preemption, whatever else shares its batch. Sampling is the exponential race
 (argmax of p / E with E ~ Exp(1)), which is exact multinomial sampling and lets a
 whole batch be drawn with one argmax.
+
+The order, as vLLM's v1 sampler: logit_bias, repetition, frequency and presence penalties
+(logits_controls.py, only for the rows that ask), then greedy argmax or temperature, min_p,
+top-k, top-p and the draw. Logprobs are taken from the raw logits before all of it.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from llmos.drivers.model.logits_controls import Controls, adjust_logits, apply_min_p
 
 _MASK64 = (1 << 64) - 1
 
@@ -40,13 +46,23 @@ def generator_for(seed: int, gen_index: int, device: torch.device | str = "cpu")
 
 
 def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
-           seed: np.ndarray, gen_index: np.ndarray, top_logprobs: np.ndarray) -> Sampled:
+           seed: np.ndarray, gen_index: np.ndarray, top_logprobs: np.ndarray,
+           controls: Controls | None = None) -> Sampled:
     """One token per row of logits [n, vocab] (float32). Per-row parameters as in StepPlan:
     temperature 0 = greedy, top_k <= 0 or >= vocab = off, top_p >= 1 = off, seed < 0 = unseeded,
-    top_logprobs < 0 = none. Logprobs are of the raw model distribution (before temperature,
-    top-k and top-p), as vLLM and OpenAI report them."""
+    top_logprobs < 0 = none; `controls` (logits_controls.py) for the rows with penalties, a
+    logit bias or min_p (None: no row has any, and none of their code runs). Logprobs are of
+    the raw model distribution (before bias, penalties, temperature, min-p, top-k and top-p),
+    as vLLM and OpenAI report them."""
     n, vocab = logits.shape
-    logits = logits.float()
+    logits = raw = logits.float()
+    min_p = None
+    if controls is not None:
+        if controls.changes_logits:   # bias and penalties come before the greedy argmax
+            logits = adjust_logits(logits, controls)
+        if controls.min_p.any():
+            min_p = np.zeros(n, dtype=np.float32)
+            min_p[controls.rows] = controls.min_p
     temperature = np.asarray(temperature, dtype=np.float64)
     greedy = temperature <= 0.0
     if greedy.all():
@@ -59,7 +75,7 @@ def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top
         rows = np.flatnonzero(~greedy)
         tokens[torch.from_numpy(rows).to(logits.device)] = _sample_rows(
             logits, rows, temperature[rows], np.asarray(top_p, dtype=np.float64)[rows], np.asarray(top_k)[rows],
-            np.asarray(seed)[rows], np.asarray(gen_index)[rows])
+            np.asarray(seed)[rows], np.asarray(gen_index)[rows], None if min_p is None else min_p[rows])
 
     top_logprobs = np.asarray(top_logprobs)
     chosen = np.full(n, np.nan, dtype=np.float32)  # NaN: this sequence asked for no logprobs
@@ -69,7 +85,7 @@ def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top
     want = np.flatnonzero(top_logprobs >= 0)
     if len(want):  # a full-vocabulary log_softmax costs ~1 ms per 32 rows: only when asked
         w = torch.from_numpy(want).to(logits.device)
-        logp = torch.log_softmax(logits.index_select(0, w), dim=-1)
+        logp = torch.log_softmax(raw.index_select(0, w), dim=-1)
         chosen[want] = logp.gather(1, tokens.index_select(0, w)[:, None])[:, 0].cpu().numpy()
         if k:
             lps, ids = logp.topk(min(k, vocab), dim=-1)
@@ -78,12 +94,14 @@ def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top
     return Sampled(tokens.to(torch.int32).cpu().numpy(), chosen, top_ids, top_lps)
 
 
-def _sample_rows(logits, rows, temperature, top_p, top_k, seed, gen_index) -> torch.Tensor:
+def _sample_rows(logits, rows, temperature, top_p, top_k, seed, gen_index, min_p) -> torch.Tensor:
     """Random draws for the non-greedy rows, all in one exponential race."""
     dev = logits.device
     vocab = logits.shape[1]
     x = logits.index_select(0, torch.from_numpy(rows).to(dev))
     x = x / torch.from_numpy(temperature).to(dev, torch.float32)[:, None]
+    if min_p is not None and min_p.any():   # vLLM's order: after temperature, before top-k and top-p
+        x = apply_min_p(x, torch.from_numpy(min_p).to(dev))
     # The noise is drawn per token id, before any reordering, so that a seeded row draws the
     # same token whatever the other rows of the batch ask for.
     noise = torch.empty_like(x)
