@@ -38,4 +38,7 @@ class DaemonConfig:
     audit_record_prompts: bool = False    # put prompt text in the audit log's request records
     job_retention_days: float | None = None   # ended jobs and files older than this are deleted (None: kept)
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
+    alert_rules: list | None = None     # rule tables over the defaults (kernel/alert_rules.py); None: the defaults
+    alert_command: str | None = None    # run for each alert that fires or resolves, the alert as JSON on stdin
+    alert_webhook: str | None = None    # http(s) URL: POST the same JSON
 

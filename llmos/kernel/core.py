@@ -26,6 +26,10 @@ from llmos.kernel.mem.device import cpu_memory, gpu_memories, select_device
 from llmos.kernel.mem.pool import parse_memory, remove_stale_pools
 from llmos.audit import AuditLog, audit_dir, key_file_setting, load_key
 from llmos.kernel.access import Access
+from llmos.kernel.alert_delivery import delivery_of
+from llmos.kernel.alert_figures import KernelFigures
+from llmos.kernel.alert_rules import rules_or_defaults
+from llmos.kernel.alerts import Alerts
 from llmos.kernel.auditing import Auditor
 from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
@@ -80,6 +84,9 @@ class Kernel:
         self.auditor = Auditor(None)   # opened in run(), where the home is known to exist
         self.metrics = Metrics(self.engines, self.front, self.supervisor, lambda: self.jobs)
         self.front.on_rejected = self._rejected
+        self.alert_delivery = delivery_of(config.alert_command, config.alert_webhook)   # (off the loop)
+        self.alerts = Alerts(rules_or_defaults(config.alert_rules), self.alert_delivery.deliver)
+        self.alert_figures = KernelFigures(self.metrics, self.host, lambda: self.jobs)
         self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
         self.authority = Authority(KeyStore(paths.home / "keys.db"), os.getuid(), config.allow_local_users)
         self.access = Access(self.authority)
@@ -128,7 +135,8 @@ class Kernel:
                                        "--timeout", str(self.config.first_answer_timeout)))
         loops = {"bus receiver": self._receive(), "supervisor": self.supervisor.watch(),
                  "job manager": self.jobs.run(),   # resumes unfinished jobs first
-                 "model host": self.host.watch(), "service notifier": self.service.run()}
+                 "model host": self.host.watch(), "service notifier": self.service.run(),
+                 "alerts": self.alerts.run(self.alert_figures.read)}
         tasks = [self._long_lived(name, coro) for name, coro in loops.items()]
         try:
             await self.stopped.wait()
@@ -235,6 +243,7 @@ class Kernel:
                         record_prompts=self.config.audit_record_prompts)
 
     def _release(self) -> None:
+        self.alert_delivery.close()
         if self.jobs is not None:
             self.jobs.close()
         self.auditor.close()
@@ -384,6 +393,8 @@ class Kernel:
             return {"memory": self.memory()}
         if what == "metrics":
             return {"metrics": self.metrics.snapshot()}
+        if what == "alerts":
+            return {"alerts": self.alerts.report()}
         if what in self.queries:
             return self._command(what, args, self.queries)
         return {"error": f"unknown query {what!r}"}
