@@ -38,7 +38,14 @@ class DaemonConfig:
     audit_record_prompts: bool = False    # put prompt text in the audit log's request records
     job_retention_days: float | None = None   # ended jobs and files older than this are deleted (None: kept)
     memory_limit_bytes: int | None = None   # weights + KV of all models together (None: what the device has)
+    kv_events_endpoint: str | None = None   # ZeroMQ PUB endpoint for the prefix cache's events, e.g. tcp://*:5557
+    kv_events_pod: str | None = None        # the pod name in their topic kv@POD@MODEL (default: the host name)
+    kv_events_hash_seed: str = ""           # llm-d's HashSeed (vLLM's PYTHONHASHSEED): seeds the block hashes
     alert_rules: list | None = None     # rule tables over the defaults (kernel/alert_rules.py); None: the defaults
     alert_command: str | None = None    # run for each alert that fires or resolves, the alert as JSON on stdin
     alert_webhook: str | None = None    # http(s) URL: POST the same JSON
+    # What SIGHUP needs to re-read the config file (llmos/config_file.py, llmos/kernel/reload.py):
+    config_file: str | None = None    # its path (it need not exist: then only flags and defaults apply)
+    cli_overrides: dict = field(default_factory=dict)   # what the command line gave, as file keys
+    effective: dict = field(default_factory=dict)       # file keys -> the values in force (config show's)
 

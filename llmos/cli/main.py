@@ -22,6 +22,7 @@ from llmos.cli.format import dur, print_table
 from llmos.cli.alerts import alerts
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.audit import audit
+from llmos.cli.config_cmd import config
 from llmos.cli.keys import keys
 from llmos.cli.logs import logs
 from llmos.cli.service import service
@@ -328,6 +329,7 @@ cli.add_command(scale)
 cli.add_command(keys)
 keys.add_command(rotate_storage)   # llmos keys rotate-storage
 cli.add_command(audit)
+cli.add_command(config)
 cli.add_command(logs)
 cli.add_command(service)
 cli.add_command(alerts)
