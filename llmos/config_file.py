@@ -107,6 +107,9 @@ OPTIONS: dict[str, Option] = {
     "audit_record_prompts": Option(False, "boolean"),
     "job_retention_days": Option(None, "number", above=0),
     "memory_limit": Option(None, "size"),
+    "kv_events_endpoint": Option(None, "string"),
+    "kv_events_pod": Option(None, "string"),
+    "kv_events_hash_seed": Option("", "string"),
     "log_level": Option("INFO", "string", LOG_LEVELS),
 }
 DEFAULTS = {key: o.default for key, o in OPTIONS.items()}

@@ -87,6 +87,9 @@ audit_key_file = "/etc/audit.key"
 audit_record_prompts = true
 job_retention_days = 7
 memory_limit = "8GiB"
+kv_events_endpoint = "tcp://127.0.0.1:5557"
+kv_events_pod = "pod-a"
+kv_events_hash_seed = "42"
 log_level = "warning"
 
 [tenants.alice]

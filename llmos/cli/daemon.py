@@ -184,6 +184,10 @@ _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
               help="devices the replicas spread over, e.g. cuda:0,cuda:1, or 'all' GPUs (default: --device)")
 @click.option("--memory-limit", default=None,
               help="weights + KV of all loaded models together: bytes or '8GiB' (default: what the device has)")
+@click.option("--kv-events-endpoint", default=None, metavar="ENDPOINT",
+              help="publish the prefix cache's events on this ZeroMQ PUB endpoint, e.g. tcp://*:5557")
+@click.option("--kv-events-pod", default=None, help="the pod name in their topic kv@POD@MODEL (default: the host name)")
+@click.option("--kv-events-hash-seed", default=D["kv_events_hash_seed"], help="seeds the block hashes (llm-d's HashSeed)")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=D["log_level"],
               help="the kernel's and the drivers' (SIGHUP reloads it)")
 def main(home, config_path, **_flags) -> None:
