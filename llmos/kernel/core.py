@@ -41,7 +41,6 @@ from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
 from llmos.kernel.upgrades import Upgrades
 from llmos.kernel.registry_admin import RegistryAdmin
-from llmos.kernel.reload import reload_config
 from llmos.kernel.supervisor import DriverSpec, DState, Supervisor
 from llmos.paths import Paths
 from llmos.service.notify import ServiceNotifier
@@ -134,7 +133,6 @@ class Kernel:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
-        loop.add_signal_handler(signal.SIGHUP, lambda: reload_config(self))   # re-read the config file
         self.supervisor.add(self._spec("io", "io", "llmos.drivers.io", "--socket", str(self.paths.api_socket),
                                        "--socket-mode", self.config.socket_mode,
                                        *(["--socket-group", self.config.socket_group] if self.config.socket_group else []),
