@@ -59,3 +59,21 @@ def test_requests_failures_and_commands_are_recorded_and_the_chain_verifies(daem
     assert result.ok and result.records == len(records), result
     out = CliRunner().invoke(cli, ["--home", str(daemon.home), "audit", "verify"])
     assert out.exit_code == 0, out.output
+
+
+def test_recorded_prompts_are_sealed_at_rest_and_open_with_the_storage_key(tmp_path, tiny_llama_dir):
+    d = Daemon(tmp_path, [f"tl={tiny_llama_dir}"], "--audit-record-prompts").wait_ready()
+    try:
+        with d.http() as c:
+            ok = c.post("/v1/completions", json={"model": "tl", "prompt": f"keep {MARKER}", "max_tokens": 2})
+            assert ok.status_code == 200, ok.text
+    finally:
+        d.stop()
+    (rec,) = [r for r in read_records(audit_dir(tmp_path)) if r["kind"] == "request"]
+    assert "prompt" not in rec and rec["prompt_sealed"]
+    for f in tmp_path.rglob("*"):   # the log, the job store, its WAL, the logs: nowhere in the clear
+        if f.is_file() and not f.is_symlink():
+            assert MARKER.encode() not in f.read_bytes(), f
+    shown = CliRunner().invoke(cli, ["--home", str(tmp_path), "audit", "show", "--since", "1h", "--prompts"])
+    assert shown.exit_code == 0 and f"keep {MARKER}" in shown.output, shown.output
+    assert verify(audit_dir(tmp_path)).ok

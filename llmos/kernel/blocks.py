@@ -26,6 +26,7 @@ class BlockPool:
         self._tokens: list[tuple | None] = [None] * num_blocks
         self._cached: dict[int, int] = {}       # block hash -> block id
         self.evictions = 0
+        self.events = None   # kv_events.PoolEvents: told what enters and leaves the prefix cache
 
     @property
     def num_free(self) -> int:
@@ -39,6 +40,11 @@ class BlockPool:
     @property
     def num_cached_free(self) -> int:
         return sum(1 for b in self._free if self._hash[b] is not None)
+
+    @property
+    def num_cached(self) -> int:
+        """Distinct full blocks a prefix lookup can find (in use or cached-free)."""
+        return len(self._cached)
 
     @property
     def num_shared(self) -> int:
@@ -66,6 +72,8 @@ class BlockPool:
         if h is not None:
             if self._cached.get(h) == b:
                 del self._cached[h]
+                if self.events is not None:
+                    self.events.removed(h)
             self._hash[b] = self._tokens[b] = None
             self.evictions += 1
 
@@ -91,12 +99,14 @@ class BlockPool:
         return self._refs[block]
 
     # ------------------------------------------------------------ prefix cache
-    def cache(self, block: int, block_hash: int, tokens: tuple) -> None:
-        """Record that a full, written block holds `tokens` after the prefix `block_hash` chains."""
+    def cache(self, block: int, block_hash: int, tokens: tuple, parent_hash: int | None = None) -> None:
+        """Record that a full, written block holds `tokens` after the prefix `block_hash` chains
+        (`parent_hash`: the previous block's; None for a first block)."""
         if self._hash[block] is not None:
             return
         self._hash[block], self._tokens[block] = block_hash, tokens
-        self._cached.setdefault(block_hash, block)
+        if self._cached.setdefault(block_hash, block) == block and self.events is not None:
+            self.events.stored(block_hash, parent_hash, tokens)   # (a duplicate block is not news)
 
     def lookup(self, block_hash: int, tokens: tuple) -> int | None:
         """The cached block for this hash, confirmed against its stored tokens."""

@@ -35,6 +35,7 @@ from llmos.kernel.auth import AuthError, Authority, KeyStore
 from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel import request_log
 from llmos.kernel.job_owners import JobOwners
+from llmos.kernel.kv_events import KVEventStream
 from llmos.kernel.metrics import Metrics
 from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
@@ -98,6 +99,7 @@ class Kernel:
         self.commands.update(registry.commands)
         self.queries.update(registry.queries)
         self.dead_loops: dict[str, str] = {}  # long-lived kernel loop -> why it ended (health: degraded)
+        self.kv_events: KVEventStream | None = None   # --kv-events: the prefix cache published (kv_events.py)
         self.service = ServiceNotifier(self.health)   # systemd's Type=notify: READY=1, WATCHDOG=1, STOPPING=1
 
     def send(self, peer: str, msg) -> None:
@@ -115,9 +117,14 @@ class Kernel:
         self.host.on_event = self.auditor.event   # loads, unloads, upgrades, rollbacks the kernel makes itself
         remove_stale_pools()
         self.bus = KernelBus(self.paths.kernel_endpoint)
+        if self.config.kv_events_endpoint:   # before any engine: each one's pool reports from its first block
+            self.kv_events = KVEventStream(self.config.kv_events_endpoint, self.config.kv_events_pod,
+                                           self.config.kv_events_hash_seed)
         # The job store first: a storage key that does not open it must stop us before any driver starts.
         self.jobs = JobManager(JobStore(self.paths.jobs_db), self.front, self.engines, self.supervisor.is_running,
                                models=KnownModels(self.host), retention_days=self.config.job_retention_days)
+        if self.auditor.audit is not None:   # prompts the operator asked to keep are sealed like the jobs'
+            self.auditor.audit.seal = self.jobs.store.keys.seal
         self.host.preload()   # their model drivers start loading now
         self.local_clients[JOBS_PEER] = self.jobs.deliver
         self.commands.update(self.jobs.commands)
@@ -139,6 +146,8 @@ class Kernel:
                  "job manager": self.jobs.run(),   # resumes unfinished jobs first
                  "model host": self.host.watch(), "service notifier": self.service.run(),
                  "alerts": self.alerts.run(self.alert_figures.read)}
+        if self.kv_events is not None:
+            loops["kv events"] = self.kv_events.run()
         tasks = [self._long_lived(name, coro) for name, coro in loops.items()]
         try:
             await self.stopped.wait()
@@ -164,7 +173,8 @@ class Kernel:
         return task
 
     def _new_engine(self, eid: str, model: str, spec: str, device: str) -> ModelEngine:
-        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self._engine_outputs, model, device)
+        return ModelEngine(eid, spec, self.config, self._kv_budget, self.send, self._engine_outputs, model, device,
+                           kv_events=self.kv_events)
 
     def _engine_outputs(self, engine: ModelEngine, out) -> None:
         self.metrics.outputs(out)   # (first tokens and token gaps, before the front door ends any)
@@ -253,6 +263,8 @@ class Kernel:
             for pool in (engine.pool, engine.host_pool):
                 if pool is not None:
                     pool.release()
+        if self.kv_events is not None:
+            self.kv_events.close()
         if self.bus is not None:
             self.bus.close()
 

@@ -20,6 +20,7 @@ import time
 
 from llmos import protocol
 from llmos.kernel.blocks import BlockPool
+from llmos.kernel.kv_events import chunk_hash
 from llmos.kernel.kv_manager import KVCacheManager
 from llmos.kernel.mem.geometry import KVGeometry, KVPool
 from llmos.kernel.mem.pool import SharedKVPool, make_pool
@@ -52,8 +53,9 @@ class DriverLost(Exception):
 
 class ModelEngine:
     def __init__(self, name: str, spec: str, config, kv_budget, send, on_outputs, model: str | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", kv_events=None):
         self.name, self.spec, self.config = name, spec, config   # name: the engine id (a replica, a version)
+        self.kv_events = kv_events        # kv_events.KVEventStream, or None: the prefix cache is not published
         self.model = model or name        # the model's name, as requests give it
         self.device = device              # where its model driver runs and its pool lives
         self.driver = f"model-{name}"
@@ -102,7 +104,7 @@ class ModelEngine:
             if num_blocks < 2:
                 raise RuntimeError(f"KV budget {budget} bytes holds fewer than 2 blocks of {geo.block_bytes}")
             self.pool = make_pool(self.name, geo, num_blocks, self.accounting.get("device", "cpu"))
-            kv = KVCacheManager(BlockPool(num_blocks, geo.block_size), self.config.prefix_caching)
+            kv = self._kv_manager(num_blocks, geo.block_size)
             swap = None
             host_blocks = self.accounting.get("swap_budget_bytes", 0) // geo.block_bytes
             if host_blocks >= 1 and self.config.preemption_mode != "recompute":
@@ -118,6 +120,13 @@ class ModelEngine:
             block_size=g.block_size, num_layers=g.num_layers, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
             host_path=str(self.host_pool.path) if self.host_pool else None,
             host_blocks=self.host_pool.num_blocks if self.host_pool else 0, cuda_ipc=self.pool.ipc_handle()))
+
+    def _kv_manager(self, num_blocks: int, block_size: int) -> KVCacheManager:
+        blocks = BlockPool(num_blocks, block_size)
+        if self.kv_events is None:
+            return KVCacheManager(blocks, self.config.prefix_caching)
+        blocks.events = self.kv_events.attach(self.name, self.model, block_size)   # named as llm-d names them
+        return KVCacheManager(blocks, self.config.prefix_caching, chunk_hash, self.kv_events.root)
 
     def pool_mapped(self, error: str | None) -> None:
         if error:

@@ -22,9 +22,12 @@ from llmos.kernel.blocks import BlockPool, blocks_needed
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, prefix_caching: bool = True):
+    def __init__(self, pool: BlockPool, prefix_caching: bool = True, chunk_hash=None, root_hash: int = 0):
+        """chunk_hash(parent, tokens) -> int: how full blocks are named (None: Python's hash,
+        fastest); KV events pass llm-d's (kv_events.py), chained from root_hash."""
         self.pool = pool
         self.prefix_caching = prefix_caching
+        self.chunk_hash, self.root_hash = chunk_hash, root_hash
         self.lookups = 0
         self.queried_tokens = 0
         self.hit_tokens = 0
@@ -42,8 +45,9 @@ class KVCacheManager:
         bs = self.block_size
         while len(hashes) < upto_blocks:
             i = len(hashes)
-            parent = hashes[-1] if hashes else 0
-            hashes.append(hash((parent, tuple(req.token_at(i * bs, (i + 1) * bs)))))
+            parent = hashes[-1] if hashes else self.root_hash
+            tokens = tuple(req.token_at(i * bs, (i + 1) * bs))
+            hashes.append(hash((parent, tokens)) if self.chunk_hash is None else self.chunk_hash(parent, tokens))
         return hashes[:upto_blocks]
 
     def attach_prefix(self, req) -> int:
@@ -132,8 +136,10 @@ class KVCacheManager:
         full = min(req.kv.num_computed // self.block_size, len(req.kv.blocks))
         bs = self.block_size
         first_new = req.kv.cached_blocks
-        for i, h in enumerate(self._hashes(req, full)[first_new:], start=first_new):
-            self.pool.cache(req.kv.blocks[i], h, tuple(req.token_at(i * bs, (i + 1) * bs)))
+        hashes = self._hashes(req, full)
+        for i, h in enumerate(hashes[first_new:], start=first_new):
+            self.pool.cache(req.kv.blocks[i], h, tuple(req.token_at(i * bs, (i + 1) * bs)),
+                            hashes[i - 1] if i else None)
         req.kv.cached_blocks = max(first_new, full)
 
     def free(self, req) -> None:
@@ -145,4 +151,4 @@ class KVCacheManager:
         return {"prefix_caching": self.prefix_caching, "lookups": self.lookups,
                 "queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens,
                 "hit_rate": round(self.hit_tokens / self.queried_tokens, 4) if self.queried_tokens else 0.0,
-                "evictions": self.pool.evictions, "forks": self.forks, "cow_copies": self.copies}
+                "cached_blocks": self.pool.num_cached, "evictions": self.pool.evictions, "forks": self.forks, "cow_copies": self.copies}

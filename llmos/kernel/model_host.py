@@ -244,6 +244,8 @@ class ModelHost:
         self.outstanding.pop(eid, None)
         if engine is None:
             return
+        if engine.kv_events is not None:   # its prefix cache is gone: subscribers forget it
+            engine.kv_events.detach(eid)
         pools = [p for p in (engine.pool, engine.host_pool) if p is not None]
 
         def release() -> None:   # once the model driver is gone: it maps them until it exits
