@@ -132,7 +132,7 @@ class Recorder:
 
 
 CALLS = {   # every public method of the API, with arguments
-    "health": (), "models": (), "ps": (), "memory": (), "restart_driver": ("io",), "cancel_request": ("cmpl-1",),
+    "health": (), "models": (), "ps": (), "memory": (), "alerts": (), "restart_driver": ("io",), "cancel_request": ("cmpl-1",),
     "completion": (MODEL, "x"), "chat": (MODEL, HI), "stream_completion": (MODEL, [1, 2]),
     "stream_chat": (MODEL, HI), "upload_file": ([{"custom_id": "a", "body": {}}],),
     "submit_batch": ([{"custom_id": "a", "body": {}}], MODEL), "jobs": (), "job": ("batch_1",),
