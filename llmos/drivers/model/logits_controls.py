@@ -55,9 +55,10 @@ def gather(controls: list[protocol.LogitsControls], plan_rows: np.ndarray, vocab
     rows, scalars, flat = [], [], {"output": ([], []), "prompt": ([], []), "bias": ([], [])}
     bias_values = []
     for i, c in enumerate(controls):
-        if c.row not in position or position[c.row] in rows:
+        at = position.pop(c.row, None)   # popped: a second control for the same row is refused too
+        if at is None:
             raise ValueError(f"logits controls for row {c.row}, which does not sample or has them twice")
-        rows.append(position[c.row])
+        rows.append(at)
         values = (c.min_p, c.presence_penalty, c.frequency_penalty, c.repetition_penalty)
         if not (all(math.isfinite(v) for v in values) and 0 <= c.min_p <= 1 and abs(c.presence_penalty) <= MAX_PENALTY
                 and abs(c.frequency_penalty) <= MAX_PENALTY and 0 < c.repetition_penalty <= MAX_REPETITION_PENALTY):
