@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,42 +20,30 @@ from daemon_harness import Daemon
 from llmos.cli.main import cli
 from llmos.kernel.alert_rules import DEFAULT_RULES, METRIC_FIGURES
 
-# The daemon's config, set before it starts (a stand-in for the config file's [[alerts.rules]],
-# which sets the same DaemonConfig fields).
-LAUNCHER = """
-import json, os
-import llmos.cli.daemon as daemon
-from llmos.config import DaemonConfig
-settings = json.loads(os.environ.pop("LLMOS_TEST_ALERTS"))
-
-class Configured(DaemonConfig):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        for key, value in settings.items():
-            setattr(self, key, value)
-
-daemon.DaemonConfig = Configured
-daemon.main()
-"""
 RULE = {"name": "TestRestarts", "metric": "llmos_driver_restarts_total", "fn": "increase", "window": "30s",
         "where": {"driver": "tokenizer-tiny"}, "op": ">", "threshold": 1, "severity": "critical",
         "summary": "{driver} restarted {value} times in 30 s"}
 TOKENIZER = "tokenizer-tiny"
 
 
-def start(home: Path, model_dir: Path, settings: dict) -> Daemon:
-    """A Daemon (tests/daemon_harness.py) whose DaemonConfig carries `settings`."""
-    launcher = home.parent / "launch_llmosd.py"
-    launcher.write_text(LAUNCHER)
-    d = Daemon.__new__(Daemon)
-    d.home, d.socket = home, home / "run" / "llmos.sock"
+def start(home: Path, model_dir: Path, record: Path) -> Daemon:
+    """A Daemon whose config file (--config) carries the test's rule and alert command."""
     home.mkdir(parents=True, exist_ok=True)
-    d.log = open(home / "llmosd.out", "wb")
-    d.proc = subprocess.Popen([sys.executable, str(launcher), "--home", str(home), "--kv-memory", "64MiB",
-                               "--model", f"tiny={model_dir}", "--max-restarts", "50"],
-                              stdout=d.log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "LLMOS_TEST_ALERTS": json.dumps(settings)})
-    return d
+    where = ", ".join(f'{k} = "{v}"' for k, v in RULE["where"].items())
+    rule = "\n".join(f"{k} = {json.dumps(v)}" for k, v in RULE.items() if k != "where")
+    config = home.parent / "llmos.toml"
+    config.write_text(f"""[alerts]
+command = {json.dumps(f"{sys.executable} {record}")}
+
+[[alerts.rules]]
+{rule}
+where = {{ {where} }}
+
+[[alerts.rules]]
+name = "DriverRestarting"
+enabled = false
+""")
+    return Daemon(home, [f"tiny={model_dir}"], "--max-restarts", "50", "--config", str(config))
 
 
 def wait_for(cond, timeout: float, what: str):
@@ -102,10 +89,9 @@ def said_in(log: Path) -> tuple[int, int]:
 @pytest.fixture
 def daemon(tmp_path, tiny_llama_dir):
     out = tmp_path / "delivered.jsonl"
-    record = f"import sys; open({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')"
-    settings = {"alert_rules": [RULE, {"name": "DriverRestarting", "enabled": False}],
-                "alert_command": f"{sys.executable} -c {json.dumps(record)}"}
-    d = start(tmp_path / "home", tiny_llama_dir, settings)
+    record = tmp_path / "record.py"
+    record.write_text(f"import sys\nopen({str(out)!r}, 'a').write(sys.stdin.read() + '\\n')\n")
+    d = start(tmp_path / "home", tiny_llama_dir, record)
     try:
         yield d.wait_ready(), out
     finally:
