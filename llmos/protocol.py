@@ -449,18 +449,26 @@ class StepFailed(Message):
 
 @message(0x20)
 class Encode(Message):
-    """kernel -> tokenizer: turn a prompt (text) or a chat (messages) into token ids."""
+    """kernel -> tokenizer: turn a prompt (text) or a chat (messages) into token ids. The
+    options' defaults are a generation request's; /tokenize may change them (vLLM's fields).
+    add_special_tokens None: True for a prompt, False for a chat (its template adds them)."""
     request_id: str
     prompt: str | None
     messages: list | None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
 
 
 @message(0x21, arrays=("token_ids",))
 class Encoded(Message):
-    """tokenizer -> kernel. `error` set means the prompt could not be encoded (a 400)."""
+    """tokenizer -> kernel. `error` set means the prompt could not be encoded (a 400).
+    token_strs: each id's token string, when the Encode asked for them."""
     request_id: str
     token_ids: np.ndarray
     error: str | None
+    token_strs: list | None = None
 
 
 @item
@@ -495,6 +503,22 @@ class Detokenize(Message):
 class TextDeltas(Message):
     """tokenizer -> kernel: text for the items it could render."""
     items: list[TextDelta]
+
+
+@message(0x24, arrays=("token_ids",))
+class Decode(Message):
+    """kernel -> tokenizer: the text of these ids, at once and keeping no state (/detokenize;
+    the streaming path is Detokenize). Special tokens are kept, as vLLM's /detokenize does."""
+    request_id: str
+    token_ids: np.ndarray
+
+
+@message(0x25)
+class Decoded(Message):
+    """tokenizer -> kernel: the answer to the Decode with the same id; `error` set: it failed."""
+    request_id: str
+    text: str
+    error: str | None
 
 
 # ---------------------------------------------------------------- kernel <-> io driver
@@ -559,7 +583,8 @@ class OutputItem:
     ids: list                  # the token ids covered
     lp: list | None            # OpenAI-shaped logprob entries
     finish: str | None         # set on the choice's last item
-    usage: dict | None         # {"prompt_tokens", "completion_tokens"} of that choice, with its last item
+    usage: dict | None         # {"prompt_tokens", "completion_tokens", "cached_tokens"} of that choice, with
+                               # its last item; cached_tokens: prompt tokens whose KV the prefix cache held
 
 
 @message(0x33)

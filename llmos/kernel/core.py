@@ -43,6 +43,7 @@ from llmos.kernel.upgrades import Upgrades
 from llmos.kernel.registry_admin import RegistryAdmin
 from llmos.kernel.reload import reload_config
 from llmos.kernel.supervisor import DriverSpec, DState, Supervisor
+from llmos.kernel.tokenize_queries import TokenizeQueries
 from llmos.paths import Paths
 from llmos.service.notify import ServiceNotifier
 
@@ -91,7 +92,8 @@ class Kernel:
         self.alert_figures = KernelFigures(self.metrics, self.host, lambda: self.jobs)
         self.model_commands = ModelCommands(self.host, self.upgrades, self.front)
         self.authority = Authority(KeyStore(paths.home / "keys.db"), os.getuid(), config.allow_local_users)
-        self.access = Access(self.authority)
+        self.access = Access(self.authority, open_too=set(TokenizeQueries.QUERIES))
+        self.tokenize = TokenizeQueries(self.host, self.engines, self.send, self.supervisor.state_of)
         self.commands.update(self.model_commands.commands)
         self.queries.update(self.model_commands.queries)
         registry = RegistryAdmin(self.host.catalog, lambda n: self.host.state(n) in ("loading", "loaded", "unloading"),
@@ -290,6 +292,7 @@ class Kernel:
                 self.front.tokenizer_restarted(engine)
 
     def _driver_down(self, name: str) -> None:
+        self.tokenize.tokenizer_down(name)   # its pending queries answer 503 now
         for engine in list(self.engines.values()):
             if name == engine.driver:
                 engine.driver_down()
@@ -338,7 +341,10 @@ class Kernel:
                                                          code="invalid_api_key", message=str(exc)))
             self.front.submit(peer, m, principal)
         elif isinstance(m, protocol.Encoded):
-            self.front.encoded(m)
+            if not self.tokenize.encoded(peer, m):   # a /tokenize query's, else a generation request's
+                self.front.encoded(m)
+        elif isinstance(m, protocol.Decoded):
+            self.tokenize.decoded(peer, m)
         elif isinstance(m, protocol.Abort):
             self.front.abort(m)
         elif isinstance(m, (protocol.Query, protocol.Command)):
@@ -372,6 +378,8 @@ class Kernel:
                 answer = self._command(m.what, m.args, {"cancel": lambda a: self.front.cancel(a["id"], principal)})
             elif m.what == "ps":
                 answer = {"ps": self._ps(principal)}
+            elif m.what in TokenizeQueries.QUERIES and isinstance(m, protocol.Query):
+                return self.tokenize.ask(peer, m, principal)   # answered when the tokenizer replies
             elif m.what in self.jobs.commands or m.what in self.jobs.queries:   # one's own files and batches
                 table = self.jobs.commands if m.what in self.jobs.commands else self.jobs.queries
                 answer = self._command(m.what, m.args, {m.what: self.job_owners.scoped(m.what, table[m.what],

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from llmos import protocol
 from llmos import openai_format
-from llmos.drivers.io import batches, metrics_route, model_admin, model_ops, readiness
+from llmos.drivers.io import batches, gateway_headers, metrics_route, model_admin, model_ops, readiness, tokenize_routes
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.credentials import attach_credentials
 from llmos.drivers.io.kernel_link import AuthRefused, KernelLink, KernelUnavailable, QueryFailed
@@ -56,6 +56,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     model_admin.add_routes(app, link)  # /llmos/v1/models, /llmos/v1/models/{name}
     metrics_route.add_routes(app, link)  # /metrics, /version
     readiness.add_routes(app, link)  # /ready, /ready?model=X
+    tokenize_routes.add_routes(app, link)  # /tokenize, /detokenize, /v1/completions/render, /v1/chat/completions/render
     return app
 
 
@@ -173,6 +174,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
     given = request.headers.get("X-Request-Id")   # the client's: unique only among its principal's (kernel)
     if given is not None and not REQUEST_ID.fullmatch(given):
         raise ApiError(400, "X-Request-Id must be 1 to 128 characters of letters, digits and ._:-", "X-Request-Id")
+    set_by = gateway_headers.apply(request.headers, req)   # the inference gateway's priority and tenant
     rid = f"cmpl-{uuid.uuid4().hex}"   # ours on the bus: unique and unguessable, so no client can take another's
     shown = given or rid
     done, reason = False, "client disconnected"
@@ -185,7 +187,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
         first = await _next(queue, timeout)
         if not isinstance(first, protocol.Accepted):
             done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it
-            raise _as_error(first)
+            raise gateway_headers.name_header(_as_error(first), set_by)
         shaper = ResponseShaper(req, shown, first.prompt_tokens)
         if req.stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

@@ -34,20 +34,40 @@ class TokenizerDriver:
                 bus.send(_encode_error(msg.request_id, f"the token ids cannot be sent: {exc}"))
         elif isinstance(msg, protocol.Detokenize):
             bus.send(self.detokenize(msg))
+        elif isinstance(msg, protocol.Decode):
+            reply = self.decode(msg)
+            try:
+                bus.send(reply)
+            except protocol.Unencodable as exc:
+                bus.send(protocol.Decoded(request_id=msg.request_id, text="", error=f"the text cannot be sent: {exc}"))
         elif msg is not None:
             log.warning("unexpected %s", type(msg).__name__)
 
     def encode(self, m: protocol.Encode) -> protocol.Encoded:
+        """A generation request's ids with the default options; /tokenize's with its own."""
         try:
             if m.messages is not None:
+                if m.add_generation_prompt and m.continue_final_message:
+                    raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+                kwargs = {"continue_final_message": True} if m.continue_final_message else {}
                 text = self.tok.apply_chat_template(_clean_messages(m.messages), tokenize=False,
-                                                    add_generation_prompt=True)
-                ids = self.tok(text, add_special_tokens=False)["input_ids"]
+                                                    add_generation_prompt=m.add_generation_prompt, **kwargs)
+                ids = self.tok(text, add_special_tokens=bool(m.add_special_tokens))["input_ids"]
             else:
-                ids = self.tok(m.prompt)["input_ids"]
-            return protocol.Encoded(request_id=m.request_id, token_ids=protocol.i32(ids), error=None)
+                special = True if m.add_special_tokens is None else m.add_special_tokens
+                ids = self.tok(m.prompt, add_special_tokens=special)["input_ids"]
+            strs = self.tok.convert_ids_to_tokens(ids) if m.return_token_strs else None
+            return protocol.Encoded(request_id=m.request_id, token_ids=protocol.i32(ids), error=None, token_strs=strs)
         except Exception as exc:  # a template error is the client's problem, reported as a 400
             return _encode_error(m.request_id, f"cannot encode the prompt: {exc}")
+
+    def decode(self, m: protocol.Decode) -> protocol.Decoded:
+        """One-shot text of ids (no detokenization state: /detokenize)."""
+        try:
+            text = self.tok.decode(m.token_ids.tolist(), skip_special_tokens=False)
+            return protocol.Decoded(request_id=m.request_id, text=text, error=None)
+        except Exception as exc:  # e.g. an id this tokenizer does not know
+            return protocol.Decoded(request_id=m.request_id, text="", error=f"cannot decode the tokens: {exc}"[:2000])
 
     def detokenize(self, m: protocol.Detokenize) -> protocol.TextDeltas:
         out = []
