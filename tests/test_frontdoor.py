@@ -84,7 +84,7 @@ def test_a_request_goes_round_tokenizer_model_and_back_to_its_client(door):
     assert [(i.ids, i.prior, i.finish) for i in door.step()] == [([t2], None, "length")]
     assert door.text("c1", "B", finish="length") == [protocol.OutputItem(
         rid="c1", index=0, text="B", n=1, ids=[t2], lp=None, finish="length",
-        usage={"prompt_tokens": 3, "completion_tokens": 2})]
+        usage={"prompt_tokens": 3, "completion_tokens": 2, "cached_tokens": 0})]
     assert door.front.table == {} and req.state is State.DONE
     assert door.engine.scheduler.pool.num_used == 0 and not door.engine.scheduler.has_work()
 
@@ -94,7 +94,7 @@ def test_a_stop_string_ends_generation_through_the_engine(door):
     door.step()
     out = door.text("c1", "the end", stop_hit=True)
     assert [(i.text, i.finish, i.usage) for i in out] == [("the end", "stop",
-                                                           {"prompt_tokens": 3, "completion_tokens": 1})]
+                                                           {"prompt_tokens": 3, "completion_tokens": 1, "cached_tokens": 0})]
     assert door.front.table == {} and req.state is State.DONE and req.output.finish_reason == "stop"
     assert door.engine.scheduler.pool.num_used == 0 and not door.engine.scheduler.has_work()
 

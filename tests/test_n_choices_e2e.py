@@ -47,7 +47,9 @@ def test_greedy_choices_equal_a_single_request(daemon, prompt_len):
     three = complete(daemon, prompt=prompt, max_tokens=24, temperature=0, ignore_eos=True, n=3)
     assert ids(three) == ids(one) * 3
     assert [c["text"] for c in three["choices"]] == [one["choices"][0]["text"]] * 3
-    assert three["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 72, "total_tokens": prompt_len + 72}
+    assert three["usage"] == {"prompt_tokens": prompt_len, "completion_tokens": 72, "total_tokens": prompt_len + 72,
+                              # `one` left the prompt's full blocks (the last token is always computed) cached
+                              "prompt_tokens_details": {"cached_tokens": (prompt_len - 1) // 16 * 16}}
     after = daemon.memory("tiny")["prefix_cache"]
     assert after["forks"] - before["forks"] == 2
     assert after["cow_copies"] - before["cow_copies"] == 2    # n - 1: the last owner writes in place

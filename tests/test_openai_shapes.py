@@ -37,5 +37,6 @@ def test_choices_finish_independently_and_usage_adds_completions():
     body = shaper.response()
     assert [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]] == [
         (0, "Hello", "stop"), (1, "Hi", "length")]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert [c["choices"][0]["index"] for c in shaper.role_chunks()] == [0, 1]

@@ -155,6 +155,29 @@ def test_an_unknown_model_is_404(daemon, path, body):
     assert status == 404 and out["error"]["param"] == "model" and out["error"]["code"] == "model_not_found", out
 
 
+def cached(usage: dict) -> int:
+    return usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_cached_tokens_count_the_prompt_the_prefix_cache_held(daemon):
+    block = daemon.memory("tl")["block_size"]
+    shared = " ".join(f"cached{i}" for i in range(60))   # a prefix no other test sent
+    first = ok(daemon, "/v1/completions", {"model": "tl", "prompt": shared + " one", "max_tokens": 2})
+    assert cached(first["usage"]) == 0 and first["usage"]["prompt_tokens"] > 3 * block
+    body = {"model": "tl", "prompt": shared + " two", "max_tokens": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with daemon.http() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    usage = chunks[-1]["usage"]
+    assert 0 < cached(usage) < usage["prompt_tokens"] and cached(usage) % block == 0, usage
+    system = {"role": "system", "content": " ".join(f"chat{i}" for i in range(60))}
+    a = ok(daemon, "/v1/chat/completions", {"model": "tl", "max_tokens": 2,
+                                            "messages": [system, {"role": "user", "content": "a"}]})
+    b = ok(daemon, "/v1/chat/completions", {"model": "tl", "max_tokens": 2,
+                                            "messages": [system, {"role": "user", "content": "b"}]})
+    assert cached(a["usage"]) == 0 and 0 < cached(b["usage"]) and cached(b["usage"]) % block == 0
+
+
 def test_a_tokenizer_killed_with_queries_pending_answers_them_then_serves_again(daemon):
     """A pending query gets a 503 when its tokenizer dies (or a 200 if it answered first), never a hang."""
     pid = next(p["pid"] for p in daemon.ps()["processes"] if p["name"] == "tokenizer-tl")

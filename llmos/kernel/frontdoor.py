@@ -327,7 +327,8 @@ class FrontDoor:
             final = req.output.finish_reason if (item.finish or stop_hit) else None
             # The final item also carries the hidden stop token, as transformers' generate returns it.
             ids = req.output.ids[start:] if final and not stop_hit else req.output.ids[start:start + n]
-            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output.ids)} if final else None
+            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output.ids),
+                     "cached_tokens": req.kv.cached_prompt_tokens or 0} if final else None
             out.setdefault(req.client, []).append(protocol.OutputItem(
                 rid=req.client_id, index=req.index, text=item.text, n=n, ids=ids, lp=item.lp, finish=final, usage=usage))
             if final:

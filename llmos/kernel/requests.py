@@ -45,6 +45,9 @@ class KVState:
     cached_blocks: int = 0            # leading blocks of `blocks` registered in the prefix cache
     host_blocks: list[int] = field(default_factory=list)     # KV swapped out to the host pool
     swapped: bool = False             # its KV is on the host (host_blocks), none on the device
+    # Prompt tokens whose KV came from the prefix cache when it first started (the Scheduler
+    # sets it once; a recompute after preemption does not count): usage's cached_tokens.
+    cached_prompt_tokens: int | None = None
 
 
 @dataclass

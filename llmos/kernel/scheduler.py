@@ -100,6 +100,8 @@ class Scheduler:
             self.waiting.pop(0)
             req.to(State.RUNNING)
             req.sched.started_at = now
+            if req.kv.cached_prompt_tokens is None:   # its first start: the prompt's prefix-cache hits
+                req.kv.cached_prompt_tokens = req.kv.num_computed
             self.policy.on_started(req, now)
             self.running.append(req)
             self.waiting = self.policy.order(self.waiting, now)   # shares changed: rank again
@@ -253,6 +255,7 @@ class Scheduler:
             if child.state is State.FORKING:   # not aborted meanwhile
                 self.kv.fork(parent, child)
                 child.kv.num_computed = parent.kv.num_computed - 1
+                child.kv.cached_prompt_tokens = parent.kv.cached_prompt_tokens   # one prompt, one figure
                 self.add(child)
         parent.forks = []
 

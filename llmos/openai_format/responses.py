@@ -58,11 +58,14 @@ class ResponseShaper:
 
     @property
     def usage(self) -> dict:
-        """The prompt once, the completion tokens of every choice."""
-        prompt = next((c.usage["prompt_tokens"] for c in self.choices if c.usage and "prompt_tokens" in c.usage),
-                      self.prompt_tokens)
+        """The prompt once, the completion tokens of every choice, and OpenAI's
+        prompt_tokens_details.cached_tokens: the prompt tokens whose KV the prefix cache held."""
+        first = next((c.usage for c in self.choices if c.usage and "prompt_tokens" in c.usage), {})
+        prompt = first.get("prompt_tokens", self.prompt_tokens)
+        cached = first.get("cached_tokens", 0)
         completion = sum((c.usage or {}).get("completion_tokens", c.tokens) for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached if isinstance(cached, int) else 0}}
 
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.req.model}
