@@ -194,3 +194,15 @@ def test_a_tokenizer_killed_with_queries_pending_answers_them_then_serves_again(
     while post(daemon, "/tokenize", {"model": "tl", "prompt": PROMPT})[0] != 200:
         assert time.monotonic() < deadline, "the tokenizer did not come back"
         time.sleep(0.2)
+
+
+def test_max_completion_tokens_and_stream_options_work_as_openai_documents(daemon):
+    body = {"model": "tl", "messages": CHAT, "max_completion_tokens": 3, "ignore_eos": True}
+    assert ok(daemon, "/v1/chat/completions", body)["usage"]["completion_tokens"] == 3
+    status, out = post(daemon, "/v1/chat/completions", {**body, "stream_options": {"include_usage": True}})
+    assert status == 400 and out["error"]["param"] == "stream_options"   # only with stream: true
+    with daemon.http() as c, c.stream("POST", "/v1/chat/completions", json={
+            **body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 3
+    assert all(c["usage"] is None for c in chunks[:-1])
