@@ -63,3 +63,10 @@ def test_an_anonymous_probe_learns_only_ready_or_not(daemon):
         assert c.get("/ready", params={"model": "tl"}).status_code == 200
         r = c.get("/ready", params={"model": "nope"})    # unknown and cold look the same
         assert r.status_code == 503 and r.json()["state"] == "unloaded"
+
+
+def test_the_served_model_is_listed_first(daemon):
+    """Routers such as SGLang's smg register a worker under the first model it lists."""
+    with daemon.http() as c:
+        ids = [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert ids[0] == "tl" and ids[1:] == sorted(ids[1:]) and "smollm2" in ids

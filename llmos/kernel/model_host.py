@@ -89,8 +89,11 @@ class ModelHost:
         return self.table.state(name)
 
     def names(self) -> list[str]:
-        """Every model a request may name: preloaded, registered, or in memory."""
-        return sorted(set(self.specs) | self._registered() | set(self.deployments))
+        """Every model a request may name: the preloaded (--model) ones first, in the order
+        given, then the registered or in-memory others by name. A router that takes a worker's
+        first listed model as its model (SGLang's smg does) then gets the one it serves."""
+        others = (self._registered() | set(self.deployments)) - set(self.specs)
+        return [*self.specs, *sorted(others)]
 
     def model_of(self, engine_id: str) -> str | None:
         engine = self.engines.get(engine_id)
