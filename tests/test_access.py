@@ -268,3 +268,16 @@ def test_files_and_batches_are_their_owners_alone(daemon):
     assert bid not in json.dumps(call(daemon, "bob", "GET", "/v1/batches").json())
     assert bid in json.dumps(call(daemon, "alice", "GET", "/v1/batches").json())
     assert call(daemon, "alice", "POST", "/llmos/v1/jobs/purge", {"older_than_s": 1}).status_code == 403
+
+
+def test_metrics_a_tenant_key_reads_only_the_gateways_gauges(daemon):
+    from prometheus_client.parser import text_string_to_metric_families
+    assert call(daemon, "alice", "POST", "/v1/completions", BODY).status_code == 200
+    r = call(daemon, "alice", "GET", "/metrics")
+    assert r.status_code == 200, r.text
+    names = {f.name for f in text_string_to_metric_families(r.text)}
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc"} <= names
+    assert all(n.startswith("vllm:") for n in names) and "alice" not in r.text and "ops" not in r.text
+    full = call(daemon, "admin", "GET", "/metrics")
+    assert full.status_code == 200 and "llmos_requests_total" in full.text and 'tenant="alice"' in full.text
+    assert call(daemon, "wrong", "GET", "/metrics").status_code == 401

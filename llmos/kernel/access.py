@@ -1,7 +1,9 @@
 """Which queries and commands a principal may send (kernel/auth.py says who it is).
 
 Open to every authenticated principal: health, the model list, its own requests (ps shows
-only those, cancel finds only those) and the jobs and files API (jobs/ scopes them). The
+only those, cancel finds only those), the jobs and files API (jobs/ scopes them) and metrics,
+of which a principal who is not the admin gets only the aggregate gauges an inference gateway
+routes by (metrics.gateway_view: no tenant, no request is named in them). The
 rest (restart, memory, models' registry, load/unload/scale/upgrade, keys) is the admin's.
 Health is open even without credentials: a load balancer probes it.
 """
@@ -11,7 +13,7 @@ from llmos import protocol
 from llmos.kernel.auth import AuthError, Authority, Principal
 
 ANONYMOUS = {"health"}
-OPEN = {"health", "models", "ps", "cancel"}
+OPEN = {"health", "models", "ps", "cancel", "metrics"}   # metrics: a non-admin gets the gateway's gauges only
 
 
 class Access:

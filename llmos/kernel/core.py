@@ -36,7 +36,7 @@ from llmos.kernel.canary import PEER as CANARY_PEER, Canary
 from llmos.kernel import request_log
 from llmos.kernel.job_owners import JobOwners
 from llmos.kernel.kv_events import KVEventStream
-from llmos.kernel.metrics import Metrics
+from llmos.kernel.metrics import Metrics, gateway_view
 from llmos.kernel.model_commands import ModelCommands
 from llmos.kernel.model_host import KnownModels, ModelHost
 from llmos.kernel.upgrades import Upgrades
@@ -378,6 +378,9 @@ class Kernel:
                 answer = self._command(m.what, m.args, {"cancel": lambda a: self.front.cancel(a["id"], principal)})
             elif m.what == "ps":
                 answer = {"ps": self._ps(principal)}
+            elif m.what == "metrics":   # the admin's figures name tenants; the gateway's gauges do not
+                snap = self.metrics.snapshot()
+                answer = {"metrics": snap if principal.admin else gateway_view(snap)}
             elif m.what in TokenizeQueries.QUERIES and isinstance(m, protocol.Query):
                 return self.tokenize.ask(peer, m, principal)   # answered when the tokenizer replies
             elif m.what in self.jobs.commands or m.what in self.jobs.queries:   # one's own files and batches

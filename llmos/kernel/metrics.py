@@ -290,3 +290,15 @@ class Metrics:
                       {(llmos.__version__, platform.python_version()): 1}),
                 live("llmos_metrics_snapshot_timestamp_seconds", "When the kernel took these figures (Unix time)",
                       (), {(): self.wall()})]
+
+
+GATEWAY_PREFIX = "vllm:"
+
+
+def gateway_view(snap: protocol.MetricsSnapshot) -> protocol.MetricsSnapshot:
+    """What a principal who is not the admin may read: the Gateway API Inference Extension's
+    aggregate gauges (queue depth, running, KV use, the cache's shape). A router or endpoint
+    picker polls these with an ordinary key; the llmos_* families name tenants and stay the
+    admin's."""
+    return protocol.MetricsSnapshot(taken_at=snap.taken_at,
+                                    families=[f for f in snap.families if f.name.startswith(GATEWAY_PREFIX)])
