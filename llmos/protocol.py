@@ -390,6 +390,20 @@ class LogitsControls:
     bias_values: list      # floats
 
 
+@item
+class GrammarRow:
+    """One sampled row's output constraint (StepPlan.grammars): only the rows of sequences
+    asking for structured output carry one. `kind` and `spec` are grammar_spec's, `key` its
+    cache key; output_ids are every token generated so far, so that a driver that never saw
+    the sequence (a restart) rebuilds its matcher from them: the driver's matchers are a
+    cache, the kernel's tokens the truth."""
+    row: int
+    key: str
+    kind: str
+    spec: str
+    output_ids: list       # ints
+
+
 @message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
                        "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs",
                        "swap_out", "swap_in", "copy"))
@@ -421,6 +435,7 @@ class StepPlan(Message):
     swap_in: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
     copy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))   # (src, dst) blocks
     controls: list[LogitsControls] = field(default_factory=list)   # empty unless a sequence asked for them
+    grammars: list[GrammarRow] = field(default_factory=list)       # empty unless a sequence asked for one
 
 
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))
@@ -436,6 +451,11 @@ class StepResult(Message):
     top_ids: np.ndarray
     top_lps: np.ndarray
     forward_ms: float
+    # Structured output: sampled sequences whose grammar the driver is still compiling (their
+    # token is void; the kernel plans their last token again), and [seq_id, error] of those
+    # whose grammar failed (the kernel fails that request alone, 400).
+    held: list = field(default_factory=list)             # seq ids
+    grammar_errors: list = field(default_factory=list)   # [seq_id, message]
 
 
 @message(0x14)

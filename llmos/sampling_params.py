@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
+from llmos import grammar_spec
+
 # Hard limits, checked wherever a request enters (io driver, batch lines) and again in the
 # kernel. OpenAI's where it has one; the model-dependent ones (context, vocabulary) are the
 # kernel's (frontdoor.py). Every int also fits the int32/int64 field it travels in.
@@ -69,6 +71,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0    # CTRL's, over prompt and output; 1: off
     logit_bias: dict[str, float] = field(default_factory=dict)   # token id (decimal string, as JSON keys) -> bias
     min_p: float = 0.0                 # keep tokens with p >= min_p * p_max; 0: off
+    structured: dict | None = None     # grammar_spec's {"kind", "spec"}: the output must match it; None: free
 
     @cached_property
     def stop_id_set(self) -> frozenset[int]:
@@ -86,6 +89,11 @@ class SamplingParams:
     def bias_pairs(self) -> tuple[list[int], list[float]]:
         """logit_bias as (token ids, biases), in key order (validated: ids are decimal strings)."""
         return [int(k) for k in self.logit_bias], [float(v) for v in self.logit_bias.values()]
+
+    @cached_property
+    def grammar_key(self) -> str | None:
+        """The constraint's cache key (grammar_spec.key); None: unconstrained."""
+        return None if self.structured is None else grammar_spec.key(self.structured)
 
     @property
     def greedy(self) -> bool:
@@ -140,6 +148,19 @@ class SamplingParams:
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidParam("min_tokens", "min_tokens must not exceed max_tokens")
         self._validate_controls()
+        if self.structured is not None:
+            self._validate_structured()
+
+    def _validate_structured(self) -> None:
+        try:
+            self.structured = grammar_spec.normalize(self.structured)
+        except grammar_spec.BadSpec as exc:
+            raise InvalidParam("structured", str(exc)) from None
+        # The grammar decides where the output ends (EOS only where it accepts): a rule that
+        # overrides EOS would let it run on past the end it allows.
+        for name in ("ignore_eos", "min_tokens"):
+            if getattr(self, name):
+                raise InvalidParam(name, f"{name} cannot be combined with a structured-output constraint")
 
     def _validate_controls(self) -> None:
         _num("presence_penalty", self.presence_penalty, -MAX_PENALTY, MAX_PENALTY)

@@ -246,6 +246,7 @@ class ModelEngine:
             self.scheduler.step_done()
             self._fail([s.req for s in batch], f"model driver failed the step: {result.error}")
         else:
+            self._fail_grammars(batch, result.grammar_errors)
             self._emit(EngineOutputs(progressed=self.scheduler.update_from_output(batch, result)))
             self._learn_speed(plan, result)
         self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
@@ -317,6 +318,19 @@ class ModelEngine:
                        f"{len(req.output.ids)} tokens generated)")
             failed += [(r, Failure(408, reason.replace(" ", "_"), message))
                        for r in self.scheduler.finish_requests([req], "error")]
+        self._emit(EngineOutputs(failed=failed))
+
+    def _fail_grammars(self, batch: list[ScheduledSeq], errors: list) -> None:
+        """Sequences whose output grammar the driver could not build or follow end alone (400),
+        before the step is applied: their token of this step is not theirs to keep."""
+        if not errors:
+            return
+        by_seq = {s.req.seq_id: s.req for s in batch}
+        failed = []
+        for seq_id, message in errors:
+            req = by_seq[seq_id]
+            failure = Failure(400, "invalid_grammar", f"request {req.id}: the output grammar failed: {message}")
+            failed += [(r, failure) for r in self.scheduler.finish_requests([req], "error")]
         self._emit(EngineOutputs(failed=failed))
 
     def _fail(self, reqs: list[Request], error: str) -> None:

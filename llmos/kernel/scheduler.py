@@ -171,6 +171,7 @@ class Scheduler:
         end those that stop. Returns the requests with something new for their client."""
         self.step_done()
         sampled = iter(range(len(result.tokens)))
+        held = set(result.held)   # grammar still compiling: no token, the last position is planned again
         changed = []
         now = self.clock()
         for s in batch:
@@ -178,9 +179,10 @@ class Scheduler:
             req = s.req
             if req.state is not State.RUNNING:
                 continue  # ended while the step ran; its blocks are already free
-            req.kv.num_computed += s.num_new
+            wait = i is not None and req.seq_id in held
+            req.kv.num_computed += s.num_new - wait   # rewriting that position's KV gives the same values
             self.kv.commit(req)
-            if i is None:
+            if i is None or wait:
                 continue
             if req.forks:   # the prompt is in the pool: the other choices share it from here
                 self.fork_choices(req)

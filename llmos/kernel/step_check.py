@@ -36,3 +36,10 @@ def check_result(plan: protocol.StepPlan, result: protocol.StepResult, vocab_siz
                             f"{result.top_lps.shape} for {n} sequences asking up to {k}")
     if k > 0 and (result.top_ids[:, :k].min() < 0 or result.top_ids[:, :k].max() >= vocab_size):
         raise BadStepResult(f"step {plan.step_id}: a top-logprob token id outside the vocabulary")
+    constrained = {int(plan.seq_ids[g.row]) for g in plan.grammars}
+    errors = [e[0] if isinstance(e, list) and len(e) == 2 and isinstance(e[1], str) else None
+              for e in result.grammar_errors]
+    named = [*result.held, *errors]
+    if not all(type(x) is int and x in constrained for x in named) or len(set(named)) != len(named):
+        raise BadStepResult(f"step {plan.step_id}: held or grammar-failed sequences that the plan did not "
+                            "constrain, or named twice")

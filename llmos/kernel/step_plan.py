@@ -34,6 +34,7 @@ def build_plan(step_id: int, batch: list[ScheduledSeq], ops: dict[str, list]) ->
         gen_index=protocol.i32([len(s.req.output.ids) for s in batch]),
         top_logprobs=protocol.i32([-1 if x.logprobs is None else x.logprobs for x in p]),
         controls=[_controls(i, s.req) for i, s in enumerate(batch) if s.sample and s.req.params.logits_controls],
+        grammars=[_grammar(i, s.req) for i, s in enumerate(batch) if s.sample and s.req.params.structured],
         **{name: _pairs(pairs) for name, pairs in ops.items()},
     )
 
@@ -49,6 +50,15 @@ def _controls(row: int, req: Request) -> protocol.LogitsControls:
         row=row, min_p=x.min_p, presence_penalty=x.presence_penalty, frequency_penalty=x.frequency_penalty,
         repetition_penalty=x.repetition_penalty, output_ids=list(req.output.ids) if penalized else [],
         prompt_ids=req.prompt_ids if x.repetition_penalty != 1 else [], bias_ids=bias_ids, bias_values=bias_values)
+
+
+def _grammar(row: int, req: Request) -> protocol.GrammarRow:
+    """A sequence's output constraint with every token generated so far (copied: it grows
+    after the step): the driver advances its cached matcher by what is new, or rebuilds it
+    from all of them when it has none (a restart) or holds a different history."""
+    c = req.params.structured
+    return protocol.GrammarRow(row=row, key=req.params.grammar_key, kind=c["kind"], spec=c["spec"],
+                               output_ids=list(req.output.ids))
 
 
 def _pairs(pairs: list) -> np.ndarray:

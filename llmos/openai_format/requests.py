@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from llmos.keep_alive import parse_keep_alive
 from llmos.openai_format.errors import ApiError
+from llmos.openai_format import structured
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_TENANT_CHARS, MAX_TIMEOUT_S,
                                    MAX_TOKEN_ID, MAX_TOP_LOGPROBS,
@@ -23,7 +24,7 @@ _SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "sto
              "logit_bias", "min_p")
 _COMMON = {"model", "stream", "stream_options", "n", "logprobs", "tenant", "priority", "return_token_ids",
            "timeout", "queue_timeout", "keep_alive",
-           *_SAMPLING}
+           *_SAMPLING, *structured.FIELDS}
 # OpenAI fields with no effect on a local model's output.
 _IGNORED = {"user", "store", "metadata", "service_tier", "parallel_tool_calls", "prompt_cache_key",
             "safety_identifier", "reasoning_effort", "verbosity"}
@@ -111,6 +112,11 @@ def _finish(body, chat: bool, raw: dict, renames: dict | None = None, **inputs) 
     if not isinstance(model, str) or not 0 < len(model) <= MAX_NAME_CHARS:
         raise ApiError(400, f"model must be a string of 1 to {MAX_NAME_CHARS} characters", "model")
     _text("model", model)
+    try:   # response_format, guided_*, structured_outputs: the output's grammar (openai_format/structured.py)
+        raw["structured"], source = structured.parse(body)
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), exc.param) from None
+    renames = {**(renames or {}), "structured": source or "response_format"}
     try:
         params = SamplingParams.from_dict(raw)
     except InvalidParam as exc:

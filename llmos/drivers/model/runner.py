@@ -13,6 +13,7 @@ import torch
 
 from llmos import protocol
 from llmos.drivers.model import decode_backends, paged_attention
+from llmos.drivers.model.grammar import GrammarBook
 from llmos.drivers.model.logits_controls import gather
 from llmos.drivers.model.packed import pack_linears
 from llmos.drivers.model.paged_attention import KVPool, plan_step
@@ -68,6 +69,7 @@ class ModelRunner:
         self.decode_backend = decode_backends.choose(self.device)
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
+        self.grammars = GrammarBook(self.model_dir, self.config.vocab_size, self.info()["eos_token_ids"])
 
     def info(self) -> dict:
         c = self.config
@@ -192,6 +194,7 @@ class ModelRunner:
             controls = gather(plan.controls, rows, self.config.vocab_size, self.config.max_position_embeddings)
         except ValueError as exc:
             raise BadPlan(str(exc)) from None
+        self.grammars.start(plan.grammars)   # builds on the grammar thread, during the forward
         self._swap(plan.swap_out, plan.swap_in)
         self._copy(plan.copy)
         step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device,
@@ -201,8 +204,16 @@ class ModelRunner:
             input_ids=torch.from_numpy(plan.tokens.astype(np.int64))[None].to(self.device),
             position_ids=torch.from_numpy(pos)[None].to(self.device),
             use_cache=False, logits_to_keep=torch.from_numpy(last).to(self.device), llmos_step=step)
+        masks = None
+        if plan.grammars:
+            try:
+                masks = self.grammars.masks(plan.grammars, plan.seq_ids, rows)
+            except ValueError as exc:
+                raise BadPlan(str(exc)) from None
         s = sample(out.logits[0], plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
-                   plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows], controls)
+                   plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows], controls,
+                   None if masks is None else (masks.positions, masks.allowed))
         return protocol.StepResult(
             step_id=plan.step_id, seq_ids=plan.seq_ids[rows], tokens=s.tokens, logprobs=s.logprobs,
-            top_ids=s.top_ids, top_lps=s.top_lps, forward_ms=(time.perf_counter() - t0) * 1e3)
+            top_ids=s.top_ids, top_lps=s.top_lps, forward_ms=(time.perf_counter() - t0) * 1e3,
+            **({} if masks is None else {"held": masks.held, "grammar_errors": masks.errors}))

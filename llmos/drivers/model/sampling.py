@@ -7,8 +7,9 @@ or a preemption, whatever else shares its batch. Sampling is the exponential rac
 whole batch be drawn with one argmax.
 
 The order, as vLLM's v1 sampler: logit_bias, repetition, frequency and presence penalties
-(logits_controls.py, only for the rows that ask), then greedy argmax or temperature, min_p,
-top-k, top-p and the draw. Logprobs are taken from the raw logits before all of it.
+(logits_controls.py, only for the rows that ask), the grammar's mask (grammar.py, only for
+the rows with a constraint), then greedy argmax or temperature, min_p, top-k, top-p and the
+draw. Logprobs are taken from the raw logits before all of it.
 """
 from __future__ import annotations
 
@@ -47,11 +48,13 @@ def generator_for(seed: int, gen_index: int, device: torch.device | str = "cpu")
 
 def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top_k: np.ndarray,
            seed: np.ndarray, gen_index: np.ndarray, top_logprobs: np.ndarray,
-           controls: Controls | None = None) -> Sampled:
+           controls: Controls | None = None, allowed: tuple[np.ndarray, torch.Tensor] | None = None) -> Sampled:
     """One token per row of logits [n, vocab] (float32). Per-row parameters as in StepPlan:
     temperature 0 = greedy, top_k <= 0 or >= vocab = off, top_p >= 1 = off, seed < 0 = unseeded,
     top_logprobs < 0 = none; `controls` (logits_controls.py) for the rows with penalties, a
-    logit bias or min_p (None: no row has any, and none of their code runs). Logprobs are of
+    logit bias or min_p (None: no row has any, and none of their code runs); `allowed`
+    (rows, [len(rows), vocab] bool) the grammar masks of the constrained rows (None: none,
+    and no mask code runs): a masked token can be neither argmax nor drawn. Logprobs are of
     the raw model distribution (before bias, penalties, temperature, min-p, top-k and top-p),
     as vLLM and OpenAI report them."""
     n, vocab = logits.shape
@@ -63,6 +66,10 @@ def sample(logits: torch.Tensor, temperature: np.ndarray, top_p: np.ndarray, top
         if controls.min_p.any():
             min_p = np.zeros(n, dtype=np.float32)
             min_p[controls.rows] = controls.min_p
+    if allowed is not None and len(allowed[0]):   # after bias and penalties, before greedy: it decides
+        at = torch.from_numpy(allowed[0]).to(logits.device)
+        logits = logits.clone() if logits is raw else logits
+        logits[at] = logits.index_select(0, at).masked_fill(~allowed[1].to(logits.device), float("-inf"))
     temperature = np.asarray(temperature, dtype=np.float64)
     greedy = temperature <= 0.0
     if greedy.all():
