@@ -6,6 +6,7 @@ and the time of one token mask while walking a valid output token by token. Each
 is the median of --repeat runs (1-20); CPU only, one thread of ours.
 
     HF_HUB_OFFLINE=1 python benchmarks/structured.py [--repeat 5] [--json out.json]
+    HF_HUB_OFFLINE=1 python benchmarks/structured.py --serve 1,32 [--repeat 2] [--max-tokens 128]
 
 llguidance is a dependency; xgrammar is measured when installed (pip install xgrammar==0.2.9).
 """
@@ -47,6 +48,13 @@ REGEX = (r"\d{3}-\d{4}", "555-1234")
 CHOICE = (["positive", "negative", "neutral"], "neutral")
 
 
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def median_ms(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -57,7 +65,7 @@ def median_ms(fn, repeat: int) -> float:
 
 
 def text_of(name: str) -> str:
-    return json.dumps(INSTANCES[name], separators=(",", ":"))
+    return json.dumps(INSTANCES[name])   # the layout llmos asks for (grammar_spec.JSON_LAYOUT)
 
 
 class Llguidance:
@@ -74,7 +82,8 @@ class Llguidance:
     def grammar(self, kind, spec):
         M = self.ll.LLMatcher
         if kind == "json":
-            return M.grammar_from_json_schema(json.dumps(spec))
+            from llmos.grammar_spec import JSON_LAYOUT
+            return M.grammar_from_json_schema(json.dumps(spec), defaults=JSON_LAYOUT)
         if kind == "regex":
             return M.grammar_from_regex(spec)
         return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec))
@@ -112,7 +121,7 @@ class Xgrammar:
         kind, spec = g
         c = self.xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         if kind == "json":
-            return c.compile_json_schema(json.dumps(spec), any_whitespace=False, separators=(",", ":"))
+            return c.compile_json_schema(json.dumps(spec), any_whitespace=False, separators=(", ", ": "))
         if kind == "regex":
             return c.compile_regex(spec)
         return c.compile_grammar("root ::= " + " | ".join(json.dumps(x) for x in spec))
@@ -129,11 +138,80 @@ class Xgrammar:
         return times, m.is_terminated() or m.accept_token(self.info.stop_token_ids[0])
 
 
+# --serve: one string the model never finishes within max_tokens, so that every request makes
+# exactly max_tokens tokens under the mask, as the unconstrained ones do with ignore_eos; string
+# content is the costly case for llguidance (most of the vocabulary is allowed).
+SERVE_SCHEMA = {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}},
+                "required": ["story"], "additionalProperties": False}
+
+
+def serve(levels: list[int], max_tokens: int, repeat: int, dtype: str) -> dict:
+    """Tokens/s through a real daemon (smollm2) with and without a schema, A/B interleaved."""
+    import asyncio
+    import tempfile
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import loadgen
+    from daemon_harness import Daemon
+    from llmos.models.registry import prepare_model_dir
+    cache = Path(os.environ.get("LLMOS_MODEL_CACHE", Path(__file__).resolve().parent.parent / ".cache" / "models"))
+    prompts = json.loads((Path(__file__).resolve().parent / "prompts.json").read_text())
+    d = Daemon(Path(tempfile.mkdtemp(prefix="llmos-structured-")), [f"smollm2={prepare_model_dir('smollm2', cache)}"],
+               "--dtype", dtype, "--kv-memory", "2GiB").wait_ready(600)
+
+    async def once(c: int, schema: bool) -> dict:
+        async with loadgen.client_for("http://llmos", uds=str(d.socket)) as client:
+            bodies = []
+            for i in range(c):
+                b = loadgen.chat_body("smollm2", prompts[i % len(prompts)], max_tokens)
+                if schema:
+                    del b["ignore_eos"]
+                    b["response_format"] = {"type": "json_schema", "json_schema": {"name": "s", "schema": SERVE_SCHEMA}}
+                bodies.append(b)
+            t0 = time.perf_counter()
+            streams = await asyncio.gather(*(loadgen.stream_one(client, b) for b in bodies))
+            return loadgen.summarize(list(streams), time.perf_counter() - t0)
+
+    out = {}
+    try:
+        asyncio.run(once(2, True))   # warm-up: the grammar tokenizer is built once per driver
+        for c in levels:
+            runs = {False: [], True: []}
+            for _ in range(repeat):
+                for schema in (False, True):
+                    r = asyncio.run(once(c, schema))
+                    assert r["tokens"] == c * max_tokens, r
+                    runs[schema].append(r["tok_s"])
+            plain, constrained = statistics.median(runs[False]), statistics.median(runs[True])
+            out[c] = {"plain_tok_s": runs[False], "schema_tok_s": runs[True], "ratio": constrained / plain,
+                      "extra_ms_per_step": (1e3 * c / constrained - 1e3 * c / plain)}
+            print(f"{c:3d} streams x {max_tokens} tokens: without a schema {plain:.1f} tok/s, with {constrained:.1f} "
+                  f"({100 * constrained / plain:.0f}%; {out[c]['extra_ms_per_step']:+.1f} ms a step); runs "
+                  f"{[round(x, 1) for x in runs[False]]} / {[round(x, 1) for x in runs[True]]}", flush=True)
+    finally:
+        d.stop()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=5, choices=range(1, 21), metavar="1..20")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--serve", default=None, metavar="1,32",
+                    help="instead: tokens/s through a daemon with and without a schema at these stream counts")
+    ap.add_argument("--max-tokens", type=int, default=128, choices=range(8, 1025), metavar="8..1024")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    if args.serve:
+        levels = [int(x) for x in args.serve.split(",")]
+        if not all(1 <= c <= 256 for c in levels):
+            ap.error("--serve: stream counts in 1..256")
+        out = serve(levels, args.max_tokens, args.repeat, args.dtype)
+        print(f"CPU: {platform.processor() or platform.machine()} ({_cpu()}), {os.cpu_count()} cores, "
+              f"load {os.getloadavg()[0]:.1f}")
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1))
+        return
     import torch
     from transformers import AutoTokenizer
     from llmos.models.registry import prepare_model_dir
@@ -144,7 +222,7 @@ def main() -> None:
     cases = {n: ("json", s, text_of(n)) for n, s in SCHEMAS.items()}
     cases["regex"] = ("regex", REGEX[0], REGEX[1])
     cases["choice"] = ("choice", CHOICE[0], CHOICE[1])
-    report = {"cpu": platform.processor() or platform.machine(), "vocab": vocab, "engines": {}}
+    report = {"cpu": _cpu(), "vocab": vocab, "engines": {}}
     for cls in (Llguidance, Xgrammar):
         try:
             e = cls(tok, vocab)

@@ -68,6 +68,10 @@ def test_a_row_is_held_while_its_grammar_builds_and_a_token_off_the_grammar_fail
     book.start([g])
     held = book.masks([g], np.array([7]), np.array([0]))
     assert held.held == [7] and held.allowed is None and not held.errors
+    monkeypatch.setattr(grammar, "COMPILE_TIMEOUT_S", -1.0)   # a build past its time fails its row alone
+    late = book.masks([g], np.array([7]), np.array([0]))
+    assert late.held == [] and late.errors[0][0] == 7 and "longer than" in late.errors[0][1]
+    monkeypatch.setattr(grammar, "COMPILE_TIMEOUT_S", 10.0)
     gate.set()
     assert ready(book, g).held == []
     bad = ready(book, row([EOS]))   # EOS before any JSON: the output left the grammar
@@ -98,6 +102,11 @@ def test_the_sampler_never_picks_a_masked_token():
         s = sample(logits, np.ones(3, np.float32), *common[1:3], np.full(3, seed), np.zeros(3, np.int32),
                    np.full(3, -1), allowed=(np.array([0, 2]), allowed))
         assert s.tokens[0] in (5, 9) and s.tokens[2] == 17
+    every = torch.zeros(3, 50, dtype=torch.bool)
+    every[0, 3], every[1, 4], every[2, 5] = True, True, True
+    for order in ([0, 1, 2], [2, 0, 1]):   # in plan order, or not: the same rows get the same masks
+        s = sample(logits, *common, allowed=(np.array(order), every[order]))
+        assert s.tokens.tolist() == [3, 4, 5]
 
 
 def test_a_held_row_gets_no_token_and_its_last_position_is_planned_again():
