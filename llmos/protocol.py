@@ -479,6 +479,7 @@ class Encode(Message):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     return_token_strs: bool = False
+    tools: list | None = None          # chat: OpenAI's tools, for the template (openai_format/tools.py's shape)
 
 
 @message(0x21, arrays=("token_ids",))
@@ -573,6 +574,7 @@ class Submit(Message):
     # The client's own X-Request-Id. request_id is the io driver's, unique and unguessable; the
     # client's id is unique only among its principal's requests (ps and cancel know it by it).
     client_request_id: str | None = None
+    tools: list | None = None          # chat: the declared tools; they travel to the template with the Encode
 
 
 @message(0x31)

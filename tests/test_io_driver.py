@@ -127,7 +127,7 @@ def test_n_choices_are_shaped_by_index_and_usage_counts_each_completion(oai, sta
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
     ({"logprobs": 3}, "logprobs"), ({"top_logprobs": 2}, "top_logprobs"), ({"stream": "yes"}, "stream"),
     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
-    ({"model": 7}, "model"), ({"tools": [{"type": "function"}]}, "tools"), ({"bogus": 1}, "bogus"),
+    ({"model": 7}, "model"), ({"tools": [{"type": "function"}]}, "tools[0].function"), ({"bogus": 1}, "bogus"),
     ({"tenant": ""}, "tenant"), ({"seed": 1.5}, "seed"),
 ])
 def test_chat_bad_params(http, body, param):

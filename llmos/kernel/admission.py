@@ -10,6 +10,7 @@ import math
 
 from llmos import protocol
 from llmos.keep_alive import MAX_KEEP_ALIVE_S
+from llmos.openai_format.tools import check_tool_call_id, parse_tool_calls, parse_tools
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_REQUEST_ID_CHARS,
                                    MAX_TENANT_CHARS, MAX_TIMEOUT_S, InvalidParam, SamplingParams)
@@ -55,6 +56,9 @@ def _string(name: str, value, limit: int) -> None:
         raise InvalidParam(name, f"{name} must be a string of 1 to {limit} characters")
 
 
+_MESSAGE_KEYS = {"role", "content", "tool_calls", "tool_call_id"}
+
+
 def _check_prompt(m: protocol.Submit, max_model_len: int, vocab_size: int) -> None:
     if sum(x is not None for x in (m.prompt, m.messages, m.prompt_token_ids)) != 1:
         raise InvalidParam("prompt", "exactly one of prompt, messages, prompt_token_ids is required")
@@ -66,11 +70,21 @@ def _check_prompt(m: protocol.Submit, max_model_len: int, vocab_size: int) -> No
         chars = 0
         for i, msg in enumerate(m.messages):
             if not (isinstance(msg, dict) and isinstance(msg.get("role"), str)
-                    and isinstance(msg.get("content"), str) and len(msg) == 2):
-                raise InvalidParam("messages", f"messages[{i}] must be {{'role': str, 'content': str}}")
+                    and isinstance(msg.get("content"), str) and set(msg) <= _MESSAGE_KEYS):
+                raise InvalidParam("messages", f"messages[{i}] must be {{'role': str, 'content': str}} "
+                                   "(with tool_calls or tool_call_id)")
             chars += len(msg["content"])
+            if "tool_calls" in msg:
+                chars += sum(len(c["function"]["arguments"])
+                             for c in parse_tool_calls(msg["tool_calls"], f"messages[{i}].tool_calls"))
+            if "tool_call_id" in msg:
+                check_tool_call_id(msg["tool_call_id"], f"messages[{i}].tool_call_id")
         if chars > MAX_PROMPT_CHARS:
             raise InvalidParam("messages", f"the messages have more than {MAX_PROMPT_CHARS} characters")
+    if m.tools is not None:
+        if m.messages is None:
+            raise InvalidParam("tools", "tools are only for chat messages")
+        parse_tools(m.tools)
     ids = m.prompt_token_ids
     if ids is not None:
         # The length first: a prompt past the context is refused without a scan of its ids

@@ -121,7 +121,8 @@ class FrontDoor:
         cfg = engine.config
         req = Request(id=m.request_id, seq_id=next(self._seq_ids), model=m.model, tenant=tenant, owner=principal.name,
                       client_request_id=m.client_request_id,
-                      params=params, prompt=m.prompt, messages=m.messages, client=peer, priority=priority,
+                      params=params, prompt=m.prompt, messages=m.messages, tools=m.tools, client=peer,
+                      priority=priority,
                       keep_alive_s=m.keep_alive_s, engine=engine.name,
                       sched=SchedState(timeout_s=m.timeout_s or cfg.request_timeout_s,
                                        queue_timeout_s=m.queue_timeout_s or cfg.queue_timeout_s))
@@ -133,7 +134,8 @@ class FrontDoor:
         if m.prompt_token_ids is not None:
             self._admit(req, m.prompt_token_ids)   # (check_submit bounded its length and ids)
         else:
-            self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=m.prompt, messages=m.messages))
+            self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=m.prompt, messages=m.messages,
+                                                         tools=m.tools))
 
     def encoded(self, m: protocol.Encoded) -> None:
         req = self.table.get(m.request_id)
@@ -412,7 +414,7 @@ class FrontDoor:
                 continue
             if req.state is State.TOKENIZING:
                 self._send(engine.tokenizer, protocol.Encode(request_id=req.id, prompt=req.prompt,
-                                                             messages=req.messages))
+                                                             messages=req.messages, tools=req.tools))
             elif req.output.ids or req.state is State.FINISHING:   # (a cancelled choice may have none)
                 pending.append(req)
         if pending:

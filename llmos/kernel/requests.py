@@ -91,6 +91,7 @@ class Request:
     engine: str = ""                  # the engine (replica, version) it is bound to at submit
     prompt: str | None = None
     messages: list | None = None
+    tools: list | None = None         # chat: the declared tools, sent with every Encode of it
     prompt_ids: list[int] = field(default_factory=list)
     state: State = State.TOKENIZING
     kv: KVState = field(default_factory=KVState)

@@ -21,7 +21,8 @@ import types
 from dataclasses import dataclass
 
 from llmos import protocol
-from llmos.sampling_params import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS
+from llmos.openai_format.tools import parse_tools
+from llmos.sampling_params import MAX_MESSAGES, MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, InvalidParam
 
 log = logging.getLogger(__name__)
 MAX_PENDING = 1024     # queries waiting for a tokenizer; past it new ones get a 503
@@ -110,8 +111,12 @@ class TokenizeQueries:
         if messages is not None and (not isinstance(messages, list) or not 0 < len(messages) <= MAX_MESSAGES):
             raise QueryError(400, "invalid_parameter", f"messages must be a list of 1 to {MAX_MESSAGES} messages",
                              "messages")
+        try:   # a chat's tools (the render route's): in the prompt as a generation request has them
+            tools = parse_tools(args.get("tools")) if messages is not None else None
+        except InvalidParam as exc:
+            raise QueryError(400, "invalid_parameter", str(exc), exc.param) from None
         self._forward(peer, m, engine, qid, "prompt" if prompt is not None else "messages",
-                      protocol.Encode(request_id=qid, prompt=prompt, messages=messages, **flags))
+                      protocol.Encode(request_id=qid, prompt=prompt, messages=messages, tools=tools, **flags))
 
     def _engine(self, model: str):
         """The loaded engine serving `model`. A cold model is not loaded for a query: tokenizing

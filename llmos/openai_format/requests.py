@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmos import grammar_spec
 from llmos.keep_alive import parse_keep_alive
 from llmos.openai_format.errors import ApiError
 from llmos.openai_format import structured
+from llmos.openai_format.tool_parsers import call_grammar
+from llmos.openai_format.tools import check_tool_call_id, parse_tool_calls, parse_tool_choice, parse_tools
 from llmos.sampling_params import (MAX_CHOICE_TOKENS, MAX_CHOICES, MAX_LOGPROB_ENTRIES, MAX_MESSAGES,
                                    MAX_PROMPT_CHARS, MAX_PROMPT_TOKEN_IDS, MAX_TENANT_CHARS, MAX_TIMEOUT_S,
                                    MAX_TOKEN_ID, MAX_TOP_LOGPROBS,
@@ -33,7 +36,7 @@ _DEFAULT_ONLY = {"use_beam_search": (False,)}
 _COMPLETION_ONLY = {"prompt": None, "best_of": (1,), "echo": (False,), "suffix": ("",)}
 _CHAT_ONLY = {
     "messages": None, "max_completion_tokens": None, "top_logprobs": None,
-    "response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
+    "response_format": ({"type": "text"},), "tools": None, "tool_choice": None,   # (tools.py checks these)
     "functions": ([],), "function_call": ("none", "auto"), "modalities": (["text"],),
     "audio": (), "prediction": (), "web_search_options": (),
 }
@@ -56,6 +59,9 @@ class ParsedRequest:
     queue_timeout_s: float | None = None
     keep_alive_s: float | None = None  # Ollama's keep_alive: the model stays loaded this long after it
     n: int = 1                        # choices; they share the prompt's KV copy-on-write
+    tools: list | None = None         # chat: the declared tools (openai_format/tools.py), for the template
+    tool_choice: str = "none"         # "none", "auto", "required" or "function" (then tool_name)
+    tool_name: str | None = None
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -72,6 +78,11 @@ def parse_completion(body) -> ParsedRequest:
 def parse_chat(body) -> ParsedRequest:
     _check_fields(body, _CHAT_ONLY)
     messages = _messages(body.get("messages"))
+    try:
+        tools = parse_tools(body.get("tools"))
+        tool_choice, tool_name = parse_tool_choice(body.get("tool_choice"), tools)
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), exc.param) from None
     raw = {k: body[k] for k in _SAMPLING if k in body}
     renames = {}
     if body.get("max_completion_tokens") is not None:  # the newer name wins
@@ -86,7 +97,28 @@ def parse_chat(body) -> ParsedRequest:
         if not want:
             raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     raw["logprobs"] = (top or 0) if want else None
-    return _finish(body, chat=True, raw=raw, messages=messages, renames=renames)
+    req = _finish(body, chat=True, raw=raw, messages=messages, renames=renames, tools=tools,
+                  tool_choice=tool_choice, tool_name=tool_name)
+    if tool_choice in ("required", "function"):
+        _constrain_to_a_call(req)
+    return req
+
+
+def _constrain_to_a_call(req: ParsedRequest) -> None:
+    """tool_choice "required" or named: decoding follows the grammar of one call in the
+    template's format (tool_parsers.call_grammar), so the call is always there and parses."""
+    if req.params.structured is not None:
+        raise ApiError(400, "tool_choice 'required' or a named function cannot be combined with a structured-output "
+                       "constraint (response_format, guided_*)", "tool_choice")
+    constraint = {"kind": "grammar", "spec": call_grammar(req.model, req.tools, req.tool_name)}
+    try:
+        req.params = SamplingParams.from_dict({**req.params.to_dict(), "structured": constraint})
+    except InvalidParam as exc:
+        param = "tool_choice" if exc.param == "structured" else exc.param   # e.g. ignore_eos, which it excludes
+        raise ApiError(400, f"tool_choice: {exc}", param) from None
+    error = grammar_spec.check(req.params.structured)
+    if error:
+        raise ApiError(400, f"tool_choice: the grammar engine refuses the tools' schemas: {error}", "tool_choice")
 
 
 def _check_fields(body, own: dict) -> None:
@@ -207,6 +239,7 @@ def _messages(raw) -> list:
         if not isinstance(role, str) or role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {sorted(ROLES)}", "messages")
         content = m.get("content")
+        calls = _tool_calls(m, role, i)
         if content is None and role == "assistant":  # e.g. an earlier tool-call turn
             content = ""
         if isinstance(content, list):
@@ -218,9 +251,30 @@ def _messages(raw) -> list:
             content = "\n".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
-        chars += len(content)
+        chars += len(content) + sum(len(c["function"]["arguments"]) for c in calls)
         if chars > MAX_PROMPT_CHARS:
             raise ApiError(400, f"the messages have more than {MAX_PROMPT_CHARS} characters in all", "messages")
         _text(f"messages[{i}].content", content, "messages")
-        out.append({"role": role, "content": content})
+        msg = {"role": role, "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool":   # the answer to an earlier call: rendered, with its id, not dropped
+            try:
+                msg["tool_call_id"] = check_tool_call_id(m.get("tool_call_id"), f"messages[{i}].tool_call_id")
+            except InvalidParam as exc:
+                raise ApiError(400, str(exc), exc.param) from None
+        out.append(msg)
     return out
+
+
+def _tool_calls(m: dict, role: str, i: int) -> list:
+    """An assistant message's earlier calls (OpenAI's shape), [] when it has none."""
+    if m.get("tool_calls") is None:
+        return []
+    if role != "assistant":
+        raise ApiError(400, f"messages[{i}].tool_calls is only allowed in assistant messages",
+                       f"messages[{i}].tool_calls")
+    try:
+        return parse_tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+    except InvalidParam as exc:
+        raise ApiError(400, str(exc), exc.param) from None

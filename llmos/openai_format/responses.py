@@ -1,16 +1,23 @@
 """Kernel outputs -> OpenAI response objects and stream chunks (chat and completions,
-n choices). Pure data, no I/O: the io driver and the kernel's job manager both use it."""
+n choices). Pure data, no I/O: the io driver and the kernel's job manager both use it.
+A chat with tools (tool_choice other than "none") has its tool calls parsed from the text
+here (tool_parsers.py), so streams, whole answers and batch lines get the same calls."""
 from __future__ import annotations
 
 import time
 
 from llmos.openai_format.requests import ParsedRequest
+from llmos.openai_format.tool_parsers import ToolCall, parser_for
 from llmos.protocol import OutputItem
+
 
 class _Choice:
     """One choice's text, logprobs and token ids as they accumulate."""
 
-    def __init__(self):
+    def __init__(self, parser=None):
+        self.parser = parser             # tool calls: the stream's parser (None: no tools to parse)
+        self.streamed_calls = 0          # tool calls sent as deltas so far (their indexes)
+        self.parsed: tuple | None = None  # (content, calls) of the whole text, once response() ran
         self.text: list[str] = []
         self.lp: list[dict] = []
         self.ids: list[int] = []
@@ -28,7 +35,14 @@ class ResponseShaper:
     def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
         self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
         self.created = int(time.time())
-        self.choices = [_Choice() for _ in range(req.n)]
+        self.choices = [_Choice(self._parser()) for _ in range(req.n)]
+
+    def _parser(self):
+        req = self.req
+        if not (req.chat and req.tools and req.tool_choice != "none"):
+            return None
+        names = {req.tool_name} if req.tool_choice == "function" else {t["function"]["name"] for t in req.tools}
+        return parser_for(req.model, frozenset(names))
 
     def _choice(self, item: OutputItem) -> _Choice:
         index = item.index
@@ -93,11 +107,63 @@ class ResponseShaper:
                 choice["token_ids"] = c.ids
             if self.req.chat:
                 choice["message"] = {"role": "assistant", "content": "".join(c.text)}
+                if c.parser is not None:
+                    choice["message"], choice["finish_reason"] = self._tool_message(c)
             else:
                 choice["text"] = "".join(c.text)
             choices.append(choice)
         obj = "chat.completion" if self.req.chat else "text_completion"
         return {**self._head(obj), "choices": choices, "usage": self.usage}
+
+    def _tool_message(self, c: _Choice) -> tuple[dict, str | None]:
+        """The message of a choice whose text may hold tool calls, and its finish reason."""
+        if c.parsed is None:   # once: the calls' ids must not change between calls of response()
+            parser = self._parser()
+            events = parser.feed("".join(c.text)) + parser.finish()
+            c.parsed = ("".join(e for e in events if isinstance(e, str)),
+                        [e for e in events if isinstance(e, ToolCall)])
+        content, calls = c.parsed
+        if not calls:
+            return {"role": "assistant", "content": content}, c.finish
+        message = {"role": "assistant", "content": content or None, "tool_calls": [t.as_openai() for t in calls]}
+        return message, _call_finish(c.finish)
+
+    def chunks(self, item: OutputItem) -> list[dict]:
+        """The stream chunks for one item (none when it carries nothing to send). With tool
+        calls, OpenAI's shape: a call's first delta has its index, id and name, the next its
+        arguments; a call is sent once its closing tag shows it is valid (a malformed one
+        stays content, which a stream cannot take back)."""
+        c = self._choice(item)
+        if c.parser is None:
+            one = self.chunk(item)
+            return [] if one is None else [one]
+        events = c.parser.feed(item.text) + (c.parser.finish() if item.finish is not None else [])
+        deltas: list[dict] = []
+        for e in events:
+            if isinstance(e, str):
+                deltas.append({"content": e})
+                continue
+            k, c.streamed_calls = c.streamed_calls, c.streamed_calls + 1
+            deltas.append({"tool_calls": [{"index": k, "id": e.id, "type": "function",
+                                           "function": {"name": e.name, "arguments": ""}}]})
+            deltas.append({"tool_calls": [{"index": k, "function": {"arguments": e.arguments}}]})
+        lp, ids = _list(item.lp), (item.ids if self.req.return_token_ids else [])
+        if not deltas and (lp or ids):
+            deltas.append({})
+        index, out = self.choices.index(c), []
+        for i, delta in enumerate(deltas):   # the item's logprobs and ids ride on its first chunk
+            choice = {"index": index, "delta": delta, "logprobs": self._logprobs(c, lp) if lp and not i else None,
+                      "finish_reason": None}
+            if self.req.return_token_ids:
+                choice["token_ids"] = ids if not i else []
+            out.append(self._chunk(choice))
+        if item.finish is not None:
+            finish = _call_finish(str(item.finish)) if c.streamed_calls else str(item.finish)
+            choice = {"index": index, "delta": {}, "logprobs": None, "finish_reason": finish}
+            if self.req.return_token_ids:
+                choice["token_ids"] = []
+            out.append(self._chunk(choice))
+        return out
 
     def role_chunks(self) -> list[dict]:
         if not self.req.chat:
@@ -132,6 +198,12 @@ class ResponseShaper:
         if self.req.include_usage:
             obj["usage"] = None
         return obj
+
+
+def _call_finish(finish: str | None) -> str | None:
+    """A choice that called tools and stopped on its own ends with "tool_calls" (OpenAI's);
+    one cut at max_tokens keeps "length"."""
+    return "tool_calls" if finish == "stop" else finish
 
 
 def _str(v) -> str:

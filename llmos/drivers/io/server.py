@@ -183,7 +183,7 @@ async def _generate(request: web.Request, req: ParsedRequest) -> web.StreamRespo
             request_id=rid, model=req.model, prompt=req.prompt, messages=req.messages,
             prompt_token_ids=req.prompt_token_ids, params=req.params.to_dict(), tenant=req.tenant,
             priority=req.priority, timeout_s=req.timeout_s, queue_timeout_s=req.queue_timeout_s, n=req.n,
-            keep_alive_s=req.keep_alive_s, client_request_id=given))
+            keep_alive_s=req.keep_alive_s, client_request_id=given, tools=req.tools))
         first = await _next(queue, timeout)
         if not isinstance(first, protocol.Accepted):
             done = isinstance(first, protocol.Rejected)  # anything else: the kernel may still hold it
@@ -258,7 +258,7 @@ async def _stream(request, resp: web.StreamResponse, queue, shaper: ResponseShap
             done = isinstance(item, protocol.Rejected)
             break
         shaper.add(item)
-        if (chunk := shaper.chunk(item)) is not None:
+        for chunk in shaper.chunks(item):
             await _event(resp, chunk)
     else:
         if shaper.req.include_usage:

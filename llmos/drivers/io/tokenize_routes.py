@@ -118,6 +118,8 @@ def _inputs(parsed: ParsedRequest) -> dict:
     args = {"model": parsed.model}
     if parsed.messages is not None:
         args["messages"] = parsed.messages
+        if parsed.tools:   # they are part of the prompt
+            args["tools"] = parsed.tools
     elif parsed.prompt_token_ids is not None:
         args["prompt_token_ids"] = parsed.prompt_token_ids
     else:

@@ -13,6 +13,7 @@ import numpy as np
 
 from llmos import protocol
 from llmos.drivers.runtime import DriverRuntime, base_argparser, setup_logging
+from llmos.drivers.tokenizer.chat import render
 from llmos.drivers.tokenizer.detok import DetokState
 
 log = logging.getLogger("llmos.tokenizer")
@@ -49,9 +50,7 @@ class TokenizerDriver:
             if m.messages is not None:
                 if m.add_generation_prompt and m.continue_final_message:
                     raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
-                kwargs = {"continue_final_message": True} if m.continue_final_message else {}
-                text = self.tok.apply_chat_template(_clean_messages(m.messages), tokenize=False,
-                                                    add_generation_prompt=m.add_generation_prompt, **kwargs)
+                text = render(self.tok, m.messages, m.tools, m.add_generation_prompt, m.continue_final_message)
                 ids = self.tok(text, add_special_tokens=bool(m.add_special_tokens))["input_ids"]
             else:
                 special = True if m.add_special_tokens is None else m.add_special_tokens
@@ -120,20 +119,6 @@ class TokenizerDriver:
 
 def _encode_error(request_id: str, error: str) -> protocol.Encoded:
     return protocol.Encoded(request_id=request_id, token_ids=np.zeros(0, np.int32), error=error[:2000])
-
-
-def _clean_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    out = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
-            raise ValueError(f"messages[{i}] must be an object with a string role")
-        content = msg.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string")
-        out.append({"role": msg["role"], "content": content})
-    return out
 
 
 def main() -> None:

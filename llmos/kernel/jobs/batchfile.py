@@ -103,7 +103,7 @@ def submit_of(line: BatchLine, request_id: str) -> protocol.Submit:
                            tenant=TENANT if p.tenant == "local" else p.tenant,
                            priority=f"batch:{level}" if level != "" else "batch",
                            timeout_s=p.timeout_s, queue_timeout_s=p.queue_timeout_s, n=p.n,
-                           keep_alive_s=p.keep_alive_s)
+                           keep_alive_s=p.keep_alive_s, tools=p.tools)
 
 
 def error_body(status: int, code: str, message: str, param: str | None = None) -> dict:
