@@ -20,6 +20,7 @@ import llmos
 from llmos.cli import startup
 from llmos.cli.format import dur, print_table
 from llmos.cli.alerts import alerts
+from llmos.cli.cluster import cluster
 from llmos.cli.jobs import jobs, submit
 from llmos.cli.audit import audit
 from llmos.cli.config_cmd import config
@@ -333,3 +334,4 @@ cli.add_command(config)
 cli.add_command(logs)
 cli.add_command(service)
 cli.add_command(alerts)
+cli.add_command(cluster)
