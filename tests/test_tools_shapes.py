@@ -223,3 +223,15 @@ class _Bytes:
 ])
 def test_a_required_call_cannot_be_combined_with_what_overrides_its_grammar(extra, param):
     assert error(tools=[WEATHER], tool_choice="required", **extra).param == param
+
+
+def test_a_batch_line_with_tools_is_submitted_with_them_and_its_result_has_the_calls():
+    from llmos.kernel.jobs.batchfile import check_line, submit_of
+    body = {"model": "smollm2", "messages": USER, "tools": [WEATHER]}
+    line = check_line(1, json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}))
+    assert submit_of(line, "r").tools == line.parsed.tools == [WEATHER]
+    shaper = ResponseShaper(line.parsed, "r", 5)   # as the job manager shapes the line's result
+    for item in outputs([CALL]):
+        shaper.add(item)
+    assert shaper.response()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"

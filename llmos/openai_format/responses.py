@@ -29,8 +29,8 @@ class _Choice:
 
 class ResponseShaper:
     """Accumulates one request's Outputs items (n choices, told apart by "index") and shapes
-    them as OpenAI objects. Call `add(item)` for every item, in order; `chunk(item)` for its
-    stream chunk; the request is complete when `done`."""
+    them as OpenAI objects. Call `add(item)` for every item, in order; `chunks(item)` for its
+    stream chunks; the request is complete when `done`."""
 
     def __init__(self, req: ParsedRequest, request_id: str, prompt_tokens: int):
         self.req, self.id, self.prompt_tokens = req, request_id, prompt_tokens
