@@ -1,8 +1,8 @@
 """Structured outputs through a real daemon serving the tiny random model: every output of
 200 random (schema, seed) pairs, sampled at temperature 1, parses and validates against its
-schema (jsonschema); json_object, regex, choice and a GBNF grammar hold too; bad specs are
-a 400 naming the field, and the next request is served. (The openai SDK's parse() and a
-model-driver kill mid-generation: test_structured_sdk.py.)"""
+schema (jsonschema); regex, choice, a GBNF grammar and every choice of n > 1 hold too; bad
+specs are a 400 naming the field, and the next request is served. (The openai SDK's parse()
+and a model-driver restart mid-generation: test_structured_sdk.py.)"""
 from __future__ import annotations
 
 import json
@@ -80,6 +80,16 @@ def test_regex_choice_and_grammar_outputs_match(daemon, body, check):
 
 SMALL = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
          "required": ["n"], "additionalProperties": False}
+def test_every_choice_of_n_follows_the_grammar(daemon):
+    r = chat(daemon, n=4, temperature=1.0, seed=11, max_tokens=50, guided_json=SMALL_ARRAY)
+    assert r.status_code == 200, r.text
+    choices = r.json()["choices"]
+    assert len(choices) == 4 and all(c["finish_reason"] == "stop" for c in choices)
+    for c in choices:
+        jsonschema.validate(json.loads(c["message"]["content"]), SMALL_ARRAY)
+
+
+SMALL_ARRAY = {"type": "array", "items": {"enum": ["a", "b", "c"]}, "minItems": 1, "maxItems": 4}
 BIG = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(400)}}
 DEEP = {"type": "object"}
 for _ in range(40):

@@ -2,8 +2,9 @@
 `client.chat.completions.parse(response_format=PydanticModel)` returns a parsed model;
 seeded constrained generations give the same valid JSON when the model driver is restarted
 (POST .../drivers/model-tiny/restart) or killed mid-generation, because a new driver rebuilds
-every matcher from the tokens the kernel re-sends. A few smollm2 requests show a real model
-writes sensible JSON under json_object and json_schema."""
+every matcher from the tokens the kernel re-sends. A batch job's lines are constrained too,
+and a bad spec refuses the file naming the line and field. A few smollm2 requests show a
+real model writes sensible JSON under json_object and json_schema."""
 from __future__ import annotations
 
 import json
@@ -121,3 +122,32 @@ def test_smollm2_writes_json_under_json_object_and_a_schema(tmp_path, smollm2_di
                 assert "paris" in value["city"].lower()
             else:
                 assert isinstance(value, dict)
+
+
+def test_a_batch_job_constrains_its_lines_and_a_bad_spec_is_refused_naming_its_line(daemon):
+    import time
+    from llmos.client import openai_client
+    small = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["n"], "additionalProperties": False}
+    bodies = {"json": {"response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": small}}},
+              "choice": {"guided_choice": ["up", "down"]}, "bad": {"guided_regex": "(("}}
+    lines = [{"custom_id": k, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "tiny", "messages": [{"role": "user", "content": k}], "max_tokens": 60,
+                       "temperature": 1.0, "seed": 5, **extra}} for k, extra in bodies.items()]
+    oai = openai_client(daemon.home, max_retries=0)
+
+    def batch_of(lines):
+        f = oai.files.create(file=("s.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()), purpose="batch")
+        return oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    with pytest.raises(openai.BadRequestError, match="line 3: body.guided_regex"):   # the same check as HTTP's
+        batch_of(lines)
+    batch = batch_of(lines[:2])
+    deadline = time.monotonic() + 120
+    while (batch := oai.batches.retrieve(batch.id)).status != "completed" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (batch.status, batch.request_counts.completed) == ("completed", 2)
+    out = {json.loads(x)["custom_id"]: json.loads(x) for x in oai.files.content(batch.output_file_id).text.splitlines()}
+    text = {k: v["response"]["body"]["choices"][0]["message"]["content"] for k, v in out.items()}
+    jsonschema.validate(json.loads(text["json"]), small)
+    assert text["choice"] in ("up", "down")
