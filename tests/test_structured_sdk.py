@@ -151,3 +151,29 @@ def test_a_batch_job_constrains_its_lines_and_a_bad_spec_is_refused_naming_its_l
     text = {k: v["response"]["body"]["choices"][0]["message"]["content"] for k, v in out.items()}
     jsonschema.validate(json.loads(text["json"]), small)
     assert text["choice"] in ("up", "down")
+
+
+def test_our_client_takes_a_pydantic_model_and_llmos_run_takes_format_and_schema(daemon, tmp_path):
+    from click.testing import CliRunner
+
+    from llmos.cli.main import cli
+    from llmos.client import Client
+    with Client(daemon.home) as c:
+        r = c.chat("tiny", [{"role": "user", "content": "A pet."}], response_format=Pet, temperature=1.0, seed=5,
+                   max_tokens=200)
+    assert isinstance(Pet.model_validate_json(r["choices"][0]["message"]["content"]), Pet)
+
+    def run(*args):
+        return CliRunner().invoke(cli, ["--home", str(daemon.home), "run", "tiny", "Answer.", "--temperature", "1",
+                                        "--seed", "3", "--max-tokens", "200", *args])
+    shown = run("--format", "json", "--max-tokens", "8")   # any object: a random model need not close it
+    assert shown.exit_code == 0 and shown.output.startswith("{"), shown.output
+    closed = {**Pet.model_json_schema(), "additionalProperties": False}   # bounded: it always closes
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(closed))
+    shown = run("--json-schema", str(schema))
+    assert shown.exit_code == 0, shown.output
+    jsonschema.validate(json.loads(shown.output), closed)
+    schema.write_text("{not json")
+    bad = run("--json-schema", str(schema))
+    assert bad.exit_code == 2 and "--json-schema" in bad.output

@@ -5,6 +5,7 @@ is not running is a one-line error and exit code 1.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -207,12 +208,31 @@ def _stream_answer(c: Client, model: str, messages: list, params: dict) -> str:
 @click.argument("model")
 @click.argument("prompt")
 @_gen_options
+@click.option("--format", "answer_format", type=click.Choice(["text", "json"]), default="text",
+              help="json: the answer is a JSON object (constrained decoding)")
+@click.option("--json-schema", "schema_file", type=click.File("r"),
+              help="the answer is JSON valid against this JSON Schema file ('-': stdin)")
 @click.pass_obj
-def run(paths: Paths, model, prompt, system, **kw):
+def run(paths: Paths, model, prompt, system, answer_format, schema_file, **kw):
     """Answer PROMPT with MODEL, streaming the text as it is generated."""
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    params = _params(**kw)
+    if schema_file is not None or answer_format == "json":
+        params["response_format"] = _response_format(schema_file)
     with _client(paths) as c:
-        _stream_answer(c, model, messages, _params(**kw))
+        _stream_answer(c, model, messages, params)
+
+
+def _response_format(schema_file) -> dict:
+    if schema_file is None:
+        return {"type": "json_object"}
+    try:
+        schema = json.loads(schema_file.read(1 << 20))
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--json-schema") from None
+    if not isinstance(schema, dict):
+        raise click.BadParameter("a JSON Schema is an object", param_hint="--json-schema")
+    return {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
 
 
 @cli.command()

@@ -118,19 +118,22 @@ class Api(JobsApi):
         return self._run(Call("POST", f"/llmos/v1/requests/{request_id}/cancel"))
 
     def completion(self, model: str, prompt: str | list[int], **params) -> dict:
-        return self._run(Call("POST", "/v1/completions", {"model": model, "prompt": prompt, **params}))
+        return self._run(Call("POST", "/v1/completions", {"model": model, "prompt": prompt, **_fields(params)}))
 
     def chat(self, model: str, messages: list[dict], **params) -> dict:
-        return self._run(Call("POST", "/v1/chat/completions", {"model": model, "messages": messages, **params}))
+        """`response_format` may also be a pydantic model class: the answer is then JSON that
+        validates against its schema (`Model.model_validate_json(answer text)`)."""
+        return self._run(Call("POST", "/v1/chat/completions", {"model": model, "messages": messages,
+                                                                **_fields(params)}))
 
     def stream_completion(self, model: str, prompt: str | list[int], **params):
         """Text deltas of the answer as they are generated."""
-        body = {"model": model, "prompt": prompt, **params, "stream": True}
+        body = {"model": model, "prompt": prompt, **_fields(params), "stream": True}
         return self._open(Stream(Call("POST", "/v1/completions", body), deltas(chat=False)))
 
     def stream_chat(self, model: str, messages: list[dict], **params):
         """Text deltas of the answer as they are generated."""
-        body = {"model": model, "messages": messages, **params, "stream": True}
+        body = {"model": model, "messages": messages, **_fields(params), "stream": True}
         return self._open(Stream(Call("POST", "/v1/chat/completions", body), deltas(chat=True)))
 
     def status(self) -> dict:
@@ -160,3 +163,30 @@ def _status():
     except LlmosError:   # a daemon without the jobs API (or failing it) shows no jobs
         snap.update(jobs=[], job_errors=[])
     return snap
+
+
+def response_format_of(value):
+    """OpenAI's response_format for `value`: as it is, or, for a pydantic model class, the
+    strict json_schema of it, as the openai SDK's `parse` sends it: no object takes keys its
+    model does not name (else the answer may wander off into made-up fields)."""
+    schema = getattr(value, "model_json_schema", None)
+    if isinstance(value, type) and callable(schema):
+        return {"type": "json_schema", "json_schema": {"name": value.__name__, "schema": _closed(schema()),
+                                                       "strict": True}}
+    return value
+
+
+def _closed(node):
+    if isinstance(node, dict):
+        node = {k: _closed(v) for k, v in node.items()}
+        if "properties" in node:
+            node.setdefault("additionalProperties", False)
+    elif isinstance(node, list):
+        node = [_closed(v) for v in node]
+    return node
+
+
+def _fields(params: dict) -> dict:
+    if "response_format" in params:
+        params = {**params, "response_format": response_format_of(params["response_format"])}
+    return params
