@@ -47,7 +47,8 @@ class JsonFormatter(logging.Formatter):
                        .replace("+00:00", "Z"),
                "level": record.levelname, "process": self.process, "pid": record.process,
                "logger": record.name, "msg": record.getMessage()}
-        out.update((k, v) for k, v in vars(record).items() if k not in _STANDARD and k not in out)
+        out.update((k, v) for k, v in vars(record).items()   # (a "_" name is a library's own, e.g. Ray's)
+                   if k not in _STANDARD and k not in out and not k.startswith("_"))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         elif record.stack_info:

@@ -146,3 +146,13 @@ def test_following_goes_on_across_rotation(tmp_path):
     reader.join(10)
     assert len(list(tmp_path.glob("io.log.*"))) == 2   # it did rotate (and old files went)
     assert seen == list(range(500))
+
+
+def test_a_librarys_private_record_attributes_are_not_fields():
+    """Ray, once imported, stamps every LogRecord with _ray_timestamp_ns; a field per such
+    attribute would change every line of every process that shares the interpreter."""
+    from llmos.logging_setup import JsonFormatter
+    rec = logging.LogRecord("llmos.x", logging.INFO, __file__, 1, "hello", (), None)
+    rec._ray_timestamp_ns, rec.request_id = 123, "r-1"
+    line = json.loads(JsonFormatter("kernel").format(rec))
+    assert line["request_id"] == "r-1" and not any(k.startswith("_") for k in line)
