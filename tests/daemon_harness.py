@@ -96,19 +96,20 @@ def stream_text(daemon: Daemon, model: str, prompt: str, max_tokens: int,
     return text
 
 
-def stream_many(daemon: Daemon, model: str, prompts: list[str], max_tokens: int, during=None) -> list:
-    """Stream every prompt at once; call `during()` once all streams produce text.
-    Returns each stream's text, or the exception that ended it."""
-    results: list = [None] * len(prompts)
-    started = [threading.Event() for _ in prompts]
+def at_once(n: int, work, during=None) -> list:
+    """Run work(i, started) for i in range(n), each in its own thread; `work` sets `started`
+    once its stream produces output. Call `during()` once all have started. Returns each
+    one's result, or the exception that ended it (the caller decides what a failure means)."""
+    results: list = [None] * n
+    started = [threading.Event() for _ in range(n)]
 
     def worker(i):
         try:
-            results[i] = stream_text(daemon, model, prompts[i], max_tokens, started[i])
-        except Exception as exc:  # the caller decides what a failure means
+            results[i] = work(i, started[i])
+        except Exception as exc:
             results[i] = exc
             started[i].set()
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     if during:
@@ -118,6 +119,13 @@ def stream_many(daemon: Daemon, model: str, prompts: list[str], max_tokens: int,
     for t in threads:
         t.join(300)
     return results
+
+
+def stream_many(daemon: Daemon, model: str, prompts: list[str], max_tokens: int, during=None) -> list:
+    """Stream every prompt at once; call `during()` once all streams produce text.
+    Returns each stream's text, or the exception that ended it."""
+    return at_once(len(prompts), lambda i, started: stream_text(daemon, model, prompts[i], max_tokens, started),
+                   during)
 
 
 def bench_model_dir(model: str) -> Path:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 from collections import Counter
 
 import httpx
 import openai
 import pytest
 
-from daemon_harness import serving
+from daemon_harness import at_once, serving
 
 VOCAB = 49152          # the tiny models' (SmolLM2's) vocabulary
 CONTROLS = {"presence_penalty": 0.6, "frequency_penalty": 0.4, "repetition_penalty": 1.3, "min_p": 0.02,
@@ -93,9 +92,7 @@ PROMPTS = [f"Story number {i}: once upon a time" for i in range(8)]
 
 def generate_all(daemon, during=None) -> list[list[int]]:
     """Every prompt at once, seeded with every control on; `during()` once all are under way."""
-    results, started = [None] * len(PROMPTS), [threading.Event() for _ in PROMPTS]
-
-    def worker(i):
+    def work(i, started):
         body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": 300, "stream": True, "return_token_ids": True,
                 **SEEDED, "seed": 1234 + i}
         ids = []
@@ -104,18 +101,9 @@ def generate_all(daemon, during=None) -> list[list[int]]:
                 if line.startswith("data: {"):
                     for choice in json.loads(line[6:]).get("choices") or []:
                         ids += choice.get("token_ids") or []
-                    started[i].set()
-        results[i] = ids
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    if during:
-        for e in started:
-            e.wait(120)
-        during()
-    for t in threads:
-        t.join(300)
-    return results
+                    started.set()
+        return ids
+    return at_once(len(PROMPTS), work, during)
 
 
 def test_seeded_output_with_controls_is_the_same_across_a_model_driver_kill(daemon):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 
 import httpx
 import jsonschema
@@ -18,7 +17,7 @@ import openai
 import pydantic
 import pytest
 
-from daemon_harness import serving
+from daemon_harness import at_once, serving
 
 LONG = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 6},
                                                    "minItems": 30, "maxItems": 30}},
@@ -55,9 +54,7 @@ def test_the_sdks_parse_returns_the_pydantic_model(daemon):
 
 def generate_all(daemon, during=None, n: int = 6) -> list[str]:
     """n seeded constrained streams at once; `during()` once every one has its first chunk."""
-    results, started = [None] * n, [threading.Event() for _ in range(n)]
-
-    def worker(i):
+    def work(i, started):
         body = {"model": "tiny", "messages": [{"role": "user", "content": f"List {i}"}], "max_tokens": 600,
                 "stream": True, "temperature": 1.0, "seed": 77 + i,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": LONG}}}
@@ -68,17 +65,9 @@ def generate_all(daemon, during=None, n: int = 6) -> list[str]:
                     for choice in json.loads(line[6:]).get("choices") or []:
                         text += choice["delta"].get("content") or ""
                         finish = choice.get("finish_reason") or finish
-                    started[i].set()
-        results[i] = (text, finish)
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    if during:
-        for e in started:
-            e.wait(120)
-        during()
-    for t in threads:
-        t.join(300)
+                    started.set()
+        return text, finish
+    results = at_once(n, work, during)
     for text, finish in results:
         assert finish == "stop", (text, finish)
         jsonschema.validate(json.loads(text), LONG)
