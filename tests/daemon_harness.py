@@ -96,6 +96,18 @@ def stream_text(daemon: Daemon, model: str, prompt: str, max_tokens: int,
     return text
 
 
+def wait_for(cond, timeout: float = 60.0, what: str = "condition", interval: float = 0.1):
+    """Poll cond() until it is truthy and return that value; TimeoutError(what) after `timeout`
+    seconds. Every wait in the end-to-end tests goes through here: no test sleeps, then asserts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(interval)
+    raise TimeoutError(what)
+
+
 def at_once(n: int, work, during=None) -> list:
     """Run work(i, started) for i in range(n), each in its own thread; `work` sets `started`
     once its stream produces output. Call `during()` once all have started. Returns each

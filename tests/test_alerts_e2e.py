@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, wait_for
 from llmos.cli.main import cli
 from llmos.kernel.alert_rules import DEFAULT_RULES, METRIC_FIGURES
 
@@ -44,16 +43,6 @@ name = "DriverRestarting"
 enabled = false
 """)
     return Daemon(home, [f"tiny={model_dir}"], "--max-restarts", "50", "--config", str(config))
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def get(d: Daemon, path: str):

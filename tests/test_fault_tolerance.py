@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from daemon_harness import Daemon, serving, stream_many
+from daemon_harness import Daemon, serving, stream_many, wait_for
 from daemon_harness import stream_text as harness_stream_text
 
 PROMPTS = [f"Story number {i}: once upon a time" for i in range(16)]
@@ -32,15 +32,6 @@ def run_all(daemon: Daemon, during=None) -> list[str]:
 
 def pid_of(daemon: Daemon, name: str) -> int:
     return next(p["pid"] for p in daemon.ps()["processes"] if p["name"] == name)
-
-
-def wait_for(cond, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def wait_running(daemon: Daemon, name: str) -> None:

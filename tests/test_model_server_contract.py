@@ -11,13 +11,12 @@ import os
 import signal
 import socket
 import threading
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, wait_for
 from llmos.kernel.auth import KeyStore
 
 GAUGES = {"vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
@@ -41,16 +40,6 @@ def gateway(tmp_path_factory, tiny_llama_dir):
     yield d, client
     client.close()
     d.stop()
-
-
-def _until(cond, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"never: {what}")
 
 
 def test_completions_stream_and_report_cached_tokens(gateway):
@@ -105,8 +94,8 @@ def test_health_is_503_while_a_model_loads(gateway):
     with d.http() as admin:   # (restart is the admin's: the daemon's own user on the socket)
         assert admin.post("/llmos/v1/drivers/model-tl/restart").status_code == 200
     # The new model driver imports torch and loads the weights: seconds, against 50 ms polls.
-    _until(lambda: c.get("/health").status_code == 503, "503 while the model driver reloads")
-    _until(lambda: c.get("/health").status_code == 200, "200 once it serves again")
+    wait_for(lambda: c.get("/health").status_code == 503, 120, "503 while the model driver reloads", 0.05)
+    wait_for(lambda: c.get("/health").status_code == 200, 120, "200 once it serves again", 0.05)
     r = c.post("/v1/completions", json={"model": "tl", "prompt": "back", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
@@ -132,8 +121,8 @@ def test_health_is_503_while_draining(gateway):
     os.kill(pid, signal.SIGSTOP)   # the stream cannot finish while we look: no step runs
     try:
         d.proc.send_signal(signal.SIGTERM)
-        status = _until(lambda: c.get("/health").json().get("status") == "draining" and c.get("/health").status_code,
-                        "draining")
+        status = wait_for(lambda: c.get("/health").json().get("status") == "draining" and c.get("/health").status_code,
+                          120, "draining", 0.05)
         assert status == 503
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -7,13 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from daemon_harness import Daemon
+from daemon_harness import Daemon, wait_for
 from llmos.cli.daemon import main as llmosd, resolve
 from llmos.kernel.engine import make_policy
 from llmos.kernel.reload import reload_config
@@ -120,16 +119,6 @@ weight = 1
 """
 
 
-def wait_for(cond, what: str, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise TimeoutError(what)
-
-
 def complete(d: Daemon, tenant: str):
     with d.http() as c:
         return c.post("/v1/completions", json={"model": "tiny", "prompt": "The config says", "max_tokens": 6,
@@ -144,7 +133,7 @@ def hup(d: Daemon, reloads: int, errors: int = 0) -> None:
     """SIGHUP, then wait until the kernel has said it reloaded (or refused) that many times."""
     os.kill(d.proc.pid, signal.SIGHUP)
     wait_for(lambda: log_count(d, "config reloaded from") >= reloads and log_count(d, "nothing changed") >= errors,
-             "the kernel said what the reload did")
+             120, "the kernel said what the reload did")
 
 
 @pytest.fixture
