@@ -132,12 +132,24 @@ def test_hostile_bus_traffic_changes_nothing(daemon):
 
 def test_kernel_kill_9_drivers_exit_and_next_start_is_clean(tmp_path, tiny_llama_dir):
     d = Daemon(tmp_path, [f"tiny={tiny_llama_dir}"]).wait_ready()
-    drivers = [p["pid"] for p in d.ps()["processes"] if p["role"] != "kernel"]
+    drivers = {p["pid"]: p["name"] for p in d.ps()["processes"] if p["role"] != "kernel"}
     (pool,) = Path("/dev/shm").glob(f"llmos-{os.getuid()}-{d.proc.pid}-*-tiny.kv")   # (its name is unguessable)
     os.kill(d.proc.pid, signal.SIGKILL)
     d.proc.wait()
-    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                             for p in drivers), 15, "drivers exit with their kernel")
+
+    def alive() -> dict:
+        left = {}
+        for pid, name in drivers.items():
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    left[name] = pid
+            except psutil.NoSuchProcess:
+                pass
+        return left
+    try:
+        wait_for(lambda: not alive(), 30, "drivers exit with their kernel")
+    except TimeoutError:
+        raise AssertionError(f"drivers outlived their kernel: {alive()}") from None
     assert (tmp_path / "run" / "llmosd.pid").exists()  # stale files left behind by the kill
     d2 = Daemon(tmp_path, [f"tiny={tiny_llama_dir}"]).wait_ready()
     try:

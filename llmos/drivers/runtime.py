@@ -73,11 +73,21 @@ class DriverRuntime:
         # must still look alive.
         hb = DriverBus(self.endpoint, f"{self.name}#hb")
         ppid = os.getppid()
-        while not self._stop.wait(HEARTBEAT_S):
+        # The parent check outlives close(): a driver shutting down after its kernel died
+        # (PDEATHSIG's SIGTERM starts the io driver's graceful path) must not hang in that
+        # path, or at exit in zmq, with nobody left to SIGKILL it.
+        while True:
+            stopped = self._stop.wait(HEARTBEAT_S)
             if os.getppid() != ppid:  # the kernel died: nobody will ever send us work
                 log.error("kernel (pid %d) is gone, exiting", ppid)
                 os._exit(0)
+            if stopped:
+                break
             hb.send(protocol.Heartbeat(name=self.name))
+        hb.close()
+        while os.getppid() == ppid:
+            time.sleep(HEARTBEAT_S)
+        os._exit(0)
 
     def close(self) -> None:
         self._stop.set()
