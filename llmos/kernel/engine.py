@@ -5,7 +5,12 @@ The loop reads aloud, and control flows one way:
     schedule -> plan -> send, await the result -> scheduler.update_from_output -> emit
 
 `emit` hands the outputs (requests that progressed, requests that failed, as values) to
-the front door; nothing calls back. If the model driver dies mid-step, or answers with a
+the front door; nothing calls back. Overlap: the progressed requests of step N are emitted
+right after step N+1's plan is sent, so their detokenizing and delivery run while the
+model driver computes N+1 instead of between the two steps (failures go at once). Safe
+because N+1's plan needs only the scheduler's state, which update_from_output settled; the
+front door only reads what it emits, and a request it ends meanwhile is one the scheduler
+already knows to skip. If the model driver dies mid-step, or answers with a
 result that does not fit its plan, the step is not applied (scheduler.step_lost): the
 requests keep their tokens and blocks, and the step is planned again.
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 from llmos import protocol
@@ -39,6 +45,9 @@ from llmos.kernel.waiting import wait_event
 
 log = logging.getLogger(__name__)
 MAX_BAD_RESULTS = 3   # invalid step results in a row before the step's requests fail
+# Emit step N's progress after sending N+1's plan (module docstring). "0" turns it off, so
+# benchmarks/step_gap.py can measure what it gives side by side.
+EMIT_OVERLAP = os.environ.get("LLMOS_EMIT_OVERLAP", "1") != "0"
 
 
 def make_policy(config):
@@ -81,6 +90,8 @@ class ModelEngine:
         self.bad_results_total = 0
         self.step_crashes = 0                  # steps that raised inside the kernel
         self.stats = StepStats()
+        self._held: list[Request] = []         # progressed in the last step, emitted after the next plan
+        self._result_at: float | None = None   # when the last result arrived, if a step may follow at once
 
     # ------------------------------------------------------------ driver lifecycle
     @property
@@ -204,8 +215,10 @@ class ModelEngine:
         """The step loop. A step that fails in any way fails that step's requests (500
         internal_error naming the cause); the loop goes on with the next one."""
         while True:
-            await wait_event(self.wakeup, 0.5)   # at least every half second: deadlines expire
+            if not self._held:   # (held outputs go out now, or with the next plan: never wait on them)
+                await wait_event(self.wakeup, 0.5)   # at least every half second: deadlines expire
             if not (self.driver_ready and self.scheduler.has_work()):
+                self._release_held()
                 self.wakeup.clear()
                 continue
             batch: list[ScheduledSeq] = []
@@ -215,6 +228,7 @@ class ModelEngine:
                 self._ops_queued = True   # schedule() may queue copies and swaps for this step
                 batch = self.scheduler.schedule()
                 if not batch:
+                    self._release_held()
                     self.wakeup.clear()  # everything waits for memory; a finish will wake us
                     continue
                 await self._step(batch, t0)
@@ -222,6 +236,7 @@ class ModelEngine:
                 raise
             except Exception as exc:
                 self._step_crashed(batch, exc)
+                self._release_held()
 
     async def _step(self, batch: list[ScheduledSeq], t0: float) -> None:
         """plan -> send, await -> check -> update -> emit, for one scheduled batch."""
@@ -247,10 +262,13 @@ class ModelEngine:
             self._fail([s.req for s in batch], f"model driver failed the step: {result.error}")
         else:
             self._fail_grammars(batch, result.grammar_errors)
-            self._emit(EngineOutputs(progressed=self.scheduler.update_from_output(batch, result)))
+            self._held = self.scheduler.update_from_output(batch, result)
+            if not EMIT_OVERLAP:
+                self._release_held()
             self._learn_speed(plan, result)
         self.stats.record(time.perf_counter() - t0, getattr(result, "forward_ms", 0.0) / 1e3,
                           sum(s.num_new for s in batch), t1)
+        self._result_at = t1
 
     async def _run_on_driver(self, plan: protocol.StepPlan):
         """Send the plan and wait for its StepResult or StepFailed (DriverLost if the driver dies)."""
@@ -259,6 +277,9 @@ class ModelEngine:
         self._pending_tokens = len(plan.tokens)
         try:
             self._send(self.driver, plan)
+            if self._result_at is not None:   # the gap the model driver waited between two steps
+                self.stats.record_gap(time.perf_counter() - self._result_at)
+            self._release_held()   # the last step's progress, delivered while this one computes
             return await fut
         finally:
             self._pending = None
@@ -266,6 +287,13 @@ class ModelEngine:
     def _emit(self, out: EngineOutputs) -> None:
         if out:
             self._on_outputs(self, out)
+
+    def _release_held(self) -> None:
+        """Emit the last step's progressed requests, once. Past this point the loop may idle,
+        so the next step's gap is not the driver waiting on us."""
+        held, self._held, self._result_at = self._held, [], None
+        if held:
+            self._emit(EngineOutputs(progressed=held))
 
     def _lost(self) -> None:
         self._ops_queued = False
