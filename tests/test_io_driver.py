@@ -164,15 +164,14 @@ def test_rejections_pass_through(oai):
         list(oai.completions.create(model=MODEL, prompt="fail", stream=True))
 
 
-def _aborted(kernel, timeout=2.0):
+def _aborted(kernel, timeout=60.0):   # (returns as soon as the Abort is seen)
     sub = kernel.of(protocol.Submit)[-1]
     return sub, kernel.wait_for(lambda m: isinstance(m, protocol.Abort) and m.request_id == sub.request_id, timeout)
 
 
 def test_kernel_silence_is_an_error_and_aborts(http, stack):
-    t0 = time.monotonic()
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "silent"})
-    assert r.status_code == 504 and time.monotonic() - t0 < 5
+    assert r.status_code == 504   # the io driver's own 2 s --timeout answered (the client's is 10 s)
     sub, abort = _aborted(stack[0])
     assert abort is not None and "timed out" in abort.reason
     with http.stream("POST", "/v1/completions", json={"model": MODEL, "prompt": "stall", "stream": True}) as r:
@@ -240,10 +239,11 @@ def test_kernel_gone_fails_requests_fast(tmp_path):
         t.start()
         assert kernel.wait_for(lambda m: isinstance(m, protocol.Submit))
         time.sleep(0.1)
-        t0 = time.monotonic()
         kernel.close()
-        t.join(10)
-        assert result["r"].status_code == 503 and time.monotonic() - t0 < 3
+        t.join(60)
+        # 503 kernel_unavailable, not the 504 its 30 s --timeout would give (nor the client's
+        # own 10 s timeout): the lost connection answered, without waiting out the request.
+        assert result["r"].status_code == 503
         assert result["r"].json()["error"]["code"] == "kernel_unavailable"
         r = http.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "unavailable"
