@@ -87,7 +87,7 @@ def test_over_quota_is_429_with_retry_after(daemon):
 def test_deadline_ends_the_request_with_a_clear_error_and_frees_memory(daemon):
     r = post(daemon, max_tokens=1900, ignore_eos=True, timeout=0.5)
     assert r.status_code == 408 and "total timeout" in r.json()["error"]["message"]
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60   # (a cleanup takes milliseconds; a loaded CI machine, seconds)
     while daemon.ps()["requests"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert daemon.memory("tiny")["blocks_used"] == 0
