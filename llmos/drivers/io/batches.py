@@ -22,9 +22,11 @@ import re
 
 from aiohttp import web
 
+from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.kernel_link import KernelLink, KernelUnavailable, QueryFailed
 from llmos.openai_format import ApiError
-from llmos.drivers.io.bodies import parse_json, read_body
+from llmos.openai_format.batch_models import BATCH_MESSAGES, UPLOAD_MESSAGES, BatchCreateRequest, FileUpload
+from llmos.openai_format.validation import validate
 
 MAX_FILE_BYTES = 200 * 1024 * 1024
 MAX_LINE_BYTES = 4 * 1024 * 1024     # one request; a whole context of text is far less
@@ -119,7 +121,9 @@ def _found(data, kind: str, ident: str):
 
 async def create_file(request: web.Request) -> web.Response:
     """multipart/form-data with `purpose` ("batch") and `file` (JSONL); optionally
-    `expires_after[anchor]` ("created_at") and `expires_after[seconds]`, as OpenAI's SDK sends them."""
+    `expires_after[anchor]` ("created_at") and `expires_after[seconds]`, as OpenAI's SDK sends them.
+    The text fields are batch_models.FileUpload's (a bad purpose is refused before the file is
+    read); other fields are ignored."""
     if not request.content_type.startswith("multipart/"):
         raise ApiError(400, "upload the file as multipart/form-data with the fields 'purpose' and 'file'", "file")
     idem = _idempotency_key(request)
@@ -129,8 +133,7 @@ async def create_file(request: web.Request) -> web.Response:
         while (part := await reader.next()) is not None:
             if part.name == "purpose":
                 purpose = await _small_field(part, "purpose")
-                if purpose != "batch":
-                    raise ApiError(400, f"purpose {purpose[:64]!r} is not supported (only 'batch')", "purpose")
+                validate(FileUpload, {"purpose": purpose}, UPLOAD_MESSAGES)
             elif part.name in ("expires_after[anchor]", "expires_after[seconds]"):
                 expiry[part.name[14:-1]] = await _small_field(part, part.name)
             elif part.name == "file":
@@ -143,28 +146,17 @@ async def create_file(request: web.Request) -> web.Response:
                 await part.release()
         if file_id is None:
             raise ApiError(400, "the upload has no 'file' field", "file")
-        if purpose is None:
-            raise ApiError(400, "purpose is required (only 'batch' is supported)", "purpose")
+        fields = {"purpose": purpose, "expires_after": expiry or None}
+        form = validate(FileUpload, {k: v for k, v in fields.items() if v is not None}, UPLOAD_MESSAGES)
+        expires = {"expires_after_s": int(form.expires_after.seconds)} if form.expires_after else {}
         obj = await _ask(request, "command", "files.commit", {"id": file_id, "bytes": nbytes, "purpose": purpose,
-                                                              **_expiry(expiry), **idem})
+                                                              **expires, **idem})
         file_id = None  # committed: nothing to discard
         return web.json_response(obj)
     finally:
         if file_id is not None and request.app[LINK].up:
             with contextlib.suppress(Exception):
                 await request.app[LINK].command("files.discard", {"id": file_id}, timeout=5)
-
-
-def _expiry(fields: dict) -> dict:
-    """{"expires_after_s": N} from the expires_after form fields (none: no expiry)."""
-    if not fields:
-        return {}
-    if fields.get("anchor") != "created_at":
-        raise ApiError(400, "expires_after[anchor] must be 'created_at'", "expires_after.anchor")
-    seconds = fields.get("seconds")
-    if seconds is None or not (seconds.isascii() and seconds.isdigit()) or len(seconds) > 12:
-        raise ApiError(400, "expires_after[seconds] must be a whole number of seconds", "expires_after.seconds")
-    return {"expires_after_s": int(seconds)}
 
 
 async def _small_field(part, name: str) -> str:
@@ -296,13 +288,9 @@ async def file_content(request: web.Request) -> web.StreamResponse:
 
 
 async def create_batch(request: web.Request) -> web.Response:
-    body = parse_json(await read_body(request))
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    for name in ("input_file_id", "endpoint"):
-        if not isinstance(body.get(name), str):
-            raise ApiError(400, f"{name} is required (a string)", name)
-    args = {k: body.get(k) for k in ("input_file_id", "endpoint", "completion_window", "metadata")}
+    """The body is batch_models.BatchCreateRequest; the kernel checks the file and the window's range."""
+    body = validate(BatchCreateRequest, parse_json(await read_body(request)), BATCH_MESSAGES)
+    args = {k: getattr(body, k) for k in ("input_file_id", "endpoint", "completion_window", "metadata")}
     return web.json_response(await _ask(request, "command", "jobs.create", {**args, **_idempotency_key(request)}))
 
 

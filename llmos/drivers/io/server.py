@@ -7,6 +7,7 @@ times out waiting for the kernel, is aborted on the kernel so its memory is free
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import logging
@@ -21,7 +22,7 @@ from llmos.drivers.io import batches, gateway_headers, metrics_route, model_admi
 from llmos.drivers.io.bodies import parse_json, read_body
 from llmos.drivers.io.credentials import attach_credentials
 from llmos.drivers.io.kernel_link import AuthRefused, KernelLink, KernelUnavailable, QueryFailed
-from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper
+from llmos.openai_format import ApiError, ParsedRequest, ResponseShaper, openapi
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -44,6 +45,7 @@ def make_app(link: KernelLink, timeout: float = 600.0) -> web.Application:
     app[LINK], app[TIMEOUT] = link, timeout
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/openapi.json", openapi_json)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     for path, (what, to_json) in ADMIN_QUERIES.items():
@@ -115,6 +117,18 @@ async def models(request: web.Request) -> web.Response:
     out = [{"id": m.id, "object": "model", "created": m.created, "owned_by": m.owned_by,
             "max_model_len": m.max_model_len, "state": m.state} for m in entries]
     return web.json_response({"object": "list", "data": out})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    """The OpenAPI description of the request bodies (openai_format/openapi.py), for any
+    principal: the kernel says who the caller is (the models query, open to all; 401/403)."""
+    await request.app[LINK].query("models")
+    return web.Response(body=_openapi_bytes(), content_type="application/json")
+
+
+@functools.cache
+def _openapi_bytes() -> bytes:
+    return json.dumps(openapi.document(), ensure_ascii=False).encode()
 
 
 async def restart_driver(request: web.Request) -> web.Response:

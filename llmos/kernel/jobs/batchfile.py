@@ -2,8 +2,10 @@
 
 Input: one JSON object per line,
     {"custom_id": "...", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body": {...}}
-where body is what that endpoint takes (validated by the io driver's own parsers, so a batch
-line accepts exactly what an interactive request does, except `stream`). Line numbers are
+where body is what that endpoint takes. The line is validated by openai_format's models
+(batch_models.BatchRequestLine) and its body by the very parser, and so the very model, that
+endpoint is served with: a line accepts exactly what an interactive request does, except
+`stream`, and refuses a bad body with the same error (its message, after "body.<param>: "). Line numbers are
 physical and 1-based; blank lines are skipped but counted, so errors name the line an
 editor shows.
 
@@ -18,19 +20,20 @@ from dataclasses import dataclass
 
 from llmos import protocol
 from llmos.openai_format import ApiError, ParsedRequest, parse_chat, parse_completion
+from llmos.openai_format.batch_models import LINE_MESSAGES, BatchRequestLine
+from llmos.openai_format.validation import validate
 
 PARSERS = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
-MAX_CUSTOM_ID = 512
 TENANT = "batch"   # tenant of job lines that name none (its quotas and fair share)
-_KEYS = {"custom_id", "method", "url", "body"}
 
 
 class LineError(ValueError):
-    """Line `line_no` of a batch file is not a valid request; str() says why."""
+    """Line `line_no` of a batch file is not a valid request; str() says why. `error`: the
+    ApiError its body got, which an HTTP request with that body gets too (None: not the body's)."""
 
-    def __init__(self, line_no: int, message: str):
+    def __init__(self, line_no: int, message: str, error: ApiError | None = None):
         super().__init__(message)
-        self.line_no = line_no
+        self.line_no, self.error = line_no, error
 
 
 @dataclass
@@ -61,27 +64,18 @@ def check_line(line_no: int, raw: bytes | str, models=None) -> BatchLine | None:
         raise LineError(line_no, f"not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise LineError(line_no, "must be a JSON object with custom_id, method, url and body")
-    missing, unknown = _KEYS - set(obj), set(obj) - _KEYS
-    if missing or unknown:
-        what = [f"missing {', '.join(sorted(missing))}"] * bool(missing) + [
-            f"unknown field {', '.join(sorted(unknown))}"] * bool(unknown)
-        raise LineError(line_no, "; ".join(what))
-    custom_id, method, url, body = obj["custom_id"], obj["method"], obj["url"], obj["body"]
-    if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_CUSTOM_ID:
-        raise LineError(line_no, f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters")
-    if method != "POST":
-        raise LineError(line_no, f"method must be \"POST\", got {method!r}")
-    if url not in PARSERS:
-        raise LineError(line_no, f"url must be one of {', '.join(PARSERS)}, got {url!r}")
-    if not isinstance(body, dict):
-        raise LineError(line_no, "body must be a JSON object")
+    try:
+        envelope = validate(BatchRequestLine, obj, LINE_MESSAGES)
+    except ApiError as exc:
+        raise LineError(line_no, exc.message) from None
+    custom_id, url, body = envelope.custom_id, envelope.url, obj["body"]
     if body.get("stream"):
         raise LineError(line_no, "body.stream: batch requests cannot stream")
     try:
         parsed = PARSERS[url](body)
     except ApiError as exc:
         where = f"body.{exc.param}: " if exc.param else "body: "
-        raise LineError(line_no, where + exc.message) from None
+        raise LineError(line_no, where + exc.message, exc) from None
     if models is not None and parsed.model not in models:
         served = ", ".join(sorted(models)) or "none"
         raise LineError(line_no, f"body.model: model {parsed.model!r} is not served (served: {served})")
