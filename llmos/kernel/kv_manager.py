@@ -15,6 +15,12 @@ source cannot be reused while its copy is pending. Copies run before the forward
 so a queued copy's reference does not make its source shared: the last owner writes in
 place (n choices cost n - 1 copies). A lost step makes each writer recompute instead
 (`step_lost`), since its copy may never have happened.
+
+Prefixes in flight: requests that arrive together with the same system prompt would each
+compute it, since none is cached until a step has written it. `in_flight` names the full
+blocks that running requests are still computing, and `shared_in_flight` says how many of a
+waiting request's next blocks are among them: the scheduler lets that request wait for the
+cache instead (`give_back` undoes its lookup).
 """
 from __future__ import annotations
 
@@ -33,6 +39,7 @@ class KVCacheManager:
         self.hit_tokens = 0
         self.forks = 0
         self.copies = 0
+        self.waits_for_prefix = 0   # admissions put off because another request was computing the prefix
         self._copies: list[tuple[object, int, int]] = []   # this step: (writer, src, dst)
 
     @property
@@ -73,6 +80,50 @@ class KVCacheManager:
         req.kv.num_computed = len(hits) * bs
         self.hit_tokens += req.kv.num_computed
         return req.kv.num_computed
+
+    def give_back(self, req) -> None:
+        """Undo attach_prefix for a request that is not admitted after all: its blocks go back
+        (still cached) and its lookup is not counted, so lookups stay one per admission."""
+        self.lookups -= 1
+        self.queried_tokens -= req.num_tokens
+        self.hit_tokens -= req.kv.num_computed
+        self.free(req)
+        req.kv.num_computed = 0
+
+    # ------------------------------------------------------------ prefixes being computed
+    def in_flight(self, running) -> dict[int, object]:
+        """Block hash -> highest priority (smallest) of the running requests still computing
+        that full block of their prompt, not yet in the prefix cache."""
+        pending: dict[int, object] = {}
+        if self.prefix_caching:
+            for req in running:
+                self.note_in_flight(req, pending)
+        return pending
+
+    def note_in_flight(self, req, pending: dict) -> None:
+        """Add req's full blocks that are not computed and cached yet (a prompt being prefilled)."""
+        if not self.prefix_caching:
+            return
+        full = (req.num_tokens - 1) // self.block_size
+        if req.kv.cached_blocks >= full:
+            return
+        for h in self._hashes(req, full)[req.kv.cached_blocks:]:
+            if h not in pending or req.priority < pending[h]:
+                pending[h] = req.priority
+
+    def shared_in_flight(self, req, pending: dict) -> int:
+        """How many of req's blocks right after its cache hits a running request of at least
+        its priority is computing now (the tokens are confirmed when req attaches later)."""
+        if not pending:
+            return 0
+        full = (req.num_tokens - 1) // self.block_size
+        n = 0
+        for h in self._hashes(req, full)[len(req.kv.blocks):]:
+            producer = pending.get(h)
+            if producer is None or req.priority < producer:
+                break
+            n += 1
+        return n
 
     def allocate_slots(self, req, num_new: int) -> bool:
         """Make room for num_new more tokens of req, copying shared blocks they land in;
@@ -151,4 +202,5 @@ class KVCacheManager:
         return {"prefix_caching": self.prefix_caching, "lookups": self.lookups,
                 "queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens,
                 "hit_rate": round(self.hit_tokens / self.queried_tokens, 4) if self.queried_tokens else 0.0,
-                "cached_blocks": self.pool.num_cached, "evictions": self.pool.evictions, "forks": self.forks, "cow_copies": self.copies}
+                "cached_blocks": self.pool.num_cached, "evictions": self.pool.evictions, "forks": self.forks, "cow_copies": self.copies,
+                "waits_for_prefix": self.waits_for_prefix}
