@@ -2,10 +2,14 @@
 and the campaign that sends them to a real llmosd and checks its invariants after each.
 
 Used by tests/test_fuzz_daemon.py (bounded, derandomized: CI) and benchmarks/fuzz.py (a
-bigger budget from the command line). There is no OpenAPI description of the API, so the
-strategies know the fields themselves (llmos/drivers/io/openai_api.py, sampling_params.py).
+bigger budget from the command line). These strategies know the fields themselves (and so
+reach past what a schema says: NaN literals, duplicate keys, encodings); fuzz_schema.py
+derives more cases from the daemon's own GET /openapi.json.
 
 Invariants after every case (`Fuzzer.check`):
+  - a case derived from the served /openapi.json (fuzz_schema.py): every 4xx names a field
+    (error.param), and a body the schema refuses is a 400 naming the field that was changed
+    ("unnamed" otherwise);
   - the answer's status is < 500, or a documented 503/504 ("crash" otherwise; a dropped
     connection, a 5xx-typed error event inside a 200 stream, or a driver restart are crashes too);
   - an answer comes within `timeout` seconds ("wedge" otherwise);
@@ -289,6 +293,7 @@ class Case:
     body: object = None        # the JSON value behind raw, when there is one
     style: str = "ascii"       # how body became raw (see encode)
     label: str = ""            # what a raw case is
+    expect: tuple | None = None   # (field, valid by the schema) of a case from /openapi.json (fuzz_schema.py)
 
     def describe(self, limit: int = 400) -> str:
         what = (f"{self.label}: {clip_bytes(self.raw)}" if self.style == "raw" else
@@ -586,7 +591,9 @@ class Outcome:
     detail: str = ""
     log: list = field(default_factory=list)
     seconds: float = 0.0
-    param: str | None = None    # error.param of a 4xx answer
+    param: str | None = None    # error.param of a 4xx answer (else its code or message, for the counts)
+    named: str | None = None    # error.param of a 4xx answer as it came
+    message: str = ""           # error.message of a 4xx answer
 
     @property
     def signature(self) -> tuple:
@@ -634,6 +641,7 @@ class Fuzzer:
         self.statuses: Counter = Counter()     # (endpoint, status)
         self.counts: Counter = Counter()       # per finding kind, every occurrence
         self.params: Counter = Counter()       # (endpoint, error.param) of 4xx answers
+        self.schema_cases: Counter = Counter()  # cases from /openapi.json: "valid" / "invalid" by the schema
         self.wedges_now = 0                    # of the current campaign (see max_wedges)
         self.skipped = 0
         self.seen: set = set()
@@ -736,7 +744,7 @@ class Fuzzer:
         if out.kind == "invalid_response" and 400 <= status < 500 and _http_level(case.headers):
             out.kind, out.detail = None, ""   # refused by the HTTP layer (aiohttp's parser), in its own words
         if isinstance(status, int) and 400 <= status < 500 and out.kind is None:
-            out.param = _error_param(data)
+            out.param, (out.named, out.message) = _error_param(data), _error_fields(data)
         return out
 
     # -- one case
@@ -890,6 +898,10 @@ class Fuzzer:
             return Outcome("duplicate")
         self.seen.add(key)
         out = self.probe(case)
+        if case.expect is not None:
+            self.schema_cases["valid" if case.expect[1] else "invalid"] += 1
+            if out.kind is None and (problem := expectation_problem(case.expect, out)):
+                out.kind, out.detail = "unnamed", problem
         self.cases[endpoint] += 1
         self.statuses[(endpoint, out.status)] += 1
         if isinstance(out.status, int) and 400 <= out.status < 500:
@@ -1121,6 +1133,39 @@ def _http_level(headers: dict) -> bool:
     return any(k.lower() == "content-encoding" for k in headers) or not all(
         _FIELD_VALUE.match(v if isinstance(v, bytes) else v.encode("utf-8", "surrogatepass"))
         for v in headers.values())
+
+
+def _error_fields(data: bytes) -> tuple:
+    """(error.param, error.message) of an error answer."""
+    try:
+        err = json.loads(data)["error"]
+        return err.get("param"), str(err.get("message"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None, ""
+
+
+def names_field(field: str, param, message: str) -> bool:
+    """Whether an error names `field`: its param is the field (or a path into it) and its
+    message says the field."""
+    return isinstance(param, str) and (param == field or param.startswith((f"{field}.", f"{field}["))) \
+        and field in message
+
+
+def expectation_problem(expect: tuple, out: Outcome) -> str | None:
+    """What a case from the schema (fuzz_schema.py) got wrong: a 4xx that names no field, or
+    a body the schema refuses that is not a 400 naming the field that was changed."""
+    field, valid = expect
+    if not isinstance(out.status, int):
+        return None
+    if 400 <= out.status < 500 and out.status not in (408, 413, 429) and not out.named:
+        return f"a {out.status} that names no field: {out.message[:200]!r}"
+    if valid:
+        return None
+    if out.status != 400:
+        return f"the schema refuses this {field}, the daemon answered {out.status}"
+    if not names_field(field, out.named, out.message):
+        return f"the schema refuses this {field}, the 400 names {out.named!r}: {out.message[:200]!r}"
+    return None
 
 
 def _error_param(data: bytes):

@@ -1,8 +1,11 @@
 """Fuzz the whole daemon (issue 10, point 7): hypothesis-generated hostile request bodies
 for /v1/completions and /v1/chat/completions, raw garbage bodies and hostile batch files,
-sent to a real llmosd serving the tiny model. After every case: the answer is < 500 (or a
-documented 503/504), it came within 60 s, no driver restarted, nothing is left in flight,
-and a normal greedy request still answers the reference text. The strategies and checks
+sent to a real llmosd serving the tiny model, and bodies derived from the daemon's own
+GET /openapi.json (tests/fuzz_schema.py: each a valid body with one field changed; one the
+schema refuses must be a 400 naming that field, and every 4xx must name a field). After
+every case: the answer is < 500 (or a documented 503/504), it came within 60 s, no driver
+restarted, nothing is left in flight, and a normal greedy request still answers the
+reference text. The strategies and checks
 live in tests/fuzz_bodies.py (shared with benchmarks/fuzz.py, which runs a bigger budget).
 
 Cases are drawn with fixed seeds (the same cases every run); findings are collected over
@@ -16,12 +19,15 @@ import os
 import pytest
 
 import fuzz_bodies as fb
+import fuzz_schema as fs
 from daemon_harness import Daemon
 from fuzz_bodies import CHAT, COMPLETIONS, Case, encode
 
 EXAMPLES = 150          # per endpoint
 RAW_EXAMPLES = 80
 BATCH_EXAMPLES = 40
+SCHEMA_EXAMPLES = 100   # per endpoint, from the served /openapi.json
+SCHEMA_BATCH_EXAMPLES = 12
 MAX_WEDGES = 1          # a wedge costs two timeouts and a restart: stop a campaign after the first
 
 
@@ -149,4 +155,15 @@ def test_fuzz_batch_files(fuzzer):
     before = fuzzer.snapshot()
     fb.campaign(fuzzer.check_batch, fb.batch_cases(), BATCH_EXAMPLES, seed=4, fuzzer=fuzzer)
     assert fuzzer.cases["batch"] >= BATCH_EXAMPLES // 2 or fuzzer.skipped
+    assert_clean(fuzzer, before)
+
+
+def test_fuzz_bodies_derived_from_the_served_openapi_json(fuzzer):
+    doc = fuzzer.http.get("/openapi.json").json()
+    before, counted = fuzzer.snapshot(), dict(fuzzer.schema_cases)
+    for seed, path in ((5, COMPLETIONS), (6, CHAT)):
+        fb.campaign(fuzzer.check, fs.request_cases(doc, path), SCHEMA_EXAMPLES, seed=seed, fuzzer=fuzzer)
+    fb.campaign(fuzzer.check_batch, fs.batch_cases(doc), SCHEMA_BATCH_EXAMPLES, seed=7, fuzzer=fuzzer)
+    ran = {k: fuzzer.schema_cases[k] - counted.get(k, 0) for k in ("valid", "invalid")}
+    assert min(ran.values()) >= SCHEMA_EXAMPLES // 4 or fuzzer.skipped, ran
     assert_clean(fuzzer, before)
