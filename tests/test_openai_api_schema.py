@@ -10,6 +10,8 @@ import time
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
+import fuzz_bodies as fb
+import fuzz_schema as fs
 from daemon_harness import Daemon
 from llmos.kernel.auth import KeyStore
 from llmos.kernel.jobs.batchfile import LineError, check_line
@@ -70,7 +72,8 @@ def test_every_accepted_shape_keeps_its_meaning():
     req = parse_chat({**CHAT, "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
                                                                              {"type": "text", "text": "b"}]},
                                            {"role": "assistant", "content": None, "name": "bot"}, *USER],
-                      "best_of": None, "not_ours": None, "function_call": "auto", "modalities": ["text"], "user": {"any": "thing"},
+                      "best_of": None, "not_ours": None, "function_call": "auto", "modalities": ["text"],
+                      "user": {"any": "thing"},
                       "top_p": 1e-300, "top_k": 0, "stop": "x", "max_completion_tokens": 5, "max_tokens": 9})
     assert req.messages[:2] == [{"role": "system", "content": "a\nb"}, {"role": "assistant", "content": ""}]
     p = req.params
@@ -104,6 +107,25 @@ def test_the_document_is_valid_openapi_3_1_with_every_body():
     assert chat["properties"]["temperature"]["anyOf"][0] == {"maximum": 2.0, "minimum": 0.0, "type": "number"}
     assert schemas["BatchRequestLine"]["properties"]["url"]["enum"] == ["/v1/chat/completions", "/v1/completions"]
     assert "file" in schemas["FileUploadForm"]["required"]
+
+
+@pytest.mark.parametrize("path, parse", [(fs.COMPLETIONS, parse_completion), (fs.CHAT, parse_chat)])
+def test_every_body_the_schema_refuses_is_a_400_naming_its_field(path, parse):
+    """The fuzzer's mutations (one field of a valid body, from the document's schemas), judged
+    by the schema with jsonschema, against the parser: the validators are the schema."""
+    doc = json.loads(json.dumps(openapi.document()))
+    judged = {True: 0, False: 0}
+    for field, cases in fs.mutations(doc, path).items():
+        for body, valid in cases:
+            try:
+                parse(body)
+                out = fb.Outcome(200)
+            except ApiError as err:
+                out = fb.Outcome(err.status, named=err.param, message=err.message)
+            assert fb.expectation_problem((field, valid), out) is None, (field, fb.describe(body[field])[:300],
+                                                                          out.named, out.message)
+            judged[valid] += 1
+    assert min(judged.values()) > 200, judged
 
 
 # ---------------------------------------------------------------- through the daemon
@@ -179,3 +201,23 @@ def test_batches_and_uploads_are_validated_by_their_models(daemon):
                                       "tools": [{"type": "function", "function": {"name": "f"}}]})
         assert r.status_code == 200 and r.json()["count"] > c.post("/tokenize", json={"model": "tl", "messages":
                                                                                    USER}).json()["count"]
+
+
+def test_parallel_tool_calls_false_parses_at_most_one_call():
+    from llmos.openai_format import ResponseShaper
+    from llmos.protocol import OutputItem
+    tools = [{"type": "function", "function": {"name": n}} for n in ("a", "b")]
+    two = '<tool_call>[{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}]</tool_call>' \
+          '<tool_call>{"name": "b", "arguments": {}}</tool_call>'
+
+    def calls(**extra):
+        req = parse_chat({**CHAT, "model": "smollm2", "tools": tools, **extra})
+        shaper = ResponseShaper(req, "r", 5)
+        shaper.add(OutputItem(rid="r", index=0, text=two, n=3, ids=[1, 2, 3], lp=None, finish="stop",
+                              usage={"prompt_tokens": 5, "completion_tokens": 3}))
+        message = shaper.response()["choices"][0]["message"]
+        return [c["function"]["name"] for c in message.get("tool_calls") or ()], message["content"]
+    assert calls() == (["a", "b", "b"], None)
+    assert calls(parallel_tool_calls=True) == calls(parallel_tool_calls="yes") == calls()   # (never refused)
+    names, content = calls(parallel_tool_calls=False)
+    assert names == ["a"] and content == '<tool_call>{"name": "b", "arguments": {}}</tool_call>'

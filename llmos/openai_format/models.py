@@ -252,7 +252,8 @@ class _Generation(Body):
     store: Ignored = None
     metadata: Ignored = None
     service_tier: Ignored = None
-    parallel_tool_calls: Ignored = None
+    parallel_tool_calls: Annotated[Any, Field(description="false: at most one tool call is parsed from each "
+                                                          "choice (any other value: no limit)")] = None
     prompt_cache_key: Ignored = None
     safety_identifier: Ignored = None
     reasoning_effort: Ignored = None
@@ -310,7 +311,7 @@ class TokenizeRequest(Body):
     model: text(MAX_NAME_CHARS, 1)
     prompt: text(MAX_PROMPT_CHARS) | None = None
     messages: bounded_list(Message, MAX_MESSAGES, 1) | None = None
-    tools: bounded_list(Tool, tool_rules.MAX_TOOLS) | None = Field(None, description="with messages: part of the prompt")
+    tools: bounded_list(Tool, tool_rules.MAX_TOOLS) | None = Field(None, description="with messages: in the prompt")
     add_special_tokens: bool | None = None
     add_generation_prompt: bool | None = Field(None, description="messages only")
     continue_final_message: bool | None = Field(None, description="messages only")

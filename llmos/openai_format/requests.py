@@ -83,6 +83,7 @@ class ParsedRequest:
     tools: list | None = None         # chat: the declared tools (openai_format/tools.py), for the template
     tool_choice: str = "none"         # "none", "auto", "required" or "function" (then tool_name)
     tool_name: str | None = None
+    parallel_tool_calls: bool = True  # False: at most one call is parsed from each choice
 
 
 def parse_completion(body) -> ParsedRequest:
@@ -107,7 +108,7 @@ def parse_chat(body) -> ParsedRequest:
         raise ApiError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
     raw["logprobs"] = (m.top_logprobs or 0) if m.logprobs else None
     req = _finish(m, chat=True, raw=raw, messages=messages, renames=renames, tools=tools,
-                  tool_choice=tool_choice, tool_name=tool_name)
+                  tool_choice=tool_choice, tool_name=tool_name, parallel_tool_calls=m.parallel_tool_calls is not False)
     if tool_choice in ("required", "function"):
         _constrain_to_a_call(req)
     return req

@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 
 from llmos.openai_format.requests import ParsedRequest
-from llmos.openai_format.tool_parsers import ToolCall, parser_for
+from llmos.openai_format.tool_parsers import MAX_CALLS, ToolCall, parser_for
 from llmos.protocol import OutputItem
 
 
@@ -42,7 +42,7 @@ class ResponseShaper:
         if not (req.chat and req.tools and req.tool_choice != "none"):
             return None
         names = {req.tool_name} if req.tool_choice == "function" else {t["function"]["name"] for t in req.tools}
-        return parser_for(req.model, frozenset(names))
+        return parser_for(req.model, frozenset(names), 1 if not req.parallel_tool_calls else MAX_CALLS)
 
     def _choice(self, item: OutputItem) -> _Choice:
         index = item.index

@@ -35,12 +35,15 @@ class HermesToolParser:
     template (NousResearch's Hermes); SmolLM2's own prompts put a list of such objects in
     one pair of tags, which is read as several calls. Text outside the tags is content.
     A tag whose inside is not such JSON (or names a tool the request did not declare) stays
-    content, tags and all. Whitespace between calls and content is not content."""
+    content, tags and all. Whitespace between calls and content is not content. At most
+    `max_calls` calls are parsed: a tag after them stays content, calls past them in one
+    tag are dropped."""
 
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self, names: set[str] | frozenset[str] | None = None):
+    def __init__(self, names: set[str] | frozenset[str] | None = None, max_calls: int = MAX_CALLS):
         self.names = names           # the declared tools; None: any valid name
+        self.max_calls = max_calls   # 1: parallel_tool_calls false
         self.buf = ""                # text not yet decided on
         self.inside = False          # buf is the inside of an open tag
         self.space = ""              # trailing whitespace of content, held until we know what follows
@@ -85,10 +88,11 @@ class HermesToolParser:
         return _merge(out)
 
     def _close(self, out: list, inner: str, closed: bool) -> None:
-        calls = _calls(inner, self.names) if self.calls < MAX_CALLS else None
+        calls = _calls(inner, self.names) if self.calls < self.max_calls else None
         if calls is None:
             self._content(out, self.START + inner + (self.END if closed else ""))
             return
+        calls = calls[:self.max_calls - self.calls]
         self.space = ""              # whitespace before a call is layout, not content
         self.calls += len(calls)
         out.extend(calls)
@@ -155,10 +159,11 @@ PARSERS = {"hermes": HermesToolParser}
 FAMILIES = (("qwen", "hermes"), ("smollm", "hermes"))
 
 
-def parser_for(model: str, names=None):
-    """A fresh parser for one choice of a request to `model`; `names`: the declared tools."""
+def parser_for(model: str, names=None, max_calls: int = MAX_CALLS):
+    """A fresh parser for one choice of a request to `model`; `names`: the declared tools;
+    `max_calls`: 1 for parallel_tool_calls false."""
     kind = next((k for prefix, k in FAMILIES if model.lower().startswith(prefix)), "hermes")
-    return PARSERS[kind](names)
+    return PARSERS[kind](names, max_calls)
 
 
 def call_grammar(model: str, tools: list[dict], name: str | None) -> str:
