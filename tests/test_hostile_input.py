@@ -77,6 +77,11 @@ CASES = {   # name: (path, raw body, the param the 400 names)
     "3000 messages": ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [
                       {"role": "user", "content": "x"}] * 3000}).encode(), "messages"),
     "prompt ids past the count": ("/v1/completions", body(prompt=[1] * ((1 << 20) + 1)), "prompt"),
+    "a million bad prompt ids (one error, not a million)": ("/v1/completions", body(prompt=[None] * (1 << 20)),
+                                                            "prompt"),
+    "a message with a bad part deep in it": ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {}}]}]
+    }).encode(), "messages"),
     "prompt id past int32": ("/v1/completions", body(prompt=[1, 2**40]), "prompt"),
     "prompt id past the vocabulary": ("/v1/completions", body(prompt=[1, 2**20]), "prompt"),
     "timeout NaN": ("/v1/completions", b'{"model": "tiny", "prompt": "x", "timeout": NaN}', None),
@@ -94,6 +99,8 @@ def test_bad_input_gets_a_precise_400_and_the_next_request_is_served(daemon, ref
     assert r.status_code == 400, (name, r.status_code, r.text[:500])
     error = r.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error", (name, error)
+    if name == "a message with a bad part deep in it":
+        assert error["message"].startswith("messages[0].content[1].type"), error
     normal_answer_is_correct(daemon, reference)
 
 
