@@ -7,6 +7,11 @@ Prompts: ../shared/bench/prompts.json (chat template applied) when present, else
 Runner: one packed prefill step of the whole batch, then `steps` decode steps.
 HF: generate on a static left-padded batch; its decode rate excludes the prefill.
 End-to-end = batch * (steps + 1) generated tokens / (prefill + decode time).
+
+`--vs LLMOS_FUSE=0` builds a second runner with those environment variables set while it
+loads and runs the two on the same decode plans, alternating *every step* (which goes first
+alternates too), so that the load of a shared machine hits both alike; it prints their median
+step times, the ratio, whether they chose the same tokens, and the load average.
 """
 from __future__ import annotations
 
@@ -59,16 +64,7 @@ def make_plan(step_id, seqs, tokens_per_seq, blocks_per_seq):
 
 def bench_runner(runner, prompts, steps, pool_dir) -> dict:
     """All prompts prefilled in one packed step, then `steps` batched decode steps."""
-    info = runner.info()
-    per_seq = -(-(max(map(len, prompts)) + steps + 2) // BLOCK)
-    nblocks = per_seq * len(prompts)
-    numel = info["num_layers"] * 2 * nblocks * BLOCK * info["num_kv_heads"] * info["head_dim"]
-    path = Path(pool_dir) / "pool"
-    with open(path, "wb") as f:
-        f.truncate(numel * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size())
-    runner.map_pool(protocol.MapKVPool(str(path), "cpu", info["dtype"], nblocks, BLOCK, info["num_layers"],
-                                       info["num_kv_heads"], info["head_dim"]))
-    blocks = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+    blocks = map_fresh_pool(runner, prompts, steps, pool_dir)
     runner.execute(make_plan(0, [0], [prompts[0][:8]], [blocks[0]]))  # warm-up
     t0 = time.perf_counter()
     last = runner.execute(make_plan(1, [0] * len(prompts), prompts, blocks)).tokens.tolist()
@@ -81,6 +77,41 @@ def bench_runner(runner, prompts, steps, pool_dir) -> dict:
     n = len(prompts)
     return {"prefill": sum(map(len, prompts)) / (t1 - t0), "decode": n * steps / (t2 - t1),
             "e2e": n * (steps + 1) / (t2 - t0)}
+
+
+def map_fresh_pool(runner, prompts, steps, pool_dir, name="pool") -> list[list[int]]:
+    info = runner.info()
+    per_seq = -(-(max(map(len, prompts)) + steps + 2) // BLOCK)
+    nblocks = per_seq * len(prompts)
+    numel = info["num_layers"] * 2 * nblocks * BLOCK * info["num_kv_heads"] * info["head_dim"]
+    path = Path(pool_dir) / name
+    with open(path, "wb") as f:
+        f.truncate(numel * torch.empty((), dtype=getattr(torch, info["dtype"])).element_size())
+    runner.map_pool(protocol.MapKVPool(str(path), "cpu", info["dtype"], nblocks, BLOCK, info["num_layers"],
+                                       info["num_kv_heads"], info["head_dim"]))
+    return [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
+
+
+def bench_pair(a, b, prompts, steps, pool_dir) -> dict:
+    """Runners a and b prefill the same prompts, then decode step by step in turn; median
+    decode step seconds of each (the first 4 steps left out) and whether their tokens agreed."""
+    state = {}
+    for name, r in (("a", a), ("b", b)):
+        blocks = map_fresh_pool(r, prompts, steps, pool_dir, f"pool-{name}")
+        last = r.execute(make_plan(1, [0] * len(prompts), prompts, blocks)).tokens.tolist()
+        state[name] = {"r": r, "blocks": blocks, "last": last, "pos": [len(p) for p in prompts], "t": []}
+    same = True
+    for k in range(steps):
+        for name in (("a", "b") if k % 2 == 0 else ("b", "a")):
+            st = state[name]
+            t = time.perf_counter()
+            st["last"] = st["r"].execute(make_plan(2 + k, st["pos"], [[x] for x in st["last"]],
+                                                   st["blocks"])).tokens.tolist()
+            st["t"].append(time.perf_counter() - t)
+            st["pos"] = [x + 1 for x in st["pos"]]
+        same &= state["a"]["last"] == state["b"]["last"]
+    med = {name: float(np.median(st["t"][4:] or st["t"])) for name, st in state.items()}
+    return {"a": med["a"], "b": med["b"], "same": same}
 
 
 def bench_hf(model, prompts, steps) -> dict:
@@ -111,19 +142,44 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--repeat", type=int, default=2, help="alternate runs, report the best (shared machines are noisy)")
+    ap.add_argument("--vs", default="", metavar="ENV=VALUE,...",
+                    help="also run a runner loaded with these environment variables (e.g. LLMOS_FUSE=0), side by side")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = prepare_model_dir(args.model, Paths.from_env().models_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    t = time.perf_counter()
     runner = ModelRunner(model_dir, dtype=args.dtype)
-    hf = None if args.no_hf else AutoModelForCausalLM.from_pretrained(
+    load_s = time.perf_counter() - t
+    other = None
+    if args.vs:
+        env = dict(kv.split("=", 1) for kv in args.vs.split(","))
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            t = time.perf_counter()
+            other = ModelRunner(model_dir, dtype=args.dtype)
+            print(f"load: runner {load_s:.1f} s, runner with {args.vs} {time.perf_counter() - t:.1f} s")
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    hf = None if args.no_hf or args.vs else AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, runner.info()["dtype"]), local_files_only=True).eval()   # int4: vs bf16
     print(f"model {args.model} dtype {args.dtype} threads {torch.get_num_threads()} steps {args.steps}")
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         for b in map(int, args.batches.split(",")):
             prompts = load_prompts(tok, b)
             best = lambda runs: {k: max(r[k] for r in runs) for k in runs[0]}  # noqa: E731
+            if other is not None:
+                p = bench_pair(runner, other, prompts, args.steps, d)
+                print(f"batch {b:3d}: median decode step {p['a'] * 1e3:6.1f} ms, with {args.vs} {p['b'] * 1e3:6.1f} ms:"
+                      f" runner at {p['b'] / p['a']:4.2f}x its speed, same tokens {p['same']}"
+                      f" (load {open('/proc/loadavg').read().split()[0]})", flush=True)
+                continue
             ours, base = [], []
             for _ in range(args.repeat):
                 ours.append(bench_runner(runner, prompts, args.steps, d))

@@ -77,6 +77,11 @@ class Int4Linear(torch.nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def was_4bit(linear: torch.nn.Linear, min_exact: float = 0.99) -> bool:
+    """Whether quantize_linears would make this linear 4-bit (its weights were 4-bit already)."""
+    return supported(linear) and quantize_groups(linear.weight.detach().float())[3] >= min_exact
+
+
 def quantize_linears(model: torch.nn.Module, min_exact: float = 0.99) -> tuple[int, float]:
     """Swap each supported nn.Linear whose weights were 4-bit already (at least `min_exact` of
     its groups come back exactly) for an Int4Linear; the others (smollm2's tied lm_head, which

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llmos import protocol
-from llmos.drivers.model import decode_backends, paged_attention
+from llmos.drivers.model import decode_backends, fused, paged_attention
 from llmos.drivers.model.grammar import GrammarBook
 from llmos.drivers.model.logits_controls import gather
 from llmos.drivers.model.packed import pack_linears
@@ -57,6 +57,14 @@ class ModelRunner:
         if pack_weights is None:
             pack_weights = os.environ.get("LLMOS_PACK_WEIGHTS", "1") != "0"
         self.packed, self.exact_4bit = 0, None
+        fuse = fused.wanted()
+        self.fused = {"projections": 0, "norms": 0}
+        if "projections" in fuse:   # before quantizing or packing: the fused weight is made 4-bit or packed
+            accept = None
+            if dtype == "int4":     # fuse only groups that go 4-bit whole
+                from llmos.drivers.model.quant import was_4bit
+                accept = was_4bit
+            self.fused["projections"] = fused.fuse_projections(self.model, accept)
         if dtype == "int4":
             from llmos.drivers.model.quant import quantize_linears
             self.packed, self.exact_4bit = quantize_linears(self.model)
@@ -66,6 +74,8 @@ class ModelRunner:
             m.nbytes() for m in self.model.modules() if hasattr(m, "nbytes"))
         if pack_weights and self.device.type == "cpu" and dtype != "int4":
             self.packed = pack_linears(self.model)
+        if "norms" in fuse:
+            self.fused["norms"] = fused.fuse_norms(self.model)
         self.decode_backend = decode_backends.choose(self.device)
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
