@@ -5,7 +5,6 @@ the same body."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from openapi_spec_validator import validate as validate_openapi
@@ -84,16 +83,24 @@ def test_every_accepted_shape_keeps_its_meaning():
 
 
 def test_a_hostile_body_costs_one_error_not_a_million():
-    """A million bad token ids stop at the first (fail_fast): one error, quickly."""
+    """A million bad token ids stop at the first (fail_fast): pydantic collects a handful of
+    errors, not one per element (counted, not timed), and the 400 names the field."""
+    from pydantic import ValidationError
+    from llmos.openai_format.models import ChatCompletionRequest, CompletionRequest
     body = {**COMPLETION, "prompt": ["x"] + [None] * (MAX_PROMPT_TOKEN_IDS - 1)}
-    t0 = time.perf_counter()
+    with pytest.raises(ValidationError) as raw:
+        CompletionRequest.model_validate(body)
+    assert raw.value.error_count() <= 8
     with pytest.raises(ApiError) as err:
         parse_completion(body)
-    assert time.perf_counter() - t0 < 1.0 and err.value.param == "prompt"
-    t0 = time.perf_counter()
+    assert err.value.param == "prompt"
+    chat = {**CHAT, "messages": [{"role": "user", "content": 1}] * 2048, "stop_token_ids": ["x"] * 10**6}
+    with pytest.raises(ValidationError) as raw:
+        ChatCompletionRequest.model_validate(chat)
+    assert raw.value.error_count() <= 8
     with pytest.raises(ApiError) as err:
-        parse_chat({**CHAT, "messages": [{"role": "user", "content": 1}] * 2048, "stop_token_ids": ["x"] * 10**6})
-    assert time.perf_counter() - t0 < 1.0 and err.value.param == "messages"
+        parse_chat(chat)
+    assert err.value.param == "messages"
 
 
 def test_the_document_is_valid_openapi_3_1_with_every_body():
