@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from daemon_harness import SMOLLM2, SharedDaemons
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +20,50 @@ os.environ.setdefault("LLMOS_MODEL_CACHE", str(REPO / ".cache" / "models"))
 # (the default) turn a busy machine into a stalled one. Passive waits cost little when
 # quiet; the daemons the tests start inherit this. (Before torch is imported anywhere.)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+NEEDED = pytest.StashKey[Counter]()   # Shared spec -> tests still to run that declare it
+POOL = pytest.StashKey[SharedDaemons]()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_daemon(spec): the test (or module, as pytestmark) uses the "
+                            "shared daemon of this daemon_harness.Shared spec")
+
+
+def pytest_collection_finish(session):
+    session.config.stash[NEEDED] = Counter(m.args[0] for item in session.items
+                                           for m in item.iter_markers("shared_daemon"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """Once a test's teardown is done, a shared daemon no test still to run declares is stopped."""
+    try:
+        return (yield)
+    finally:
+        needed = item.config.stash.get(NEEDED, Counter())
+        needed.subtract(m.args[0] for m in item.iter_markers("shared_daemon"))
+        if POOL in item.config.stash:
+            item.config.stash[POOL].stop_unneeded()
+
+
+@pytest.fixture(scope="session")
+def shared_daemons(request, tmp_path_factory):
+    """The session's SharedDaemons; lease one with `shared_daemons.lease(request, spec)`."""
+    pool = SharedDaemons(tmp_path_factory.mktemp("shared"), request.config.stash.get(NEEDED, Counter()))
+    request.config.stash[POOL] = pool
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+@pytest.fixture()
+def smollm2_daemon(request, shared_daemons):
+    """smollm2 with the default flags, for a test marked @pytest.mark.shared_daemon(SMOLLM2)."""
+    with shared_daemons.lease(request, SMOLLM2) as d:
+        yield d
 
 
 def tiny_model_dir(kind: str, cache: Path, tokenizer_dir: Path, seed: int = 0) -> Path:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,6 +75,128 @@ class Daemon:
                 self.proc.wait()
         self.log.close()
         return self.proc.returncode
+
+
+@dataclass(frozen=True)
+class Shared:
+    """Which shared daemon: models as `name=fixture` (the fixture gives the model's directory),
+    then flags, exactly as Daemon takes them. Equal specs are one daemon."""
+    models: tuple[str, ...]
+    flags: tuple[str, ...] = ()
+
+    def __init__(self, models, *flags: str):
+        object.__setattr__(self, "models", tuple(models))
+        object.__setattr__(self, "flags", flags)
+
+
+SMOLLM2 = Shared(["smollm2=smollm2_dir"])   # conftest's smollm2_daemon
+
+
+class Leased:
+    """A shared daemon as one user sees it: everything of the Daemon but stop(), and
+    attributes the user sets stay its own."""
+
+    def __init__(self, daemon: Daemon):
+        self.__dict__["_daemon"] = daemon
+
+    def __getattr__(self, name):
+        return getattr(self._daemon, name)
+
+    def stop(self, timeout: float = 30.0):
+        raise RuntimeError("a shared daemon is stopped by its pool, not by a test")
+
+
+class SharedDaemons:
+    """Daemons that tests share, one per Shared spec: started on first use, stopped once no
+    test still to run declares it (`@pytest.mark.shared_daemon(spec)`, counted by conftest.py
+    in `needed`), else at session end. Only for tests that leave a daemon as they found it:
+    no kills, restarts, reloads or config changes, and figures read as deltas, never as
+    absolute counts. Each lease checks on its return that this held (the same driver
+    processes, nothing in flight, no KV block in use, no job running); a daemon that fails
+    the check fails that user and is not shared again."""
+
+    def __init__(self, root: Path, needed: Counter):
+        self.root, self.needed = Path(root), needed
+        self.daemons: dict[Shared, Daemon] = {}
+        self.leases: Counter = Counter()
+        self.started = 0
+
+    @contextlib.contextmanager
+    def lease(self, request, spec: Shared):
+        if spec not in [m.args[0] for m in request.node.iter_markers("shared_daemon")]:
+            raise RuntimeError(f"{request.node.nodeid} leases {spec} but does not declare it "
+                               f"(@pytest.mark.shared_daemon(spec)): its pool would stop it too early")
+        d = self.daemons.get(spec) or self.start(request, spec)
+        before = processes(d)
+        self.leases[spec] += 1
+        returned = False
+        try:
+            yield Leased(d)
+            returned = True
+        finally:
+            self.leases[spec] -= 1
+            changed = left_changed(d, before)
+            if changed:
+                self.drop(spec)
+            self.stop_unneeded()
+            if changed and returned:
+                raise AssertionError(f"a user of the shared daemon {spec} left it changed: {changed}")
+
+    def start(self, request, spec: Shared) -> Daemon:
+        models = [f"{name}={request.getfixturevalue(fixture)}"
+                  for name, fixture in (m.split("=", 1) for m in spec.models)]
+        self.started += 1
+        d = Daemon(self.root / f"shared{self.started}", models, *spec.flags)
+        try:
+            d.wait_ready()
+        except BaseException:
+            d.stop()
+            raise
+        self.daemons[spec] = d
+        return d
+
+    def stop_unneeded(self) -> None:
+        for spec in [s for s in self.daemons if self.needed[s] <= 0 and not self.leases[s]]:
+            self.drop(spec)
+
+    def drop(self, spec: Shared) -> None:
+        self.daemons.pop(spec).stop()
+
+    def close(self) -> None:
+        for spec in list(self.daemons):
+            self.drop(spec)
+
+
+def processes(d: Daemon) -> dict:
+    """name -> (pid, restarts) of the kernel's process table."""
+    return {p["name"]: (p["pid"], p["restarts"]) for p in d.ps()["processes"]}
+
+
+def left_changed(d: Daemon, before: dict) -> str | None:
+    """Why d is not as it was when `before` was taken (None: it is), once its last requests end."""
+    try:
+        wait_for(lambda: not idle_problems(d), 60, "")
+        now = processes(d)
+    except TimeoutError:
+        return "; ".join(idle_problems(d))
+    except Exception as exc:   # it does not answer
+        return repr(exc)
+    return None if now == before else f"driver processes changed: {before} -> {now}"
+
+
+def idle_problems(d: Daemon) -> list[str]:
+    """What keeps a daemon from being as a fresh one would be between tests (empty: nothing)."""
+    if d.proc.poll() is not None:
+        return [f"llmosd exited with {d.proc.returncode}"]
+    with d.http(timeout=30) as c:
+        ps, memory = c.get("/llmos/v1/ps").json(), c.get("/llmos/v1/memory").json()
+        jobs = c.get("/llmos/v1/jobs", params={"limit": 100}).json()["data"]
+    problems = [f"requests in flight: {[r['id'] for r in ps['requests']]}"] if ps["requests"] else []
+    problems += [f"{name}: {m and {k: m[k] for k in ('blocks_used', 'integrity')}}" for name, m in memory.items()
+                 if m is None or m["blocks_used"] or m["integrity"] != "ok"]
+    problems += [f"job {j['id']} {j['status']}" for j in jobs if j["status"] not in ("completed", "failed",
+                                                                                      "cancelled", "expired")]
+    return problems
 
 
 def stream_text(daemon: Daemon, model: str, prompt: str, max_tokens: int,

@@ -10,14 +10,18 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from daemon_harness import serving
+from daemon_harness import Shared
 from llmos.cli.main import cli
 from llmos.client import Client
 
 
+SHARED = Shared(["tiny=tiny_llama_dir"])
+pytestmark = pytest.mark.shared_daemon(SHARED)
+
+
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_llama_dir):
-    with serving(tmp_path_factory.mktemp("n"), [f"tiny={tiny_llama_dir}"]) as d:
+def daemon(request, shared_daemons):
+    with shared_daemons.lease(request, SHARED) as d:
         yield d
 
 

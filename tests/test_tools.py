@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from daemon_harness import serving
+from daemon_harness import SMOLLM2, serving
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -98,9 +98,9 @@ def test_bad_tools_are_a_400_naming_the_field_and_the_next_request_is_served(cli
 
 
 @pytest.mark.slow
-def test_smollm2_asked_for_a_call_calls_the_tool_with_the_city_and_answers_its_result(tmp_path, smollm2_dir):
-    with serving(tmp_path, [f"smollm2={smollm2_dir}"]) as d, \
-            httpx.Client(transport=httpx.HTTPTransport(uds=str(d.socket)), timeout=300) as http:
+@pytest.mark.shared_daemon(SMOLLM2)
+def test_smollm2_asked_for_a_call_calls_the_tool_with_the_city_and_answers_its_result(smollm2_daemon):
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(smollm2_daemon.socket)), timeout=300) as http:
         client = openai.OpenAI(base_url="http://llmos/v1", api_key="local", http_client=http, max_retries=0)
         first = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice="required",
                                                temperature=0, max_tokens=60)
