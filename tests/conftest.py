@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon_harness import SMOLLM2, SharedDaemons
+from daemon_harness import SMOLLM2, TINY, Shared, SharedDaemons
 
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,35 +22,34 @@ os.environ.setdefault("LLMOS_MODEL_CACHE", str(REPO / ".cache" / "models"))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-NEEDED = pytest.StashKey[Counter]()   # Shared spec -> tests still to run that declare it
+# The shared daemons (daemon_harness.SharedDaemons): each fixture leases the daemon of its spec
+# for one test module. A test uses one by asking for the fixture, directly or through another.
+SHARED = {"tiny_daemon": TINY, "smollm2_daemon": SMOLLM2}
+NEEDED = pytest.StashKey[Counter]()   # spec -> tests still to run that use it
 POOL = pytest.StashKey[SharedDaemons]()
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "shared_daemon(spec): the test (or module, as pytestmark) uses the "
-                            "shared daemon of this daemon_harness.Shared spec")
+def shared_specs(item) -> list[Shared]:
+    return [spec for name, spec in SHARED.items() if name in item.fixturenames]
 
 
 def pytest_collection_finish(session):
-    session.config.stash[NEEDED] = Counter(m.args[0] for item in session.items
-                                           for m in item.iter_markers("shared_daemon"))
+    session.config.stash[NEEDED] = Counter(spec for item in session.items for spec in shared_specs(item))
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(item, nextitem):
-    """Once a test's teardown is done, a shared daemon no test still to run declares is stopped."""
+    """Once a test's teardown is done, a shared daemon no test still to run uses is stopped."""
     try:
         return (yield)
     finally:
-        needed = item.config.stash.get(NEEDED, Counter())
-        needed.subtract(m.args[0] for m in item.iter_markers("shared_daemon"))
+        item.config.stash.get(NEEDED, Counter()).subtract(shared_specs(item))
         if POOL in item.config.stash:
             item.config.stash[POOL].stop_unneeded()
 
 
 @pytest.fixture(scope="session")
 def shared_daemons(request, tmp_path_factory):
-    """The session's SharedDaemons; lease one with `shared_daemons.lease(request, spec)`."""
     pool = SharedDaemons(tmp_path_factory.mktemp("shared"), request.config.stash.get(NEEDED, Counter()))
     request.config.stash[POOL] = pool
     try:
@@ -59,9 +58,17 @@ def shared_daemons(request, tmp_path_factory):
         pool.close()
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
+def tiny_daemon(request, shared_daemons):
+    """tiny llama as `tiny`, default flags: shared by every module that asks, so use it only
+    where tests leave it as they found it (daemon_harness.SharedDaemons says what that means)."""
+    with shared_daemons.lease(request, TINY) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
 def smollm2_daemon(request, shared_daemons):
-    """smollm2 with the default flags, for a test marked @pytest.mark.shared_daemon(SMOLLM2)."""
+    """smollm2, default flags, shared as tiny_daemon is."""
     with shared_daemons.lease(request, SMOLLM2) as d:
         yield d
 

@@ -89,7 +89,8 @@ class Shared:
         object.__setattr__(self, "flags", flags)
 
 
-SMOLLM2 = Shared(["smollm2=smollm2_dir"])   # conftest's smollm2_daemon
+TINY = Shared(["tiny=tiny_llama_dir"])          # conftest's tiny_daemon (the model's own 2048-token context)
+SMOLLM2 = Shared(["smollm2=smollm2_dir"])       # conftest's smollm2_daemon
 
 
 class Leased:
@@ -108,8 +109,8 @@ class Leased:
 
 class SharedDaemons:
     """Daemons that tests share, one per Shared spec: started on first use, stopped once no
-    test still to run declares it (`@pytest.mark.shared_daemon(spec)`, counted by conftest.py
-    in `needed`), else at session end. Only for tests that leave a daemon as they found it:
+    test still to run uses it (`needed`, counted by conftest.py), else at session end.
+    Only for tests that leave a daemon as they found it:
     no kills, restarts, reloads or config changes, and figures read as deltas, never as
     absolute counts. Each lease checks on its return that this held (the same driver
     processes, nothing in flight, no KV block in use, no job running); a daemon that fails
@@ -123,9 +124,6 @@ class SharedDaemons:
 
     @contextlib.contextmanager
     def lease(self, request, spec: Shared):
-        if spec not in [m.args[0] for m in request.node.iter_markers("shared_daemon")]:
-            raise RuntimeError(f"{request.node.nodeid} leases {spec} but does not declare it "
-                               f"(@pytest.mark.shared_daemon(spec)): its pool would stop it too early")
         d = self.daemons.get(spec) or self.start(request, spec)
         before = processes(d)
         self.leases[spec] += 1

@@ -13,7 +13,7 @@ import psutil
 import pytest
 from click.testing import CliRunner
 
-from daemon_harness import Daemon, Shared
+from daemon_harness import Daemon
 from llmos.cli import main as cli_main
 from llmos.client import AsyncClient, Client, InvalidBatchFile, NotFound, openai_client
 
@@ -51,14 +51,9 @@ def gone(pid: int, timeout: float = 20.0) -> bool:
     return False
 
 
-SHARED = Shared(["tiny=tiny_llama_dir"], "--max-model-len", "256")
-pytestmark = pytest.mark.shared_daemon(SHARED)
-
-
 @pytest.fixture(scope="module")
-def daemon(request, shared_daemons):
-    with shared_daemons.lease(request, SHARED) as d:
-        yield d
+def daemon(tiny_daemon):
+    return tiny_daemon
 
 
 def llmos(daemon, *args):

@@ -3,18 +3,15 @@ from __future__ import annotations
 
 import pytest
 
-from daemon_harness import Daemon, Shared, stream_many
+from daemon_harness import Daemon, stream_many
 
 PROMPTS = [f"Memory test {i}: the quick brown fox" for i in range(12)]
 TOKENS = 160
-SHARED = Shared(["tiny=tiny_llama_dir"])   # unconstrained: the answers the others must give
-pytestmark = pytest.mark.shared_daemon(SHARED)
 
 
 @pytest.fixture(scope="module")
-def unconstrained(request, shared_daemons):
-    with shared_daemons.lease(request, SHARED) as d:
-        return stream_many(d, "tiny", PROMPTS, TOKENS)
+def unconstrained(tiny_daemon):
+    return stream_many(tiny_daemon, "tiny", PROMPTS, TOKENS)
 
 
 @pytest.mark.parametrize("mode", ["swap", "recompute"])

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon_harness import serving
 from llmos import protocol
 from llmos.config import DaemonConfig
 from llmos.drivers.io.kernel_link import AuthRefused
@@ -322,8 +321,8 @@ def scrape_until(c: httpx.Client, done, timeout: float = 60.0) -> dict:
     return figures
 
 
-def test_a_scrape_moves_by_exactly_the_traffic_sent(tmp_path, tiny_llama_dir):
-    with serving(tmp_path, [f"tiny={tiny_llama_dir}"]) as d, d.http() as c:
+def test_a_scrape_moves_by_exactly_the_traffic_sent(tiny_daemon):
+    with tiny_daemon.http() as c:
         before = scrape(c)
         sizes, usage = (3, 5, 8), []
         for k in sizes:

@@ -10,19 +10,13 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from daemon_harness import Shared
 from llmos.cli.main import cli
 from llmos.client import Client
 
 
-SHARED = Shared(["tiny=tiny_llama_dir"])
-pytestmark = pytest.mark.shared_daemon(SHARED)
-
-
 @pytest.fixture(scope="module")
-def daemon(request, shared_daemons):
-    with shared_daemons.lease(request, SHARED) as d:
-        yield d
+def daemon(tiny_daemon):
+    return tiny_daemon
 
 
 def complete(daemon, **body) -> dict:

@@ -13,16 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 import jsonschema
 import pytest
 
-from daemon_harness import serving
 from schema_gen import random_schema
 
 PAIRS = 200
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_llama_dir):
-    with serving(tmp_path_factory.mktemp("structured"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "2048") as d:
-        yield d
+def daemon(tiny_daemon):   # the tiny models' own context: 2048 tokens
+    return tiny_daemon
 
 
 def chat(daemon, **body):

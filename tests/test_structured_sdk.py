@@ -17,7 +17,7 @@ import openai
 import pydantic
 import pytest
 
-from daemon_harness import SMOLLM2, at_once, serving
+from daemon_harness import at_once, serving
 
 LONG = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 6},
                                                    "minItems": 30, "maxItems": 30}},
@@ -92,7 +92,6 @@ def test_a_model_driver_restart_mid_generation_still_gives_the_same_valid_json(d
 
 
 @pytest.mark.slow
-@pytest.mark.shared_daemon(SMOLLM2)
 def test_smollm2_writes_json_under_json_object_and_a_schema(smollm2_daemon):
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
                                                "population": {"type": "integer", "minimum": 0}},

@@ -12,7 +12,6 @@ import httpx
 import openai
 import pytest
 
-from daemon_harness import SMOLLM2, serving
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The current weather in a city",
@@ -25,9 +24,8 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory, tiny_llama_dir):
-    with serving(tmp_path_factory.mktemp("home"), [f"tiny={tiny_llama_dir}"], "--max-model-len", "1024") as d:
-        yield d
+def daemon(tiny_daemon):
+    return tiny_daemon
 
 
 @pytest.fixture()
@@ -98,7 +96,6 @@ def test_bad_tools_are_a_400_naming_the_field_and_the_next_request_is_served(cli
 
 
 @pytest.mark.slow
-@pytest.mark.shared_daemon(SMOLLM2)
 def test_smollm2_asked_for_a_call_calls_the_tool_with_the_city_and_answers_its_result(smollm2_daemon):
     with httpx.Client(transport=httpx.HTTPTransport(uds=str(smollm2_daemon.socket)), timeout=300) as http:
         client = openai.OpenAI(base_url="http://llmos/v1", api_key="local", http_client=http, max_retries=0)

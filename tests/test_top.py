@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from daemon_harness import Shared
 from llmos.cli import main as cli_main
 import llmos.cli.top as top_module
 from llmos.cli.top import render, tokens_per_s
@@ -56,17 +55,12 @@ def test_a_frame_shows_every_section():
     assert "restarted 1 time(s)" in out and "400 context_length_exceeded: too long" in out
 
 
-SHARED = Shared(["tiny=tiny_llama_dir"], "--max-model-len", "256")
-pytestmark = pytest.mark.shared_daemon(SHARED)
-
-
 @pytest.fixture(scope="module")
-def daemon(request, shared_daemons):
-    with shared_daemons.lease(request, SHARED) as d:
-        yield d
+def daemon(tiny_daemon):
+    return tiny_daemon
 
 
-MAX_TOKENS = 200   # per job line; prompt + MAX_TOKENS fits the daemon's 256-token context
+MAX_TOKENS = 200   # per job line; prompt + MAX_TOKENS fits the daemon's 2048-token context
 
 
 class TopTime:
