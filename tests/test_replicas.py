@@ -23,9 +23,9 @@ def served_tokens(d: Daemon) -> dict:
     return {name: m["steps"]["tokens_computed"] for name, m in mem.items() if "steps" in m}
 
 
-def complete(d: Daemon, prompt: str, max_tokens: int = 8) -> str:
+def complete(d: Daemon, prompt: str, max_tokens: int = 8, model: str = "tl") -> str:
     with d.http() as c:
-        r = c.post("/v1/completions", json={"model": "tl", "prompt": prompt, "max_tokens": max_tokens,
+        r = c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": max_tokens,
                                             "temperature": 0, "ignore_eos": True})
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["text"]
@@ -40,13 +40,10 @@ def daemon(tmp_path_factory, tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_llama_dir):
-    """The same prompts on one replica: what every replica must answer."""
-    d = Daemon(tmp_path_factory.mktemp("one"), [f"tl={tiny_llama_dir}"], "--max-model-len", "512").wait_ready()
-    try:
-        return {p: complete(d, p, 24) for p in [f"story {i}:" for i in range(8)]}
-    finally:
-        d.stop()
+def reference(tiny_daemon):
+    """The same prompts on one replica (the shared daemon's `tiny`: the same weights): what
+    every replica must answer."""
+    return {p: complete(tiny_daemon, p, 24, model="tiny") for p in [f"story {i}:" for i in range(8)]}
 
 
 def test_two_replicas_run_and_share_the_work_with_identical_outputs(daemon, reference):

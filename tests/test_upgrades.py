@@ -43,14 +43,14 @@ def daemon(tmp_path_factory, versions):
 
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory, versions) -> dict:
-    """What each version answers to each prompt, from a daemon serving it alone."""
-    out = {}
-    for v in (1, 2):
-        d = Daemon(tmp_path_factory.mktemp(f"v{v}"), [f"qw={versions[v]}"], "--max-model-len", "256").wait_ready()
-        try:
-            out[v] = {p: stream_text(d, "qw", p, TOKENS) for p in PROMPTS}
-        finally:
-            d.stop()
+    """What each version answers to each prompt, from one daemon serving both side by side
+    (as qw1 and qw2: a completion's text depends on the weights, not on the model's name)."""
+    d = Daemon(tmp_path_factory.mktemp("v1-v2"), [f"qw{v}={versions[v]}" for v in (1, 2)],
+               "--max-model-len", "256").wait_ready()
+    try:
+        out = {v: {p: stream_text(d, f"qw{v}", p, TOKENS) for p in PROMPTS} for v in (1, 2)}
+    finally:
+        d.stop()
     assert out[1] != out[2]
     return out
 
