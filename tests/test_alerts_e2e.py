@@ -19,12 +19,9 @@ from daemon_harness import Daemon, wait_for
 from llmos.cli.main import cli
 from llmos.kernel.alert_rules import DEFAULT_RULES, METRIC_FIGURES
 
-# The window is what the resolution waits for (the restarts must leave it); 15 s holds two
-# restarts with room to spare: a kill follows each new tokenizer pid at once, and the
-# supervisor's backoff between restarts is capped at 10 s.
-RULE = {"name": "TestRestarts", "metric": "llmos_driver_restarts_total", "fn": "increase", "window": "15s",
+RULE = {"name": "TestRestarts", "metric": "llmos_driver_restarts_total", "fn": "increase", "window": "30s",
         "where": {"driver": "tokenizer-tiny"}, "op": ">", "threshold": 1, "severity": "critical",
-        "summary": "{driver} restarted {value} times in 15 s"}
+        "summary": "{driver} restarted {value} times in 30 s"}
 TOKENIZER = "tokenizer-tiny"
 
 
@@ -95,7 +92,7 @@ def test_a_driver_killed_repeatedly_fires_the_alert_once_and_it_resolves_once(da
     first = get(d, "/llmos/v1/alerts")
     assert first["active"] == [] and first["failing"] == {}
     assert set(first["rules"]) == {RULE["name"]} | {r["name"] for r in DEFAULT_RULES} - {"DriverRestarting"}
-    assert first["rules"]["TestRestarts"] == "increase(llmos_driver_restarts_total{driver=tokenizer-tiny}[15s]) > 1"
+    assert first["rules"]["TestRestarts"] == "increase(llmos_driver_restarts_total{driver=tokenizer-tiny}[30s]) > 1"
 
     # Kill the tokenizer as soon as each new one exists, until the rule fires (two restarts
     # in its window are enough; however slow the machine, the next kill follows the restart).
