@@ -186,37 +186,46 @@ def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
         raise RuntimeError("llmos_paged attention needs the forward kwarg llmos_step (use ModelRunner)")
     if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
         raise NotImplementedError("sliding-window and soft-capped attention are not supported")
-    pool, layer = step.pool, module.layer_idx
-    _, H, T, D = query.shape
-    KVH = key.shape[1]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = attend(step, module.layer_idx, query[0].transpose(0, 1), key[0].transpose(0, 1),
+                 value[0].transpose(0, 1), scale)
+    return out.unsqueeze(0), None
+
+
+def attend(step: PagedStep, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+           scale: float) -> torch.Tensor:
+    """One layer of a packed step: q [T, H, D], k_new/v_new [T, KVH, D] (any strides) -> [T, H, D]
+    in q's dtype. Writes the new k/v into the pool, then attends each sequence over its context."""
+    pool = step.pool
+    T, H, D = q.shape
+    KVH = k_new.shape[1]
     G = H // KVH
-    scale = scaling if scaling is not None else D ** -0.5
     k_slots, v_slots = pool.slots(layer)
-    k_new, v_new = key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, KVH, D]
     k_slots.index_copy_(0, step.slots, k_new.to(pool.dtype))
     v_slots.index_copy_(0, step.slots, v_new.to(pool.dtype))
-    q = query[0].transpose(0, 1)  # [T, H, D]
 
     if step.num_decodes and not step.prefills and step.dec_idx is None:
-        return decode(step, layer, q, scale).to(query.dtype).unsqueeze(0), None
-    out = query.new_empty(T, H, D)
+        return decode(step, layer, q, scale).to(q.dtype)
+    out = q.new_empty(T, H, D)
     if step.num_decodes:
         qd = q if step.dec_idx is None else q.index_select(0, step.dec_idx)
         out.index_copy_(0, step.dec_idx, decode(step, layer, qd, scale).to(out.dtype))
     for p in step.prefills:
-        qp = query[:, :, p.q0:p.q1]  # [1, H, m, D]
+        qp = q[p.q0:p.q1].transpose(0, 1).unsqueeze(0)  # [1, H, m, D]
         if p.blocks is None:  # a fresh prompt: its whole context is the new tokens
-            kp, vp, mask, causal = key[:, :, p.q0:p.q1], value[:, :, p.q0:p.q1], None, True
+            kp = k_new[p.q0:p.q1].transpose(0, 1).unsqueeze(0)
+            vp = v_new[p.q0:p.q1].transpose(0, 1).unsqueeze(0)
+            mask, causal = None, True
         else:
             L = p.start + (p.q1 - p.q0)
             kb, vb = pool.blocks(layer)
             kp = kb.index_select(0, p.blocks).view(-1, KVH, D)[:L].transpose(0, 1).unsqueeze(0)
             vp = vb.index_select(0, p.blocks).view(-1, KVH, D)[:L].transpose(0, 1).unsqueeze(0)
             mask, causal = p.mask, False
-        kp, vp = _repeat_kv(kp.to(query.dtype), G), _repeat_kv(vp.to(query.dtype), G)
+        kp, vp = _repeat_kv(kp.to(q.dtype), G), _repeat_kv(vp.to(q.dtype), G)
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale)
         out[p.q0:p.q1] = o[0].transpose(0, 1)
-    return out.unsqueeze(0), None
+    return out
 
 
 def decode(step: PagedStep, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llmos import protocol
-from llmos.drivers.model import decode_backends, fused, paged_attention
+from llmos.drivers.model import decode_backends, fused, lean, paged_attention
 from llmos.drivers.model.grammar import GrammarBook
 from llmos.drivers.model.logits_controls import gather
 from llmos.drivers.model.packed import pack_linears
@@ -77,6 +77,7 @@ class ModelRunner:
         if "norms" in fuse:
             self.fused["norms"] = fused.fuse_norms(self.model)
         self.decode_backend = decode_backends.choose(self.device)
+        self.lean = lean.build(self.model) if lean.wanted() else None   # None: transformers' forward
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
         self.grammars = GrammarBook(self.model_dir, self.config.vocab_size, self.info()["eos_token_ids"])
@@ -210,17 +211,21 @@ class ModelRunner:
         step, pos = plan_step(self.pool, plan.num_new, plan.start_pos, plan.block_tables, self.device,
                               self.decode_backend)
         last = np.cumsum(plan.num_new.astype(np.int64))[rows] - 1  # logits only where we sample
-        out = self.model(
-            input_ids=torch.from_numpy(plan.tokens.astype(np.int64))[None].to(self.device),
-            position_ids=torch.from_numpy(pos)[None].to(self.device),
-            use_cache=False, logits_to_keep=torch.from_numpy(last).to(self.device), llmos_step=step)
+        ids = torch.from_numpy(plan.tokens.astype(np.int64)).to(self.device)
+        positions = torch.from_numpy(pos).to(self.device)
+        keep = torch.from_numpy(last).to(self.device)
+        if self.lean is not None:
+            logits = self.lean(ids, positions, keep, step)
+        else:
+            logits = self.model(input_ids=ids[None], position_ids=positions[None], use_cache=False,
+                                logits_to_keep=keep, llmos_step=step).logits[0]
         masks = None
         if plan.grammars:
             try:
                 masks = self.grammars.masks(plan.grammars, plan.seq_ids, rows)
             except ValueError as exc:
                 raise BadPlan(str(exc)) from None
-        s = sample(out.logits[0], plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
+        s = sample(logits, plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
                    plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows], controls,
                    None if masks is None else (masks.positions, masks.allowed))
         return protocol.StepResult(
