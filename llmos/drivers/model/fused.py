@@ -13,7 +13,8 @@ without changing what is computed (docs/model-driver.md has the figures):
   module's own output: any other form (Gemma's `1 + w`, ...) keeps its module.
 
 `LLMOS_FUSE` names what to do: "projections,norms", a subset, or "0" (the default): both are
-exact (fp32 greedy unchanged), but neither paid end to end on the shared 2-core Xeon, where a
+exact in effect (fp32 greedy unchanged; fused projections are bit-equal on the Xeon and
+within 1 ulp on an EPYC, whose MKL blocks a narrow product differently), but neither paid end to end on the shared 2-core Xeon, where a
 step's time is set by the weights it reads and by the other processes on the cores
 (docs/model-driver.md, "Levers tried"). They stay opt-in to be measured again on quieter hardware.
 """
