@@ -114,6 +114,30 @@ def bench_pair(a, b, prompts, steps, pool_dir) -> dict:
     return {"a": med["a"], "b": med["b"], "same": same}
 
 
+def profile_decode(runner, prompts, steps, pool_dir) -> None:
+    """The ops of `steps` decode steps (after 4 unprofiled ones), by self CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+    blocks = map_fresh_pool(runner, prompts, steps + 4, pool_dir)
+    last = runner.execute(make_plan(1, [0] * len(prompts), prompts, blocks)).tokens.tolist()
+    pos = [len(p) for p in prompts]
+
+    def decode(k):
+        nonlocal last, pos
+        last = runner.execute(make_plan(2 + k, pos, [[x] for x in last], blocks)).tokens.tolist()
+        pos = [x + 1 for x in pos]
+    for k in range(4):
+        decode(k)
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for k in range(steps):
+            decode(4 + k)
+    wall = (time.perf_counter() - t) / steps
+    events = prof.key_averages()
+    print(f"batch {len(prompts)}: {wall * 1e3:.1f} ms a step under the profiler, "
+          f"{sum(e.count for e in events) / steps:.0f} op calls a step (nested ones included)")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def bench_hf(model, prompts, steps) -> dict:
     """HF generate, greedy, a static left-padded batch. Decode rate from the difference between
     generating steps + 1 tokens and 1 token, so that prefill is not counted as decode."""
@@ -144,6 +168,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="alternate runs, report the best (shared machines are noisy)")
     ap.add_argument("--vs", default="", metavar="ENV=VALUE,...",
                     help="also run a runner loaded with these environment variables (e.g. LLMOS_FUSE=0), side by side")
+    ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
+                    help="instead: profile decode steps at this batch size (torch profiler, ops by self time)")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -167,6 +193,9 @@ def main() -> None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    if args.profile:
+        with tempfile.TemporaryDirectory() as d:
+            return profile_decode(runner, load_prompts(tok, args.profile), args.steps, d)
     hf = None if args.no_hf or args.vs else AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, runner.info()["dtype"]), local_files_only=True).eval()   # int4: vs bf16
     print(f"model {args.model} dtype {args.dtype} threads {torch.get_num_threads()} steps {args.steps}")
