@@ -12,8 +12,8 @@ from llmos.drivers.model.packed import PackedLinear
 from llmos.drivers.model.runner import ModelRunner
 
 
-def test_default_is_off_and_bad_values_are_refused():
-    assert fused.wanted({}) == set()
+def test_default_is_both_and_bad_values_are_refused():
+    assert fused.wanted({}) == {"projections", "norms"}
     assert fused.wanted({"LLMOS_FUSE": "0"}) == set()
     assert fused.wanted({"LLMOS_FUSE": "projections,norms"}) == {"projections", "norms"}
     assert fused.wanted({"LLMOS_FUSE": " norms "}) == {"norms"}
