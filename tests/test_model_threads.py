@@ -5,14 +5,20 @@ import sys
 from llmos.drivers.model.threads import configure_cpu_env, physical_cores
 
 
-def test_passive_waits_are_the_default_and_the_users_choice_wins():
+def test_a_bounded_spin_is_the_default_and_the_users_choice_wins():
     env = {}
-    assert configure_cpu_env(env) == {"OMP_WAIT_POLICY": "PASSIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64",
-                                      "LRU_CACHE_CAPACITY": "64"}
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert configure_cpu_env(env) == {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "100000",
+                                      "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
     mine = {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}
     assert configure_cpu_env(mine) == {}
     assert mine == {"OMP_WAIT_POLICY": "ACTIVE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "1024", "LRU_CACHE_CAPACITY": "8"}
+    # a shared machine's PASSIVE must not get a spin count, which would make its threads spin
+    shared = {"OMP_WAIT_POLICY": "PASSIVE"}
+    configure_cpu_env(shared)
+    assert shared["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in shared
+    counted = {"GOMP_SPINCOUNT": "1000"}
+    configure_cpu_env(counted)
+    assert counted["GOMP_SPINCOUNT"] == "1000" and "OMP_WAIT_POLICY" not in counted
 
 
 def test_the_driver_module_does_not_load_torch_before_it_configures_openmp():
