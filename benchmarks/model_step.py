@@ -114,6 +114,35 @@ def bench_pair(a, b, prompts, steps, pool_dir) -> dict:
     return {"a": med["a"], "b": med["b"], "same": same}
 
 
+def bench_contexts(runner, tok, contexts, batches, steps, pool_dir, chunk=512) -> None:
+    """Decode tok/s of each batch with every sequence at each context length: prompts of exactly
+    N tokens (the chat prompts' tokens repeated), prefilled in chunks, then `steps` decode steps."""
+    base = [t for p in load_prompts(tok, 8) for t in p]
+    for b in batches:
+        rates = {}
+        for n in contexts:
+            prompts = [(base[i * 7:] + base * (n // len(base) + 2))[:n] for i in range(b)]
+            blocks = map_fresh_pool(runner, prompts, steps, pool_dir, f"ctx-{n}-{b}")
+            last = []
+            for i, p in enumerate(prompts):   # chunked prefill, one sequence at a time
+                for s in range(0, n, chunk):
+                    out = runner.execute(make_plan(1, [s], [p[s:s + chunk]], [blocks[i]]))
+                last.append(int(out.tokens[0]))
+            pos = [n] * b
+            times = []
+            for k in range(steps):
+                t = time.perf_counter()
+                last = runner.execute(make_plan(2 + k, pos, [[x] for x in last], blocks)).tokens.tolist()
+                times.append(time.perf_counter() - t)
+                pos = [x + 1 for x in pos]
+            rates[n] = b / float(np.median(times[2:] or times))
+            os.unlink(Path(pool_dir) / f"ctx-{n}-{b}")
+        first = rates[contexts[0]]
+        print(f"batch {b:3d}: " + ", ".join(
+            f"context {n}: {r:6.1f} tok/s ({r / first:4.2f}x of context {contexts[0]})" for n, r in rates.items())
+            + f" (load {open('/proc/loadavg').read().split()[0]})", flush=True)
+
+
 def profile_decode(runner, prompts, steps, pool_dir) -> None:
     """The ops of `steps` decode steps (after 4 unprofiled ones), by self CPU time."""
     from torch.profiler import ProfilerActivity, profile
@@ -168,6 +197,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="alternate runs, report the best (shared machines are noisy)")
     ap.add_argument("--vs", default="", metavar="ENV=VALUE,...",
                     help="also run a runner loaded with these environment variables (e.g. LLMOS_FUSE=0), side by side")
+    ap.add_argument("--context", default="", metavar="N,N,...",
+                    help="instead: decode rate of each batch at these context lengths (prompts of N tokens)")
     ap.add_argument("--profile", type=int, default=0, metavar="BATCH",
                     help="instead: profile decode steps at this batch size (torch profiler, ops by self time)")
     args = ap.parse_args()
@@ -193,6 +224,10 @@ def main() -> None:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
+    if args.context:
+        with tempfile.TemporaryDirectory() as d:
+            return bench_contexts(runner, tok, [int(n) for n in args.context.split(",")],
+                                  [int(b) for b in args.batches.split(",")], args.steps, d)
     if args.profile:
         with tempfile.TemporaryDirectory() as d:
             return profile_decode(runner, load_prompts(tok, args.profile), args.steps, d)
