@@ -133,23 +133,27 @@ def _same(a: torch.nn.Module, b: torch.nn.Module, width: int, dtype, device) -> 
 
 
 @torch.inference_mode()
+def exact_fast_norm(norm: torch.nn.Module) -> FastRMSNorm | None:
+    """A FastRMSNorm in place of `norm` if a probe gives exactly its output, else None."""
+    w = getattr(norm, "weight", None)
+    if (not isinstance(w, torch.Tensor) or w.ndim != 1
+            or not isinstance(getattr(norm, "variance_epsilon", None), float) or list(norm.children())):
+        return None
+    fast = FastRMSNorm(norm)
+    try:
+        return fast if _same(norm, fast, w.shape[0], w.dtype, w.device) else None
+    except (RuntimeError, TypeError, NotImplementedError):
+        return None
+
+
 def fuse_norms(model: torch.nn.Module) -> int:
     """Swap each RMSNorm (a module with a 1-D `weight` and a float `variance_epsilon`) whose
     output FastRMSNorm reproduces exactly; returns how many were swapped."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            w = getattr(child, "weight", None)
-            if (not isinstance(w, torch.Tensor) or w.ndim != 1
-                    or not isinstance(getattr(child, "variance_epsilon", None), float)
-                    or list(child.children())):
-                continue
-            fast = FastRMSNorm(child)
-            try:
-                ok = _same(child, fast, w.shape[0], w.dtype, w.device)
-            except (RuntimeError, TypeError, NotImplementedError):
-                ok = False
-            if ok:
+            fast = exact_fast_norm(child)
+            if fast is not None:
                 setattr(parent, name, fast)
                 swapped += 1
     return swapped

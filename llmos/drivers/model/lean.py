@@ -73,13 +73,8 @@ def _linear(module: torch.nn.Module) -> Callable:
 def _norm(module: torch.nn.Module) -> Callable:
     if isinstance(module, fused.FastRMSNorm):
         return module.forward
-    fast = fused.FastRMSNorm(module)
-    w = module.weight
-    try:
-        same = fused._same(module, fast, w.shape[0], w.dtype, w.device)
-    except (RuntimeError, TypeError, NotImplementedError):
-        same = False
-    return fast.forward if same else module
+    fast = fused.exact_fast_norm(module)
+    return module if fast is None else fast.forward
 
 
 def _fused_of(parts: list[torch.nn.Module]) -> Callable | None:
@@ -151,6 +146,7 @@ def supported(model: torch.nn.Module) -> str | None:
     c = model.config.get_text_config()
     inner = getattr(model, "model", None)
     layers = getattr(inner, "layers", None)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if layers is None or not hasattr(inner, "rotary_emb") or not hasattr(model, "lm_head"):
         return f"{type(model).__name__}: not a decoder of the Llama form"
     for layer in layers:
@@ -162,7 +158,7 @@ def supported(model: torch.nn.Module) -> str | None:
         if type(getattr(m, "act_fn", None)).__name__ not in ("SiLUActivation", "SiLU"):
             return f"MLP activation {type(getattr(m, 'act_fn', None)).__name__}"
         if (a.num_key_value_groups * c.num_key_value_heads != c.num_attention_heads
-                or getattr(a, "head_dim", None) not in (None, getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)):
+                or getattr(a, "head_dim", head_dim) != head_dim):
             return "attention geometry differs from the config"
         if getattr(a, "sliding_window", None) or getattr(layer, "attention_type", "full_attention") != "full_attention":
             return "sliding-window attention"
