@@ -65,6 +65,38 @@ def test_backend_matches_attention_written_out(backend, dtype, tol, kvh, groups,
         assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("bs,groups,d", [(16, 3, 64), (32, 1, 128), (64, 8, 64), (16, 9, 64)])
+@pytest.mark.parametrize("backend", ["gather", pytest.param("native", marks=needs_native)])
+def test_backend_on_long_contexts_in_big_blocks(backend, dtype, tol, bs, groups, d):
+    """Blocks of 16-64 rows (the vector kernel works in chunks of 16 inside a block), long
+    and ragged contexts, and scores spread wide enough that the running max keeps moving
+    (q scaled up, so late rows can outscore everything before them). 9 heads a kv head is
+    past the vector kernel's 8: the generic one runs."""
+    pool = make_pool(dtype, blocks=64, bs=bs, kvh=2, d=d)
+    ctx = [1, bs - 1, bs, bs + 1, 17, 33, 4 * bs + 7, 10 * bs]
+    step, tables = decode_step(pool, ctx, seed=3, backend=backend)
+    q = 4 * torch.randn(len(ctx), 2 * groups, d, generator=torch.Generator().manual_seed(2))
+    q = q.to(dtype)
+    got = decode_backends.get(backend)(step, 1, q, d ** -0.5).float()
+    want = reference(pool, 1, q, tables, ctx, d ** -0.5)
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+
+
+@needs_native
+def test_native_kernel_runs_on_all_of_torchs_threads():
+    """The extension shares torch's OpenMP runtime: its parallel_for uses torch's thread
+    count (built without -fopenmp, it had silently run on one thread)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert native.load().parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert native.load().parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_native
 def test_native_reads_only_the_context_not_the_padding():
     pool = make_pool(torch.float32)
@@ -90,9 +122,11 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "gather")
     assert decode_backends.choose(torch.device("cpu")) == "gather"
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "auto")
-    assert decode_backends.choose(torch.device("cpu")) == "gather"   # native is opt-in on the CPU
+    assert decode_backends.choose(torch.device("cpu")) == ("gather" if native.load() is None else "native")
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setenv("LLMOS_NATIVE", "0")             # no C++: native refuses, saying why
+    monkeypatch.setenv("LLMOS_NATIVE", "0")             # no C++: auto falls back to gather
+    assert decode_backends.choose(torch.device("cpu")) == "gather"
+    # and native asked for by name refuses, saying why
     monkeypatch.setenv("LLMOS_DECODE_BACKEND", "native")
     with pytest.raises(RuntimeError, match="did not build"):
         decode_backends.choose(torch.device("cpu"))

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 log = logging.getLogger("llmos.model")
-SOURCES = [Path(__file__).with_name("csrc") / "paged_decode.cpp"]
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = [CSRC / "paged_decode.cpp"]                      # compiled; its headers sit beside it
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _loaded: dict[str, object] = {}
 
 
@@ -34,12 +36,23 @@ def build_dir() -> Path:
     import torch
 
     key = hashlib.sha256()
-    for src in SOURCES:
-        key.update(src.read_bytes())
-    key.update(f"{torch.__version__}|{sys.version_info[:2]}|{cpu_model()}".encode())
+    for src in sorted(CSRC.iterdir()):                      # the sources and the headers they include
+        key.update(src.name.encode() + src.read_bytes())
+    key.update(f"{torch.__version__}|{sys.version_info[:2]}|{cpu_model()}|{CFLAGS}".encode())
     root = Path(os.environ.get("LLMOS_NATIVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                               Path.home() / ".cache") / "llmos" / "native")
     return root / key.hexdigest()[:16]
+
+
+def _openmp_runtime() -> list[str]:
+    """Link flags that give at::parallel_for torch's own OpenMP runtime. Without -fopenmp,
+    ATen's parallel_for (inline, an omp pragma) silently runs on one thread; with the
+    system's libgomp beside the copy the torch wheel bundles, two thread pools would spin
+    against each other. Linking the bundled file makes the loader reuse the one in memory."""
+    import torch
+
+    bundled = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return [str(bundled[0])] if bundled else ["-fopenmp"]   # else torch uses the system's
 
 
 def load(verbose: bool = False):
@@ -55,7 +68,7 @@ def load(verbose: bool = False):
             where.mkdir(parents=True, exist_ok=True)
             ext = cpp_extension.load(
                 name="llmos_native", sources=[str(s) for s in SOURCES], build_directory=str(where),
-                extra_cflags=["-O3", "-march=native", "-fopenmp-simd"], verbose=verbose)
+                extra_cflags=CFLAGS, extra_ldflags=_openmp_runtime(), verbose=verbose)
         except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit...
             log.warning("C++ kernels unavailable, using the pure torch path: %s: %s",
                         type(exc).__name__, str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else "")
