@@ -12,6 +12,8 @@
 #include <limits>
 #include <vector>
 
+#include "exp_poly.h"
+
 namespace llmos_decode {
 
 constexpr int64_t CHUNK = 32;   // rows scored before their softmax and values: fits L1
@@ -39,19 +41,11 @@ inline void load_row(const c10::BFloat16* src, float* dst, int64_t D) {
 #pragma omp declare simd
 inline float exp_nonpositive(float x) {
   x = std::max(x, -87.0f);                       // exp(-87) ~ 1.6e-38: still a normal float
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const float n = std::nearbyint(x * LOG2E);
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return exp_reduced((x - n * LN2_HI) - n * LN2_LO) * scale;
 }
 
 template <int DT>

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <limits>
 
+#include "exp_poly.h"
+
 namespace llmos_decode {
 
 // The fast path: bfloat16 or float32 pools, head dims of whole 16-float vectors (64, 128),
@@ -69,19 +71,11 @@ inline float lane_max(f16v v) {
 inline f16v exp_nonpositive(f16v x) {            // decode_generic.h's exp_nonpositive, 16 lanes at a time
   x = x < -87.0f ? f16v{} - 87.0f : x;
   const f16v shifter = f16v{} + 12582912.0f;      // 1.5 * 2^23: adding it rounds to an integer
-  const f16v n = (x * 1.44269504088896341f + shifter) - shifter;
-  const f16v r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  f16v p = f16v{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  const f16v n = (x * LOG2E + shifter) - shifter;
   const i16v bits = (__builtin_convertvector(n, i16v) + 127) << 23;
   f16v scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
+  return exp_reduced((x - n * LN2_HI) - n * LN2_LO) * scale;
 }
 
 template <typename T>
