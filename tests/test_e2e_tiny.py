@@ -3,6 +3,7 @@ serving tiny random models: fast enough for every CI run."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import socket
 import stat
@@ -38,6 +39,16 @@ def test_processes_and_sockets(daemon):
     assert stat.S_IMODE(os.stat(daemon.socket).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(daemon.home / "run").st_mode) == 0o700
     assert (daemon.home / "run" / "kernel.bus").exists()
+
+
+def test_tokenizers_start_beside_their_model_drivers(daemon):
+    """The models' files were ready, so each tokenizer started with its model driver, not
+    after it was up: seconds off every load."""
+    msgs = [json.loads(line)["msg"] for line in (daemon.home / "logs" / "kernel.log").read_text().splitlines()]
+    for model in ("tiny", "tinyq"):
+        started = next(i for i, m in enumerate(msgs) if m.startswith(f"driver tokenizer-{model} started"))
+        up = msgs.index(f"driver model-{model}: starting -> running")
+        assert started < up, msgs
 
 
 def test_both_model_families_generate(daemon):

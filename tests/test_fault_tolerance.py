@@ -180,9 +180,11 @@ def test_sigterm_drains_in_flight_requests_then_stops_in_reverse_order(tmp_path,
     assert not any(psutil.pid_exists(p) for p in pids)
     assert not list(Path("/dev/shm").glob(f"llmos-{os.getuid()}-{d.proc.pid}-*"))
     log = (tmp_path / "llmosd.out").read_text()
+    names = ("tokenizer-tiny", "io", "model-tiny")
+    starts = [name for line in log.splitlines() for name in names if f"driver {name} started" in line]
     stops = [line for line in log.splitlines() if "-> exited" in line or "stopping" in line]
-    order = [name for line in stops for name in ("tokenizer-tiny", "io", "model-tiny") if f"driver {name}:" in line]
-    assert order[::2] == ["tokenizer-tiny", "io", "model-tiny"], order
+    order = [name for line in stops for name in names if f"driver {name}:" in line]
+    assert sorted(starts) == sorted(names) and order[::2] == starts[::-1], (starts, order)
     d.stop()
 
 

@@ -274,6 +274,24 @@ def test_gguf_conversions_are_shared_and_freed_with_their_last_name(paths, fake_
     assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
 
 
+def test_prepared_model_dir_answers_only_once_the_files_are_there(paths, tmp_path, tiny_llama_dir):
+    """What the kernel asks before it starts a tokenizer beside its model driver: the
+    directory prepare_model_dir would return, without converting anything."""
+    from llmos.models.registry import prepare_model_dir, prepared_model_dir
+
+    assert prepared_model_dir(str(tiny_llama_dir), tmp_path / "models", paths) == tiny_llama_dir
+    raw = gguf(tmp_path / "raw.gguf", b"not converted yet")
+    assert prepared_model_dir(str(raw), tmp_path / "models", paths) is None
+    assert not (tmp_path / "models").exists()          # asking converted nothing
+    out = tmp_path / "models" / "raw"
+    out.mkdir(parents=True)
+    assert prepared_model_dir(str(raw), tmp_path / "models", paths) is None   # half there: no config.json
+    (out / "config.json").write_text("{}")
+    assert prepared_model_dir(str(raw), tmp_path / "models", paths) == out
+    assert prepare_model_dir(str(raw), tmp_path / "models") == out          # the same answer
+    assert prepared_model_dir("no-such-model", tmp_path / "models", paths) is None
+
+
 def test_a_gguf_that_fails_to_convert_leaves_nothing(paths, tmp_path, monkeypatch, tiny_llama_dir):
     monkeypatch.setenv("LLMOS_MODEL_CACHE", str(tmp_path / "cache"))
     junk = gguf(tmp_path / "junk.gguf", bytes(range(256)) * 4)   # the magic, then garbage

@@ -28,12 +28,12 @@ DEFAULT_MAX_TOKENS = 256     # what an unbounded request is assumed to cost, for
 
 
 class ModelHost:
-    def __init__(self, config, paths, engines: dict, front, supervisor, new_engine, model_driver_spec,
+    def __init__(self, config, paths, engines: dict, front, supervisor, new_engine, load_specs,
                  start_loop, kv_share, device_free, devices: list[str], clock=time.monotonic):
         self.config, self.paths, self.engines, self.front, self.supervisor = config, paths, engines, front, supervisor
         self._new_engine = new_engine                 # (engine id, model, spec, device) -> ModelEngine
         self.devices = devices                        # where engines may run; replicas spread over them
-        self._model_driver_spec = model_driver_spec   # (engine) -> DriverSpec of its model driver
+        self._load_specs = load_specs   # (engine) -> DriverSpecs to start: its model driver first
         self._start_loop = start_loop                 # (name, coroutine) -> asyncio.Task
         self._kv_share = kv_share                     # () -> bytes of KV one engine gets
         self._device_free = device_free               # () -> bytes free on the device now
@@ -169,7 +169,8 @@ class ModelHost:
         device = d.place(self.devices, lambda e: self.engines[e].device if e in self.engines else None)
         engine = self.engines[eid] = self._new_engine(eid, d.model, spec, device)
         self.supervisor.remove(engine.driver)   # the row of a failed earlier load, kept to be read in ps
-        self.supervisor.add(self._model_driver_spec(engine))
+        for spec in self._load_specs(engine):
+            self.supervisor.add(spec)
         self.loops[eid] = self._start_loop(f"model {eid} step loop", engine.run())
         log.info("loading %s (engine %s on %s)", d.model, eid, device)
         return eid

@@ -88,6 +88,18 @@ def parse_model_spec(spec: str, paths: Paths | None = None) -> ModelSource:
     return ModelSource(name, path, None)
 
 
+def prepared_model_dir(spec: str, models_dir: Path, paths: Paths | None = None) -> Path | None:
+    """The directory prepare_model_dir(spec, models_dir) returns, if it is there already (no
+    conversion to wait for), else None. Loads nothing: the kernel asks, to start a model's
+    tokenizer beside its model driver instead of after it."""
+    try:
+        src = parse_model_spec(spec, paths)
+    except UnknownModel:
+        return None
+    out = src.path if src.gguf_file is None else Path(models_dir) / src.name
+    return out if (out / "config.json").is_file() else None
+
+
 def prepare_model_dir(spec: str | ModelSource, models_dir: Path, progress: Progress | None = None) -> Path:
     """Return a plain HF directory for `spec`, converting a GGUF into `models_dir/<name>/`
     the first time (safe from several processes at once: see convert.convert_once)."""
