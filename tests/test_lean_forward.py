@@ -86,6 +86,19 @@ def test_lean_keeps_hf_fp32_greedy(tiny_model_dirs, smollm2_dir, tmp_path):
         assert s.out[: len(want)] == want
 
 
+def test_fuse_switch_governs_the_lean_norms_too(tiny_model_dirs, monkeypatch):
+    """LLMOS_FUSE=0 means the modules' own RMSNorm in the lean loop as well (it used to take
+    torch's fused one wherever that was exact, whatever the switch said)."""
+    from llmos.drivers.model import fused
+    norms = lambda r: [r.lean.final_norm, r.lean.layers[0].norm1]    # noqa: E731
+    monkeypatch.setenv("LLMOS_FUSE", "0")
+    plain = ModelRunner(tiny_model_dirs["llama"])
+    assert all(isinstance(n, torch.nn.Module) and not isinstance(n, fused.FastRMSNorm) for n in norms(plain))
+    monkeypatch.setenv("LLMOS_FUSE", "norms")
+    fast = ModelRunner(tiny_model_dirs["llama"])
+    assert all(getattr(n, "__self__", None).__class__ is fused.FastRMSNorm for n in norms(fast))
+
+
 def test_off_switch_and_unsupported_forms_keep_transformers(tiny_model_dirs, monkeypatch):
     monkeypatch.setenv("LLMOS_LEAN", "0")
     assert ModelRunner(tiny_model_dirs["llama"]).lean is None

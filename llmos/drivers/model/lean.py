@@ -70,10 +70,11 @@ def _linear(module: torch.nn.Module) -> Callable:
     return module.forward
 
 
-def _norm(module: torch.nn.Module) -> Callable:
+def _norm(module: torch.nn.Module, fast_norms: bool) -> Callable:
+    """torch's fused RMSNorm where LLMOS_FUSE asks for norms and it is exact, else the module."""
     if isinstance(module, fused.FastRMSNorm):
         return module.forward
-    fast = fused.exact_fast_norm(module)
+    fast = fused.exact_fast_norm(module) if fast_norms else None
     return module if fast is None else fast.forward
 
 
@@ -99,13 +100,14 @@ class LeanForward:
         self.H, self.KVH = c.num_attention_heads, c.num_key_value_heads
         self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
-        self.final_norm, self.lm_head = _norm(inner.norm), _linear(model.lm_head)
+        fast_norms = "norms" in fused.wanted()
+        self.final_norm, self.lm_head = _norm(inner.norm, fast_norms), _linear(model.lm_head)
         self.scale = inner.layers[0].self_attn.scaling
         self.layers = []
         for layer in inner.layers[: c.num_hidden_layers]:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm),
+                _norm(layer.input_layernorm, fast_norms), _norm(layer.post_attention_layernorm, fast_norms),
                 _fused_of([a.q_proj, a.k_proj, a.v_proj]), _linear(a.q_proj), _linear(a.k_proj),
                 _linear(a.v_proj), _linear(a.o_proj), _fused_of([m.gate_proj, m.up_proj]),
                 _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)))
