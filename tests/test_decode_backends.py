@@ -84,6 +84,26 @@ def test_backend_on_long_contexts_in_big_blocks(backend, dtype, tol, bs, groups,
 
 
 @needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("groups,d", [(3, 64), (1, 128)])
+@pytest.mark.parametrize("parts", [0, 1, 2, 3, 7])
+def test_native_split_contexts_merge_to_the_same_attention(parts, dtype, tol, groups, d):
+    """One long chat has too few (sequence, kv head) pairs for the threads, so the kernel
+    splits each context into ranges and merges them. Any split gives the same attention,
+    including more ranges than a short context has blocks (empty ranges); 0 lets it choose."""
+    pool = make_pool(dtype, blocks=64, bs=16, kvh=1, d=d)
+    ctx = [700, 1, 20]
+    step, tables = decode_step(pool, ctx, seed=5, backend="native")
+    q = (4 * torch.randn(len(ctx), groups, d, generator=torch.Generator().manual_seed(6))).to(dtype)
+    k, v = pool.block_rows(0)
+    got = native.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, d ** -0.5, parts).float()
+    want = reference(pool, 0, q, tables, ctx, d ** -0.5)
+    assert torch.allclose(got, want, atol=tol, rtol=tol), (got - want).abs().max()
+    with pytest.raises(RuntimeError, match="parts"):
+        native.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, d ** -0.5, -1)
+
+
+@needs_native
 def test_native_kernel_runs_on_all_of_torchs_threads():
     """The extension shares torch's OpenMP runtime: its parallel_for uses torch's thread
     count (built without -fopenmp, it had silently run on one thread)."""

@@ -84,15 +84,20 @@ inline void prefetch_rows(const T* first, int64_t rows, int64_t stride, int64_t 
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(first + r * stride) + b);
 }
 
+// Parts: with fewer (sequence, kv head) pairs than threads can share (one long chat), each
+// pair's blocks are split into `parts` ranges worked on apart, flash-decoding style; every
+// range leaves its running max, sum and unnormalized values in `scratch`, and a second pass
+// merges them. parts == 1 writes the output directly.
 template <typename T, int NV, int G>   // NV: the head dim in vectors of 16; G: query heads per kv head
 void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, const int64_t* ctx,
-                float* out, int64_t Nd, int64_t KVH, int64_t bs, int64_t MB, float scale) {
-  constexpr int64_t D = NV * LANES, H_PER = G;
+                float* out, int64_t Nd, int64_t KVH, int64_t bs, int64_t MB, float scale, int64_t parts,
+                float* scratch) {
+  constexpr int64_t D = NV * LANES, H_PER = G, SLOT = G * (D + 2);   // one range's partial: acc, top, sum
   const int64_t H = KVH * G, stride = KVH * D;
   const f16v iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-  at::parallel_for(0, Nd * KVH, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, Nd * KVH * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t i = w / KVH, h = w % KVH, L = ctx[i];
+      const int64_t pair = w / parts, part = w % parts, i = pair / KVH, h = pair % KVH, L = ctx[i];
       const int64_t* table = tables + i * MB;
       const float* qi = q + (i * H + h * H_PER) * D;
       f16v qv[G][NV], acc[G][NV] = {}, partial[G][LANES];
@@ -102,10 +107,11 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
         for (int j = 0; j < NV; ++j) qv[g][j] = load16(qi + (g * NV + j) * LANES) * scale;
       }
       const int64_t blocks = (L + bs - 1) / bs;
-      for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t b_end = blocks * (part + 1) / parts;
+      for (int64_t b = blocks * part / parts; b < b_end; ++b) {
         const int64_t first = table[b] * bs * KVH + h;           // row 0 of this head in block b
         const int64_t in_block = std::min(bs, L - b * bs);
-        if (b + 1 < blocks) {
+        if (b + 1 < b_end) {
           const int64_t next = table[b + 1] * bs * KVH + h, rows = std::min(bs, L - (b + 1) * bs);
           prefetch_rows(k + next * D, rows, stride, D * sizeof(T));
           prefetch_rows(v + next * D, rows, stride, D * sizeof(T));
@@ -152,6 +158,15 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
           }
         }
       }
+      if (parts > 1) {                                           // leave this range's partial
+        float* slot = scratch + w * SLOT;
+        for (int g = 0; g < G; ++g) {
+          std::memcpy(slot + g * D, acc[g], sizeof acc[g]);
+          slot[G * D + g] = top[g];
+          slot[G * D + G + g] = sum[g];
+        }
+        continue;
+      }
       float* o = out + (i * H + h * H_PER) * D;
       for (int g = 0; g < G; ++g) {
         const float inv = 1.f / sum[g];
@@ -162,12 +177,35 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
       }
     }
   });
+  if (parts == 1) return;
+  at::parallel_for(0, Nd * KVH, 1, [&](int64_t begin, int64_t end) {   // merge each pair's ranges
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const float* slots = scratch + pair * parts * SLOT;
+      float* o = out + pair * H_PER * D;                      // (pair = i * KVH + h)
+      for (int g = 0; g < G; ++g) {
+        float m = -std::numeric_limits<float>::infinity(), total = 0.f;
+        for (int64_t r = 0; r < parts; ++r) m = std::max(m, slots[r * SLOT + G * D + g]);
+        float* og = o + g * D;
+        std::fill(og, og + D, 0.f);
+        for (int64_t r = 0; r < parts; ++r) {
+          const float t = slots[r * SLOT + G * D + g];
+          if (t == -std::numeric_limits<float>::infinity()) continue;   // an empty range
+          const float c = std::exp(t - m);
+          total += c * slots[r * SLOT + G * D + G + g];
+          const float* a = slots + r * SLOT + g * D;
+          for (int64_t d = 0; d < D; ++d) og[d] += c * a[d];
+        }
+        const float inv = 1.f / total;
+        for (int64_t d = 0; d < D; ++d) og[d] *= inv;
+      }
+    }
+  });
 }
 
 // decode_vec<T, NV, G> for the G of this model, or nullptr (then the generic kernel runs).
 template <typename T, int NV>
 auto pick_vec(int64_t G) -> void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, float*,
-                                     int64_t, int64_t, int64_t, int64_t, float) {
+                                     int64_t, int64_t, int64_t, int64_t, float, int64_t, float*) {
   switch (G) {
     case 1: return decode_vec<T, NV, 1>;
     case 2: return decode_vec<T, NV, 2>;

@@ -22,9 +22,10 @@ using namespace llmos_decode;
 
 // q [Nd, H, D]; k_blocks, v_blocks [num_blocks, block_size, KVH, D] (one layer of the pool);
 // block_tables [Nd, MB] int64 (valid where t < ctx_lens[i]); ctx_lens [Nd] int64 in 1..MB*bs.
-// Returns [Nd, H, D] float32. The caller checked the plan: ids are in range.
+// Returns [Nd, H, D] float32. The caller checked the plan: ids are in range. parts: ranges
+// each (sequence, kv head) pair's context is split into (decode_vec.h); 0 chooses.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tensor v_blocks,
-                           torch::Tensor block_tables, torch::Tensor ctx_lens, double scale) {
+                           torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t parts) {
   TORCH_CHECK(q.dim() == 3 && k_blocks.dim() == 4 && v_blocks.sizes() == k_blocks.sizes(), "bad shapes");
   TORCH_CHECK(k_blocks.is_contiguous() && v_blocks.is_contiguous(), "pool layers must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && ctx_lens.scalar_type() == at::kLong, "int64 tables");
@@ -38,12 +39,21 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
   TORCH_CHECK(Nd == 0 || (ctx.min().item<int64_t>() >= 1 && ctx.max().item<int64_t>() <= MB * bs), "context length");
   auto out = torch::empty({Nd, H, D}, q.options().dtype(at::kFloat));
   const int64_t G = H / KVH;
+  TORCH_CHECK(parts >= 0, "parts must be >= 0");
+  if (parts == 0) {   // two ranges a thread when there are too few pairs, of 8 blocks at least
+    const int64_t pairs = std::max<int64_t>(1, Nd * KVH), threads = at::get_num_threads();
+    const int64_t longest = Nd == 0 ? 0 : (ctx.max().item<int64_t>() + bs - 1) / bs;
+    parts = pairs >= 2 * threads ? 1 : std::clamp<int64_t>(longest / 8, 1, (2 * threads + pairs - 1) / pairs);
+  }
   auto fast = [&](auto* elem) -> bool {           // the vector kernel where it fits this geometry
     using T = std::remove_pointer_t<decltype(elem)>;
     auto fn = D == 64 ? pick_vec<T, 4>(G) : D == 128 ? pick_vec<T, 8>(G) : nullptr;
     if (fn == nullptr) return false;
+    torch::Tensor scratch;
+    if (parts > 1) scratch = torch::empty({Nd * KVH * parts, G * (D + 2)}, q.options().dtype(at::kFloat));
     fn(qf.data_ptr<float>(), k_blocks.data_ptr<T>(), v_blocks.data_ptr<T>(), tables.data_ptr<int64_t>(),
-       ctx.data_ptr<int64_t>(), out.data_ptr<float>(), Nd, KVH, bs, MB, static_cast<float>(scale));
+       ctx.data_ptr<int64_t>(), out.data_ptr<float>(), Nd, KVH, bs, MB, static_cast<float>(scale), parts,
+       parts > 1 ? scratch.data_ptr<float>() : nullptr);
     return true;
   };
   if (k_blocks.scalar_type() == at::kBFloat16 && fast(static_cast<c10::BFloat16*>(nullptr))) return out;
@@ -70,6 +80,8 @@ int64_t parallel_threads(int64_t work) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool (CPU)");
+  m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool (CPU)", py::arg("q"),
+        py::arg("k_blocks"), py::arg("v_blocks"), py::arg("block_tables"), py::arg("ctx_lens"), py::arg("scale"),
+        py::arg("parts") = 0);
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for uses for this much work");
 }
