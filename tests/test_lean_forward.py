@@ -90,7 +90,7 @@ def test_fuse_switch_governs_the_lean_norms_too(tiny_model_dirs, monkeypatch):
     """LLMOS_FUSE=0 means the modules' own RMSNorm in the lean loop as well (it used to take
     torch's fused one wherever that was exact, whatever the switch said)."""
     from llmos.drivers.model import fused
-    norms = lambda r: [r.lean.final_norm, r.lean.layers[0].norm1]    # noqa: E731
+    norms = lambda r: [r.lean.final_norm.norm, r.lean.layers[0].norm1.norm]    # noqa: E731
     monkeypatch.setenv("LLMOS_FUSE", "0")
     plain = ModelRunner(tiny_model_dirs["llama"])
     assert all(isinstance(n, torch.nn.Module) and not isinstance(n, fused.FastRMSNorm) for n in norms(plain))

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmos.drivers.model import fused
+from llmos.drivers.model import fused, layer_ops
 from llmos.drivers.model.paged_attention import PagedStep, attend
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
@@ -42,8 +42,8 @@ def wanted(env=os.environ) -> bool:
 
 @dataclass
 class _Layer:
-    norm1: Callable
-    norm2: Callable
+    norm1: layer_ops.AddNorm      # (x + residual, its norm): the residual add rides with the norm
+    norm2: layer_ops.AddNorm
     qkv: Callable | None          # the fused q/k/v linear, or None: q, k, v separately
     q: Callable
     k: Callable
@@ -101,13 +101,20 @@ class LeanForward:
         self.D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.embed, self.rotary = inner.embed_tokens, inner.rotary_emb
         fast_norms = "norms" in fused.wanted()
-        self.final_norm, self.lm_head = _norm(inner.norm, fast_norms), _linear(model.lm_head)
+        w = self.embed.weight
+        self.ext = layer_ops.ops_for(w.dtype, w.device)    # native norm and rotary, for bf16 on the CPU
+        norm_ext = self.ext if fast_norms else None
+
+        def norm(module):
+            return layer_ops.add_norm(module, _norm(module, fast_norms), norm_ext)
+
+        self.final_norm, self.lm_head = norm(inner.norm), _linear(model.lm_head)
         self.scale = inner.layers[0].self_attn.scaling
         self.layers = []
         for layer in inner.layers[: c.num_hidden_layers]:
             a, m = layer.self_attn, layer.mlp
             self.layers.append(_Layer(
-                _norm(layer.input_layernorm, fast_norms), _norm(layer.post_attention_layernorm, fast_norms),
+                norm(layer.input_layernorm), norm(layer.post_attention_layernorm),
                 _fused_of([a.q_proj, a.k_proj, a.v_proj]), _linear(a.q_proj), _linear(a.k_proj),
                 _linear(a.v_proj), _linear(a.o_proj), _fused_of([m.gate_proj, m.up_proj]),
                 _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)))
@@ -119,28 +126,32 @@ class LeanForward:
         cos, sin = self.rotary(x, pos[None])          # [1, T, D] each, in x's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]   # [T, 1, D]: one row per token, every head
         half = D // 2
+        x, h = self.layers[0].norm1(x) if self.layers else (x, x)
         for i, L in enumerate(self.layers):
-            h = L.norm1(x)
             if L.qkv is not None:
                 qkv = L.qkv(h).view(T, H + 2 * KVH, D)
                 qk, v = qkv[:, :H + KVH], qkv[:, H + KVH:]
             else:
                 qk = torch.cat([L.q(h).view(T, H, D), L.k(h).view(T, KVH, D)], 1)
                 v = L.v(h).view(T, KVH, D)
-            # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
-            qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin
+            if self.ext is not None:
+                layer_ops.rotate_(self.ext, qk, cos[:, 0], sin[:, 0])
+            else:   # transformers' apply_rotary_pos_emb: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+                qk = qk * cos + torch.cat([-qk[..., half:], qk[..., :half]], -1) * sin
             o = attend(step, i, qk[:, :H], qk[:, H:], v, self.scale)
-            x = x + L.o(o.reshape(T, H * D))
-            h = L.norm2(x)
+            x, h = L.norm2(x, L.o(o.reshape(T, H * D)))
             if L.gate_up is not None:
                 gu = L.gate_up(h)
                 inter = gu.shape[-1] // 2
                 h = F.silu(gu[:, :inter]) * gu[:, inter:]
             else:
                 h = F.silu(L.gate(h)) * L.up(h)
-            x = x + L.down(h)
+            if i + 1 < len(self.layers):
+                x, h = self.layers[i + 1].norm1(x, L.down(h))
+            else:
+                x = x + L.down(h)
         x = x.index_select(0, keep)     # the norm is per row: only the rows we sample need it
-        return self.lm_head(self.final_norm(x))
+        return self.lm_head(self.final_norm(x)[1])
 
 
 def supported(model: torch.nn.Module) -> str | None:

@@ -17,6 +17,7 @@
 
 #include "decode_generic.h"
 #include "decode_vec.h"
+#include "layer_ops.h"
 
 using namespace llmos_decode;
 
@@ -84,4 +85,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_blocks"), py::arg("v_blocks"), py::arg("block_tables"), py::arg("ctx_lens"), py::arg("scale"),
         py::arg("parts") = 0);
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for uses for this much work");
+  register_layer_ops(m);
 }
