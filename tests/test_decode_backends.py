@@ -84,6 +84,23 @@ def test_backend_on_long_contexts_in_big_blocks(backend, dtype, tol, bs, groups,
 
 
 @needs_native
+@pytest.mark.parametrize("bad", [[0, 5], [5, -3], [5, 16 * 64 + 1]])
+def test_native_refuses_context_lengths_out_of_its_table(bad):
+    """A length of 0, below it, or past what the block table holds would read outside the
+    sequence's blocks: refused with a reason, and the next good call answers right."""
+    pool = make_pool(torch.float32, blocks=64, bs=16, kvh=1, d=64)
+    step, tables = decode_step(pool, [40, 5], seed=2, backend="native")
+    q = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(3))
+    k, v = pool.block_rows(0)
+    wide = torch.zeros(2, 64, dtype=torch.long)
+    wide[:, : step.dec_tables.shape[1]] = step.dec_tables
+    with pytest.raises(RuntimeError, match="context length"):
+        native.load().paged_decode(q, k, v, wide, torch.tensor(bad), 0.125)
+    got = native.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, 0.125)
+    assert torch.allclose(got, reference(pool, 0, q, tables, [40, 5], 0.125), atol=1e-5, rtol=1e-5)
+
+
+@needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("groups,d", [(3, 64), (1, 128)])
 @pytest.mark.parametrize("parts", [0, 1, 2, 3, 7])

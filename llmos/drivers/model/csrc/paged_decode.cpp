@@ -37,13 +37,20 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
   auto tables = block_tables.contiguous();
   auto ctx = ctx_lens.contiguous();
   const int64_t MB = tables.size(1);
-  TORCH_CHECK(Nd == 0 || (ctx.min().item<int64_t>() >= 1 && ctx.max().item<int64_t>() <= MB * bs), "context length");
+  // bounds by hand: per layer, min()/max()/item() would be six tensor ops for a few numbers
+  const int64_t* lens = ctx.data_ptr<int64_t>();
+  int64_t shortest = Nd == 0 ? 1 : lens[0], longest_len = Nd == 0 ? 0 : lens[0];
+  for (int64_t i = 1; i < Nd; ++i) {
+    shortest = std::min(shortest, lens[i]);
+    longest_len = std::max(longest_len, lens[i]);
+  }
+  TORCH_CHECK(shortest >= 1 && longest_len <= MB * bs, "context length");
   auto out = torch::empty({Nd, H, D}, q.options().dtype(at::kFloat));
   const int64_t G = H / KVH;
   TORCH_CHECK(parts >= 0, "parts must be >= 0");
   if (parts == 0) {   // two ranges a thread when there are too few pairs, of 8 blocks at least
     const int64_t pairs = std::max<int64_t>(1, Nd * KVH), threads = at::get_num_threads();
-    const int64_t longest = Nd == 0 ? 0 : (ctx.max().item<int64_t>() + bs - 1) / bs;
+    const int64_t longest = (longest_len + bs - 1) / bs;
     parts = pairs >= 2 * threads ? 1 : std::clamp<int64_t>(longest / 8, 1, (2 * threads + pairs - 1) / pairs);
   }
   auto fast = [&](auto* elem) -> bool {           // the vector kernel where it fits this geometry
