@@ -12,6 +12,11 @@ int4 is the model driver's `--dtype int4` (llmos/drivers/model/quant.py): 4-bit 
 the rest bf16. Whole-sequence teacher forcing takes int4's dense copy of the 4-bit weights;
 "stepwise" feeds the same sequences one token a step with a KV cache, which is how decode
 runs, through the int4 kernel (its scales and zeros are bf16).
+3. With --runner, the same teacher-forced agreement through llmos' own ModelRunner: the lean
+   loop, the paged pool, the native decode kernel and layer ops, one packed prefill of all
+   prompts and then decode steps of every sequence together ("batch 32") or of one sequence
+   at a time ("batch 1": int4 then runs its 4-bit kernel, not the dense copy). fp32 there is a
+   check of the method: it should agree with transformers' fp32 on (nearly) every token.
 """
 from __future__ import annotations
 
@@ -67,6 +72,35 @@ def stepwise_agreement(model, seqs: list[list[int]], starts: list[int]) -> tuple
     return same, total
 
 
+def runner_agreement(model_dir: Path, mode: str, seqs: list[list[int]], starts: list[int],
+                     together: bool) -> tuple[int, int]:
+    """Teacher-forced agreement through ModelRunner: each step's sampled token is compared with
+    fp32's, then replaced by it, so every position is scored on fp32's own context."""
+    import tempfile
+
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from conftest_model import MiniKernel
+
+    from llmos.drivers.model.runner import ModelRunner
+
+    runner = ModelRunner(model_dir, dtype=mode)
+    same = total = 0
+    groups = [list(range(len(seqs)))] if together else [[i] for i in range(len(seqs))]
+    with tempfile.TemporaryDirectory() as pool_dir:
+        k = MiniKernel(runner, Path(pool_dir), num_blocks=4096, block_size=16)
+        for group in groups:
+            live = {i: k.add(seqs[i][:starts[i]], len(seqs[i]) - starts[i]) for i in group}
+            while batch := [i for i, s in live.items() if not s.done]:
+                k.step([live[i] for i in batch])             # one new token for each of them
+                for i in batch:
+                    s = live[i]
+                    want = seqs[i][starts[i] + len(s.out) - 1]
+                    same += s.out[-1] == want
+                    s.tokens[-1] = s.out[-1] = want            # go on from fp32's token
+            total += sum(len(seqs[i]) - starts[i] for i in group)
+    return same, total
+
+
 @torch.inference_mode()
 def perplexity(model, ids: list[int]) -> float:
     logits = model(torch.tensor([ids])).logits[0, :-1].float()
@@ -79,6 +113,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--runner", action="store_true", help="also measure through llmos' ModelRunner")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -111,6 +146,12 @@ def main() -> None:
         print(f"{mode:>9} {same / total:>15.1%} {step_same / step_total:>9.1%} {ppl:>11.3f} "
               f"{ppl / base_ppl - 1:>+8.1%}", flush=True)
         del model
+    if args.runner:
+        print(f"{'mode':>9} {'through ModelRunner, batch 32':>30} {'batch 1':>9}")
+        for mode in ("float32", "bfloat16", "int4"):
+            together = runner_agreement(model_dir, mode, seqs, starts, together=True)
+            alone = runner_agreement(model_dir, mode, seqs, starts, together=False)
+            print(f"{mode:>9} {together[0] / together[1]:>30.1%} {alone[0] / alone[1]:>9.1%}", flush=True)
 
 
 if __name__ == "__main__":
