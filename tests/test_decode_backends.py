@@ -121,6 +121,25 @@ def test_native_split_contexts_merge_to_the_same_attention(parts, dtype, tol, gr
 
 
 @needs_native
+@pytest.mark.parametrize("parts", [1, 3])
+def test_native_reads_bf16_queries_in_place_and_answers_in_bf16(parts):
+    """bf16 queries on a bf16 pool: read as they lie (a view into the fused q/k/v rows) and
+    answered in bf16, bit for bit the float path's output rounded to bf16 (direct and merged)."""
+    pool = make_pool(torch.bfloat16, blocks=64, bs=16, kvh=3, d=64)
+    ctx = [300, 7, 130]
+    step, tables = decode_step(pool, ctx, seed=8, backend="native")
+    qkv = (3 * torch.randn(len(ctx), 9 + 6, 64, generator=torch.Generator().manual_seed(9))).bfloat16()
+    q = qkv[:, :9]                                   # row stride 15 heads, not 9
+    k, v = pool.block_rows(0)
+    got = native.load().paged_decode(q, k, v, step.dec_tables, step.dec_ctx, 0.125, parts)
+    via_float = native.load().paged_decode(q.float(), k, v, step.dec_tables, step.dec_ctx, 0.125, parts)
+    assert got.dtype == torch.bfloat16 and via_float.dtype == torch.float32
+    assert torch.equal(got, via_float.bfloat16())
+    want = reference(pool, 0, q.float(), tables, ctx, 0.125)
+    assert torch.allclose(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@needs_native
 def test_native_kernel_runs_on_all_of_torchs_threads():
     """The extension shares torch's OpenMP runtime: its parallel_for uses torch's thread
     count (built without -fopenmp, it had silently run on one thread)."""

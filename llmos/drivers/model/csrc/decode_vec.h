@@ -40,6 +40,17 @@ inline f16v load16(const c10::BFloat16* p) {   // bfloat16 is the upper half of 
   return v;
 }
 
+inline void store16(float* p, f16v r) { std::memcpy(p, &r, sizeof r); }
+
+inline void store16(c10::BFloat16* p, f16v r) {   // round to nearest even, NaN to 0x7fc0, as c10 does
+  u16v u;
+  std::memcpy(&u, &r, sizeof u);
+  const u16v rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u16v nan = reinterpret_cast<u16v>((u & 0x7fffffffu) > 0x7f800000u);
+  const h16v h = __builtin_convertvector((nan & 0x7fc0u) | (~nan & rounded), h16v);
+  std::memcpy(p, &h, sizeof h);
+}
+
 // Sums of 16 vectors at once: four levels of folding halves together, 15 adds in all
 // instead of a horizontal reduction per vector. Lane l of the result is the sum of
 // t[l] when the partial sums were stored at t[bitrev4(row)] (the folds reverse the order).
@@ -88,9 +99,11 @@ inline void prefetch_rows(const T* first, int64_t rows, int64_t stride, int64_t 
 // pair's blocks are split into `parts` ranges worked on apart, flash-decoding style; every
 // range leaves its running max, sum and unnormalized values in `scratch`, and a second pass
 // merges them. parts == 1 writes the output directly.
-template <typename T, int NV, int G>   // NV: the head dim in vectors of 16; G: query heads per kv head
-void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, const int64_t* ctx,
-                float* out, int64_t Nd, int64_t KVH, int64_t bs, int64_t MB, float scale, int64_t parts,
+// Q: the queries' and the output's type (float, or bfloat16 read and written as is); q_row:
+// the queries' row stride (they may be a view into the fused q/k/v projection).
+template <typename T, typename Q, int NV, int G>   // NV: the head dim in vectors of 16; G: query heads per kv head
+void decode_vec(const Q* q, int64_t q_row, const T* k, const T* v, const int64_t* tables, const int64_t* ctx,
+                Q* out, int64_t Nd, int64_t KVH, int64_t bs, int64_t MB, float scale, int64_t parts,
                 float* scratch) {
   constexpr int64_t D = NV * LANES, H_PER = G, SLOT = G * (D + 2);   // one range's partial: acc, top, sum
   const int64_t H = KVH * G, stride = KVH * D;
@@ -99,7 +112,7 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
     for (int64_t w = begin; w < end; ++w) {
       const int64_t pair = w / parts, part = w % parts, i = pair / KVH, h = pair % KVH, L = ctx[i];
       const int64_t* table = tables + i * MB;
-      const float* qi = q + (i * H + h * H_PER) * D;
+      const Q* qi = q + i * q_row + h * H_PER * D;
       f16v qv[G][NV], acc[G][NV] = {}, partial[G][LANES];
       float top[G], sum[G] = {}, p[G][LANES];
       for (int g = 0; g < G; ++g) {
@@ -167,13 +180,10 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
         }
         continue;
       }
-      float* o = out + (i * H + h * H_PER) * D;
+      Q* o = out + (i * H + h * H_PER) * D;
       for (int g = 0; g < G; ++g) {
         const float inv = 1.f / sum[g];
-        for (int j = 0; j < NV; ++j) {
-          const f16v r = acc[g][j] * inv;
-          std::memcpy(o + (g * NV + j) * LANES, &r, sizeof r);
-        }
+        for (int j = 0; j < NV; ++j) store16(o + (g * NV + j) * LANES, acc[g][j] * inv);
       }
     }
   });
@@ -181,12 +191,11 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
   at::parallel_for(0, Nd * KVH, 1, [&](int64_t begin, int64_t end) {   // merge each pair's ranges
     for (int64_t pair = begin; pair < end; ++pair) {
       const float* slots = scratch + pair * parts * SLOT;
-      float* o = out + pair * H_PER * D;                      // (pair = i * KVH + h)
+      Q* o = out + pair * H_PER * D;                          // (pair = i * KVH + h)
       for (int g = 0; g < G; ++g) {
         float m = -std::numeric_limits<float>::infinity(), total = 0.f;
         for (int64_t r = 0; r < parts; ++r) m = std::max(m, slots[r * SLOT + G * D + g]);
-        float* og = o + g * D;
-        std::fill(og, og + D, 0.f);
+        alignas(64) float og[D] = {};
         for (int64_t r = 0; r < parts; ++r) {
           const float t = slots[r * SLOT + G * D + g];
           if (t == -std::numeric_limits<float>::infinity()) continue;   // an empty range
@@ -196,25 +205,25 @@ void decode_vec(const float* q, const T* k, const T* v, const int64_t* tables, c
           for (int64_t d = 0; d < D; ++d) og[d] += c * a[d];
         }
         const float inv = 1.f / total;
-        for (int64_t d = 0; d < D; ++d) og[d] *= inv;
+        for (int j = 0; j < NV; ++j) store16(o + g * D + j * LANES, load16(og + j * LANES) * inv);
       }
     }
   });
 }
 
-// decode_vec<T, NV, G> for the G of this model, or nullptr (then the generic kernel runs).
-template <typename T, int NV>
-auto pick_vec(int64_t G) -> void (*)(const float*, const T*, const T*, const int64_t*, const int64_t*, float*,
+// decode_vec<T, Q, NV, G> for the G of this model, or nullptr (then the generic kernel runs).
+template <typename T, typename Q, int NV>
+auto pick_vec(int64_t G) -> void (*)(const Q*, int64_t, const T*, const T*, const int64_t*, const int64_t*, Q*,
                                      int64_t, int64_t, int64_t, int64_t, float, int64_t, float*) {
   switch (G) {
-    case 1: return decode_vec<T, NV, 1>;
-    case 2: return decode_vec<T, NV, 2>;
-    case 3: return decode_vec<T, NV, 3>;
-    case 4: return decode_vec<T, NV, 4>;
-    case 5: return decode_vec<T, NV, 5>;
-    case 6: return decode_vec<T, NV, 6>;
-    case 7: return decode_vec<T, NV, 7>;
-    case 8: return decode_vec<T, NV, 8>;
+    case 1: return decode_vec<T, Q, NV, 1>;
+    case 2: return decode_vec<T, Q, NV, 2>;
+    case 3: return decode_vec<T, Q, NV, 3>;
+    case 4: return decode_vec<T, Q, NV, 4>;
+    case 5: return decode_vec<T, Q, NV, 5>;
+    case 6: return decode_vec<T, Q, NV, 6>;
+    case 7: return decode_vec<T, Q, NV, 7>;
+    case 8: return decode_vec<T, Q, NV, 8>;
     default: return nullptr;
   }
 }

@@ -23,7 +23,8 @@ using namespace llmos_decode;
 
 // q [Nd, H, D]; k_blocks, v_blocks [num_blocks, block_size, KVH, D] (one layer of the pool);
 // block_tables [Nd, MB] int64 (valid where t < ctx_lens[i]); ctx_lens [Nd] int64 in 1..MB*bs.
-// Returns [Nd, H, D] float32. The caller checked the plan: ids are in range. parts: ranges
+// Returns [Nd, H, D]: bfloat16 for bf16 queries on a bf16 pool of the vector kernel's geometry,
+// else float32. The caller checked the plan: ids are in range. parts: ranges
 // each (sequence, kv head) pair's context is split into (decode_vec.h); 0 chooses.
 torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tensor v_blocks,
                            torch::Tensor block_tables, torch::Tensor ctx_lens, double scale, int64_t parts) {
@@ -33,7 +34,6 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
   const int64_t Nd = q.size(0), H = q.size(1), D = q.size(2), bs = k_blocks.size(1), KVH = k_blocks.size(2);
   TORCH_CHECK(k_blocks.size(3) == D && H % KVH == 0, "head geometry");
   TORCH_CHECK(block_tables.size(0) == Nd && ctx_lens.size(0) == Nd, "one table per sequence");
-  auto qf = q.to(at::kFloat).contiguous();
   auto tables = block_tables.contiguous();
   auto ctx = ctx_lens.contiguous();
   const int64_t MB = tables.size(1);
@@ -45,7 +45,7 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
     longest_len = std::max(longest_len, lens[i]);
   }
   TORCH_CHECK(shortest >= 1 && longest_len <= MB * bs, "context length");
-  auto out = torch::empty({Nd, H, D}, q.options().dtype(at::kFloat));
+  torch::Tensor out;
   const int64_t G = H / KVH;
   TORCH_CHECK(parts >= 0, "parts must be >= 0");
   if (parts == 0) {   // two ranges a thread when there are too few pairs, of 8 blocks at least
@@ -53,19 +53,31 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_blocks, torch::Tenso
     const int64_t longest = (longest_len + bs - 1) / bs;
     parts = pairs >= 2 * threads ? 1 : std::clamp<int64_t>(longest / 8, 1, (2 * threads + pairs - 1) / pairs);
   }
-  auto fast = [&](auto* elem) -> bool {           // the vector kernel where it fits this geometry
+  auto fast = [&](auto* elem, auto* query) -> bool {   // the vector kernel where it fits this geometry
     using T = std::remove_pointer_t<decltype(elem)>;
-    auto fn = D == 64 ? pick_vec<T, 4>(G) : D == 128 ? pick_vec<T, 8>(G) : nullptr;
+    using Q = std::remove_pointer_t<decltype(query)>;
+    auto fn = D == 64 ? pick_vec<T, Q, 4>(G) : D == 128 ? pick_vec<T, Q, 8>(G) : nullptr;
     if (fn == nullptr) return false;
+    // bf16 queries are read in place (any row stride) and the output is bf16: the casts
+    // around the kernel were two more ops a layer. Otherwise float, as the generic kernel.
+    const bool as_is = std::is_same_v<Q, c10::BFloat16>;
+    auto qq = as_is ? q : q.to(at::kFloat);
+    if (qq.stride(2) != 1 || qq.stride(1) != D) qq = qq.contiguous();
+    out = torch::empty({Nd, H, D}, q.options().dtype(as_is ? at::kBFloat16 : at::kFloat));
     torch::Tensor scratch;
     if (parts > 1) scratch = torch::empty({Nd * KVH * parts, G * (D + 2)}, q.options().dtype(at::kFloat));
-    fn(qf.data_ptr<float>(), k_blocks.data_ptr<T>(), v_blocks.data_ptr<T>(), tables.data_ptr<int64_t>(),
-       ctx.data_ptr<int64_t>(), out.data_ptr<float>(), Nd, KVH, bs, MB, static_cast<float>(scale), parts,
+    fn(qq.data_ptr<Q>(), qq.stride(0), k_blocks.data_ptr<T>(), v_blocks.data_ptr<T>(), tables.data_ptr<int64_t>(),
+       ctx.data_ptr<int64_t>(), out.data_ptr<Q>(), Nd, KVH, bs, MB, static_cast<float>(scale), parts,
        parts > 1 ? scratch.data_ptr<float>() : nullptr);
     return true;
   };
-  if (k_blocks.scalar_type() == at::kBFloat16 && fast(static_cast<c10::BFloat16*>(nullptr))) return out;
-  if (k_blocks.scalar_type() == at::kFloat && fast(static_cast<float*>(nullptr))) return out;
+  using BF = c10::BFloat16;
+  if (k_blocks.scalar_type() == at::kBFloat16 && q.scalar_type() == at::kBFloat16 &&
+      fast(static_cast<BF*>(nullptr), static_cast<BF*>(nullptr))) return out;
+  if (k_blocks.scalar_type() == at::kBFloat16 && fast(static_cast<BF*>(nullptr), static_cast<float*>(nullptr))) return out;
+  if (k_blocks.scalar_type() == at::kFloat && fast(static_cast<float*>(nullptr), static_cast<float*>(nullptr))) return out;
+  auto qf = q.to(at::kFloat).contiguous();   // the generic kernel: float queries and output
+  out = torch::empty({Nd, H, D}, q.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_blocks.scalar_type(), "paged_decode", [&] {
     auto run = [&](auto fn) {
       fn(qf.data_ptr<float>(), k_blocks.data_ptr<scalar_t>(), v_blocks.data_ptr<scalar_t>(),
