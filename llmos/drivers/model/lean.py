@@ -10,7 +10,9 @@ transformers' Llama/Qwen2/Mistral layers, with fewer ops:
 - q/k/v (and gate/up) come from one fused linear when the runner fused them (fused.py);
 - the rotary embedding rotates q and k in one pass over their joined heads;
 - RMSNorm goes through torch's fused kernel where a probe shows it gives the module's exact
-  output (fused.fuse_norms), else through the module itself;
+  output (fused.fuse_norms), else through the module itself; for bf16 on the CPU the norm
+  (with the residual add before it) and the rotary embedding are single native passes that
+  give torch's bits (layer_ops.py);
 - the final norm and the lm_head run only on the rows that are sampled.
 
 Every op is elementwise-identical to the module path, so fp32 logits are bit-identical to
