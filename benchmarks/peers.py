@@ -81,6 +81,14 @@ def hf_dir() -> Path:
     return prepare_model_dir(MODEL, cache)
 
 
+def shared_prefix(tokens: int) -> str:
+    """About `tokens` tokens of fixed text (the public-domain passage, repeated as needed)."""
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(hf_dir())
+    ids = tok((HERE / "data" / "tale_of_two_cities.txt").read_text())["input_ids"]
+    return tok.decode((ids * (tokens // len(ids) + 1))[:tokens])
+
+
 class Server:
     """A peer's HTTP server as a child process, with its log in `workdir`."""
 
@@ -220,6 +228,10 @@ def main() -> None:
     ap.add_argument("--single-prompts", type=int, default=4, help="prompts for the one-stream run")
     ap.add_argument("--start-timeout", type=float, default=1800, help="seconds a server may take to start")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--shared-prefix-tokens", type=int, default=0,
+                    help="put the same text of about this many tokens before every prompt (the prefill race: "
+                    "run it with every server's prefix cache off, e.g. --llmos-arg=--no-prefix-caching "
+                    "--vllm-arg=--no-enable-prefix-caching)")
     for peer in ("llmos", "vllm", "llamacpp"):
         ap.add_argument(f"--{peer}-arg", action="append", default=[], metavar="ARG",
                         help=f"extra option for the {peer} server (repeatable; use --{peer}-arg=--flag)")
@@ -231,8 +243,12 @@ def main() -> None:
     prompts_all = json.loads((HERE / "prompts.json").read_text())
     prompts = [prompts_all[i % len(prompts_all)] for i in range(args.concurrency)]
     hf_dir()  # convert before any clock starts
+    if args.shared_prefix_tokens:
+        prefix = shared_prefix(args.shared_prefix_tokens)
+        prompts = [f"{prefix}\n\n{p}" for p in prompts]
     header = {"cpu": cpu_model(), "cores": os.cpu_count(), "llmos": llmos_version(), "date": datetime.datetime.now().isoformat(timespec="minutes"),
-              "workload": {"prompts": len(prompts), "max_tokens": args.max_tokens, "single_prompts": args.single_prompts}}
+              "workload": {"prompts": len(prompts), "max_tokens": args.max_tokens, "single_prompts": args.single_prompts,
+                           "shared_prefix_tokens": args.shared_prefix_tokens}}
     print(f"# {header['cpu']}, {header['cores']} cores, {header['date']}; llmos from {header['llmos']}", flush=True)
     results: dict = {}
     workdir = Path(tempfile.mkdtemp(prefix="llmos-peers-"))
