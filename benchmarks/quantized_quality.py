@@ -28,6 +28,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))   # conftest_model.MiniKernel, for --runner
 from llmos.drivers.model.threads import configure_cpu_env  # noqa: E402
 
 configure_cpu_env()
@@ -78,7 +79,6 @@ def runner_agreement(model_dir: Path, mode: str, seqs: list[list[int]], starts: 
     fp32's, then replaced by it, so every position is scored on fp32's own context."""
     import tempfile
 
-    sys.path.insert(0, str(HERE.parent / "tests"))
     from conftest_model import MiniKernel
 
     from llmos.drivers.model.runner import ModelRunner

@@ -22,10 +22,10 @@ inline float f32(uint16_t b) {   // bfloat16 is the upper half of a float
   return f;
 }
 
-inline uint16_t bf16(float f) {  // round to nearest even, as c10::BFloat16 does (finite inputs)
+inline uint16_t bf16(float f) {  // round to nearest even, NaN to 0x7fc0, as c10::BFloat16 does
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7f800000u) == 0x7f800000u) return static_cast<uint16_t>((u >> 16) | ((u & 0xffff) ? 0x40 : 0));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
@@ -154,9 +154,10 @@ torch::Tensor sum_of_squares_bf16(torch::Tensor x, int64_t lanes) {
   TORCH_CHECK(x.dim() == 2, "x must be [T, N]");
   check_rows(x, x.size(1), "x");
   auto out = torch::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
   for (int64_t t = 0; t < x.size(0); ++t) {
     const uint16_t* xr = bits(x) + t * x.stride(0);
-    out[t] = lanes == 16 ? torch_sum_of_squares<f16v, 16>(xr, x.size(1)) : torch_sum_of_squares<f8v, 8>(xr, x.size(1));
+    o[t] = lanes == 16 ? torch_sum_of_squares<f16v, 16>(xr, x.size(1)) : torch_sum_of_squares<f8v, 8>(xr, x.size(1));
   }
   return out;
 }
