@@ -96,3 +96,83 @@ def test_the_daemon_serves_smollm2_in_int4(tmp_path, smollm2_dir):
         logits = ref(torch.tensor([out])).logits[0]
     for pos in range(len(ids), len(out)):
         assert logits[pos - 1, out[pos]] >= logits[pos - 1].max() - 1.0, f"token {pos}: {tok.decode(out[pos])!r}"
+
+
+# The native products (csrc/quant_gemv.cpp), where this CPU has AVX-512 VNNI.
+def _native():
+    from llmos.drivers.model.quant import kernels
+    ext = kernels()
+    if ext is None:
+        pytest.skip("the native quantized kernels need AVX-512 VNNI and a compiler")
+    return ext
+
+
+def _quantized_x(x):
+    """x as the kernel sees it: 8-bit codes per group of 32, d = max|x| / 127, round to even."""
+    m, k = x.shape
+    g = x.reshape(m, k // GROUP, GROUP)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / torch.where(d > 0, d, torch.ones_like(d))) * d).reshape(m, k)
+
+
+@pytest.mark.parametrize("n,k", [(36, 96), (192, 576), (64, 1536)])   # 96: an odd number of groups
+@pytest.mark.parametrize("tokens", [1, 3, 4, 5])
+def test_native_products_match_their_arithmetic(n, k, tokens):
+    from llmos.drivers.model.quant import _even_groups, pack_q4, pack_q8
+    ext, gen = _native(), torch.Generator().manual_seed(3)
+    g = k // GROUP
+    q4 = torch.randint(0, 16, (n, k), generator=gen)
+    q8 = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+    d = (torch.rand(n, g, generator=gen) * 0.02).half()
+    m = (torch.randn(n, g, generator=gen) * 0.1).half()
+    bias = torch.randn(n, generator=gen)
+    x = torch.randn(tokens, k, generator=gen)
+    dd, mm = d.double().repeat_interleave(GROUP, 1), m.double().repeat_interleave(GROUP, 1)
+    xq = _quantized_x(x).double()
+    want4 = xq @ (q4.double() * dd).t() + x.double().reshape(tokens, g, GROUP).sum(-1) @ m.double().t() + bias.double()
+    want8 = xq @ (q8.double() * dd).t()
+    got4 = ext.q4_linear(x, pack_q4(q4), _even_groups(d), _even_groups(m), bias)
+    got8 = ext.q8_linear(x, pack_q8(q8), _even_groups(d), None, None)
+    for got, want in ((got4, want4), (got8, want8)):
+        assert got.shape == (tokens, n) and got.dtype == torch.float32
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+    # bf16 activations: the same sums, rounded once at the end
+    xb = x.bfloat16()
+    assert torch.equal(ext.q8_linear(xb, pack_q8(q8), _even_groups(d), None, None),
+                       ext.q8_linear(xb.float(), pack_q8(q8), _even_groups(d), None, None).bfloat16())
+
+
+def test_native_products_refuse_bad_shapes_and_answer_after():
+    from llmos.drivers.model.quant import _even_groups, pack_q4
+    ext = _native()
+    q = torch.randint(0, 16, (16, 64))
+    d = m = _even_groups(torch.full((16, 2), 0.01).half())
+    x = torch.randn(1, 64)
+    for bad in (lambda: ext.q4_linear(torch.randn(1, 96), pack_q4(q), d, m, None),   # x wider than the groups
+                lambda: ext.q4_linear(x, pack_q4(q)[:, :-1].contiguous(), d, m, None),  # codes cut short
+                lambda: ext.q4_linear(x, pack_q4(q), d.float(), m, None),             # scales not float16
+                lambda: ext.q4_linear(x, pack_q4(q), d, m, torch.zeros(3))):           # bias of the wrong length
+        with pytest.raises(RuntimeError):
+            bad()
+    want = x.double() @ (q.double() * 0.01 + float(m[0, 0])).t()
+    assert torch.allclose(ext.q4_linear(x, pack_q4(q), d, m, None).double(), want, rtol=0.02, atol=0.05)
+
+
+def test_q8_0_weights_come_back_exactly_and_run_native():
+    from llmos.drivers.model.quant import Int8Linear, quantize_q8_groups
+    ext, gen = _native(), torch.Generator().manual_seed(4)
+    q = torch.randint(-127, 128, (48, 64), generator=gen)
+    q[:, 0] = 127                                    # Q8_0: d = max|w| / 127, so 127 is in every group
+    q[:, 32] = -127
+    d = (torch.rand(48, 2, generator=gen) * 0.01 + 1e-4).half().float()
+    w = q.float() * d.repeat_interleave(GROUP, 1)
+    codes, scales, exact = quantize_q8_groups(w)
+    assert exact == 1.0 and torch.equal(codes.int(), q.int())
+    linear = torch.nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+    layer = Int8Linear(linear, ext)
+    for tokens in (1, SMALL_STEP, SMALL_STEP + 1):   # native, then the dense copy
+        x = torch.randn(1, tokens, 64, generator=gen).to(torch.bfloat16)
+        want = x.float() @ w.t()
+        assert ((layer(x).float() - want).abs().max() / want.abs().max()).item() < 0.02

@@ -18,6 +18,7 @@
 #include "decode_generic.h"
 #include "decode_vec.h"
 #include "layer_ops.h"
+#include "quant_gemv.h"
 
 using namespace llmos_decode;
 
@@ -105,4 +106,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("parts") = 0);
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for uses for this much work");
   register_layer_ops(m);
+  register_quant_gemv(m);
 }
