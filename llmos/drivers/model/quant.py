@@ -96,7 +96,24 @@ def supported(linear: torch.nn.Linear) -> bool:
     return linear.in_features % GROUP == 0 and linear.out_features % 16 == 0 and linear.in_features <= MAX_INPUTS
 
 
-class Int4Linear(torch.nn.Module):
+class _SmallStepLinear(torch.nn.Module):
+    """What both quantized linears share: steps of more than SMALL_STEP rows go to the dense
+    bf16 copy (oneDNN wins there); smaller ones to the subclass's `small` product."""
+
+    def nbytes(self) -> int:
+        return _nbytes(self)
+
+    def small(self, flat: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > SMALL_STEP:
+            return self.dense(x)
+        return self.small(flat).view(*x.shape[:-1], self.out_features)
+
+
+class Int4Linear(_SmallStepLinear):
     """nn.Linear over 4-bit weights: the int4 kernel for small steps, a dense bf16 copy of the
     same dequantized weights (oneDNN, pre-packed) for big ones."""
 
@@ -120,23 +137,14 @@ class Int4Linear(torch.nn.Module):
         self.bias = self.dense.bias
         self.bias_f32 = None if self.bias is None else self.bias.float()   # as the native kernel adds it
 
-    def nbytes(self) -> int:
-        return _nbytes(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > SMALL_STEP:
-            return self.dense(x)
+    def small(self, flat: torch.Tensor) -> torch.Tensor:
         if self.ext is not None:
-            y = self.ext.q4_linear(flat, self.codes, self.d, self.m, self.bias_f32)
-            return y.view(*x.shape[:-1], self.out_features)
+            return self.ext.q4_linear(flat, self.codes, self.d, self.m, self.bias_f32)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.contiguous(), self.codes, GROUP, self.scales_zeros)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
 
 
-class Int8Linear(torch.nn.Module):
+class Int8Linear(_SmallStepLinear):
     """nn.Linear over the file's Q8_0 weights (w = d q per group of 32): the native kernel for
     small steps, a dense bf16 copy of the same weights for big ones. Only built where
     `kernels()` has the native products."""
@@ -150,14 +158,8 @@ class Int8Linear(torch.nn.Module):
         self.bias = self.dense.bias
         self.bias_f32 = None if self.bias is None else self.bias.float()
 
-    def nbytes(self) -> int:
-        return _nbytes(self)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > SMALL_STEP:
-            return self.dense(x)
-        return self.ext.q8_linear(flat, self.codes, self.d, None, self.bias_f32).view(*x.shape[:-1], self.out_features)
+    def small(self, flat: torch.Tensor) -> torch.Tensor:
+        return self.ext.q8_linear(flat, self.codes, self.d, None, self.bias_f32)
 
 
 def _nbytes(layer) -> int:
