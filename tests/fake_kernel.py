@@ -38,7 +38,8 @@ def memory_report() -> protocol.MemoryReport:
 
 class FakeKernel:
     """Answers Query and Submit like the kernel would. Behaviour is chosen by the prompt
-    (or last chat message): "slow" streams 200 pieces 50 ms apart, "fail" fails after one
+    (or last chat message): "slow" streams 2000 pieces 50 ms apart (100 s: long enough that a starved
+    io process still sees its client leave before the reply could finish), "fail" fails after one
     output, "silent" never answers, "stall" is accepted and then never produces output."""
 
     def __init__(self, endpoint: str):
@@ -125,10 +126,10 @@ class FakeKernel:
         self._later(peer, protocol.Accepted(rid, prompt_tokens=7))
         if text == "stall":
             return
-        pieces, gap = (["tok"] * 200, 0.05) if text == "slow" else (REPLY, 0.0)
+        pieces, gap = (["tok"] * 2000, 0.05) if text == "slow" else (REPLY, 0.0)
         max_tokens = msg.params.get("max_tokens") or len(pieces)
         pieces = pieces[:max_tokens]
-        finish = "length" if len(pieces) < (200 if text == "slow" else len(REPLY)) else "stop"
+        finish = "length" if len(pieces) < (2000 if text == "slow" else len(REPLY)) else "stop"
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             lp = None

@@ -199,7 +199,7 @@ def test_client_disconnect_aborts(stack, stream):
         while b"data: " not in got:
             got += s.recv(4096)
     else:
-        assert kernel.wait_for(lambda m: len(kernel.of(protocol.Submit)) > submitted)
+        assert kernel.wait_for(lambda m: len(kernel.of(protocol.Submit)) > submitted, 60.0)
         time.sleep(0.2)
     s.close()
     sub, abort = _aborted(kernel)
