@@ -127,9 +127,9 @@ class FakeKernel:
         if text == "stall":
             return
         pieces, gap = (["tok"] * 2000, 0.05) if text == "slow" else (REPLY, 0.0)
-        max_tokens = msg.params.get("max_tokens") or len(pieces)
-        pieces = pieces[:max_tokens]
-        finish = "length" if len(pieces) < (2000 if text == "slow" else len(REPLY)) else "stop"
+        full = len(pieces)
+        pieces = pieces[:msg.params.get("max_tokens") or full]
+        finish = "length" if len(pieces) < full else "stop"
         for i, piece in enumerate(pieces):
             last = i == len(pieces) - 1
             lp = None
