@@ -36,12 +36,31 @@ def build_dir() -> Path:
     import torch
 
     key = hashlib.sha256()
-    for src in sorted(CSRC.iterdir()):                      # the sources and the headers they include
+    for src in sorted(p for p in CSRC.iterdir() if p.is_file()):   # the sources and their headers
         key.update(src.name.encode() + src.read_bytes())
     key.update(f"{torch.__version__}|{sys.version_info[:2]}|{cpu_model()}|{CFLAGS}".encode())
     root = Path(os.environ.get("LLMOS_NATIVE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or
                                                               Path.home() / ".cache") / "llmos" / "native")
     return root / key.hexdigest()[:16]
+
+
+def stage_sources(where: Path) -> list[Path]:
+    """Copies of csrc/ inside the build folder, the paths that build.ninja names. The folder is
+    keyed by content, not by checkout: compiled from each checkout's own csrc/, a second clone
+    (a CI run beside a work tree) rewrote build.ninja with its paths and ninja rebuilt all of
+    it, minutes of a model driver's start on 2 cores. A copy is only written when missing or
+    different, so its timestamp, and thus ninja's view, stays put."""
+    staged = where / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for src in sorted(CSRC.iterdir()):
+        if not src.is_file():
+            continue
+        dst, data = staged / src.name, src.read_bytes()
+        if not dst.exists() or dst.read_bytes() != data:
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+            tmp.write_bytes(data)
+            os.replace(tmp, dst)   # whole or absent, for a driver building beside this one
+    return [staged / s.name for s in SOURCES]
 
 
 def _openmp_runtime() -> list[str]:
@@ -65,9 +84,9 @@ def load(verbose: bool = False):
             from torch.utils import cpp_extension
 
             where = build_dir()
-            where.mkdir(parents=True, exist_ok=True)
+            sources = stage_sources(where)
             ext = cpp_extension.load(
-                name="llmos_native", sources=[str(s) for s in SOURCES], build_directory=str(where),
+                name="llmos_native", sources=[str(s) for s in sources], build_directory=str(where),
                 extra_cflags=CFLAGS, extra_ldflags=_openmp_runtime(), verbose=verbose)
         except Exception as exc:  # no compiler, no ninja, a CPU the flags do not fit...
             log.warning("C++ kernels unavailable, using the pure torch path: %s: %s",
