@@ -6,6 +6,7 @@ so a malformed message can never take a process down.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 
@@ -20,10 +21,19 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024  # a garbage length prefix cannot make us 
 
 
 class KernelBus:
-    """The kernel's ROUTER socket (asyncio). `recv` yields (peer, message) pairs."""
+    """The kernel's ROUTER socket. `recv` (a coroutine) yields (peer, message) pairs; `send`
+    never blocks.
 
-    def __init__(self, endpoint: str, ctx: zmq.asyncio.Context | None = None):
-        self.ctx = ctx or zmq.asyncio.Context.instance()
+    A plain socket watched by the event loop, not zmq.asyncio's: that one wraps every send in
+    a Future and, while a receive is pending (always, in the kernel), schedules a pass over
+    its events after each one; at one stream that machinery was about a third of the
+    kernel's CPU (benchmarks/step_gap.py, docs/benchmarks.md). What it guarded against is kept
+    here: zmq's file descriptor is edge-triggered, so a send may swallow the wake-up of a
+    message that arrived meanwhile, and after each send the reader is woken if zmq says a
+    message waits."""
+
+    def __init__(self, endpoint: str, ctx: zmq.Context | None = None):
+        self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted driver reclaims its name
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
@@ -38,16 +48,41 @@ class KernelBus:
         self.sock.bind(endpoint)
         self.endpoint = endpoint
         self.rejected = 0
+        self._fd = self.sock.getsockopt(zmq.FD)
+        self._waiter: asyncio.Future | None = None   # the receive that sleeps on the fd, if one does
 
     async def recv(self) -> tuple[str, Message]:
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            frames = await self._next_frames()
             peer = frames[0].bytes.decode("utf-8", "replace")
             try:
                 return peer, protocol.decode(frames[1:])
             except BadMessage as exc:
                 self.rejected += 1
                 log.warning("dropped bad message from %r: %s", peer, exc)
+
+    async def _next_frames(self) -> list:
+        while True:
+            try:
+                return self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:   # arrived since: no sleep (the edge is spent)
+                continue
+            await self._readable()
+
+    async def _readable(self) -> None:
+        """Sleep until the fd stirs or a send sees a message waiting. The reader is only
+        registered while someone sleeps: a level-triggered loop would otherwise spin on an
+        fd with pending zmq commands that nobody reads (after the receive loop ends)."""
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        loop.add_reader(self._fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            loop.remove_reader(self._fd)
+            self._waiter = None
 
     def send(self, peer: str, msg: Message) -> None:
         """Send without blocking. Raises protocol.Unencodable (nothing sent) for a message
@@ -57,6 +92,8 @@ class KernelBus:
             self.sock.send_multipart([peer.encode(), *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             log.warning("dropped %s to %s: peer not reachable", type(msg).__name__, peer)
+        if self._waiter is not None and self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            _wake(self._waiter)   # the send took the edge that announced it
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -65,6 +102,11 @@ class KernelBus:
                 os.unlink(self.endpoint[len("ipc://"):])
             except FileNotFoundError:
                 pass
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class DriverBus:
