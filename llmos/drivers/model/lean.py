@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from llmos.drivers.model import fused, layer_ops
+from llmos.drivers.model import decode_stack, fused, layer_ops
 from llmos.drivers.model.paged_attention import PagedStep, attend
 
 LAYER_CLASSES = ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer")
@@ -120,13 +120,23 @@ class LeanForward:
                 _fused_of([a.q_proj, a.k_proj, a.v_proj]), _linear(a.q_proj), _linear(a.k_proj),
                 _linear(a.v_proj), _linear(a.o_proj), _fused_of([m.gate_proj, m.up_proj]),
                 _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)))
+        # Small decode steps of 4-bit weights: the same loop in one native call (decode_stack.py).
+        self.stack = decode_stack.build(self.ext, self.layers, self.H, self.KVH, self.D, self.scale)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, step: PagedStep) -> torch.Tensor:
-        H, KVH, D = self.H, self.KVH, self.D
-        T = ids.shape[0]
         x = F.embedding(ids, self.embed.weight)
         cos, sin = self.rotary(x, pos[None])          # [1, T, D] each, in x's dtype
         cos, sin = cos[0, :, None], sin[0, :, None]   # [T, 1, D]: one row per token, every head
+        if self.stack is not None and self.stack.serves(step, x):
+            x = self.stack(x, cos[:, 0], sin[:, 0], step)
+        else:
+            x = self._layers(x, cos, sin, step)
+        x = x.index_select(0, keep)     # the norm is per row: only the rows we sample need it
+        return self.lm_head(self.final_norm(x)[1])
+
+    def _layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: PagedStep) -> torch.Tensor:
+        H, KVH, D = self.H, self.KVH, self.D
+        T = x.shape[0]
         half = D // 2
         x, h = self.layers[0].norm1(x) if self.layers else (x, x)
         for i, L in enumerate(self.layers):
@@ -152,8 +162,7 @@ class LeanForward:
                 x, h = self.layers[i + 1].norm1(x, L.down(h))
             else:
                 x = x + L.down(h)
-        x = x.index_select(0, keep)     # the norm is per row: only the rows we sample need it
-        return self.lm_head(self.final_norm(x)[1])
+        return x
 
 
 def supported(model: torch.nn.Module) -> str | None:

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "decode_generic.h"
+#include "decode_stack.h"
 #include "decode_vec.h"
 #include "layer_ops.h"
 #include "quant_gemv.h"
@@ -107,4 +108,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("parallel_threads", &parallel_threads, "threads that at::parallel_for uses for this much work");
   register_layer_ops(m);
   register_quant_gemv(m);
+  register_decode_stack(m);
 }

@@ -265,8 +265,13 @@ torch::Tensor linear(const torch::Tensor& x_in, const torch::Tensor& w, const to
 
 }  // namespace
 
+torch::Tensor q4_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                        const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias) {
+  return linear<Q4>(x, codes, scales, mins, bias);
+}
+
 void register_quant_gemv(pybind11::module& m) {
-  m.def("q4_linear", &linear<Q4>, "x @ w.T + bias over 4-bit groups (w = d q + m), in x's dtype",
+  m.def("q4_linear", &q4_linear, "x @ w.T + bias over 4-bit groups (w = d q + m), in x's dtype",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("bias"));
   m.def("q8_linear", &linear<Q8>, "x @ w.T + bias over 8-bit groups (w = d q), in x's dtype",
         py::arg("x"), py::arg("codes"), py::arg("scales"), py::arg("mins"), py::arg("bias"));
