@@ -8,8 +8,9 @@ N+1's plan, as the kernel sees it: from N's result arriving to N+1's plan leavin
 stats `gap_s / gaps`: update, schedule, plan, encode and, without the overlap, handing N's
 tokens to the tokenizer and the clients). "Outside the forward" is everything of a step
 that is not the driver's own execute() (the gap plus both bus hops and msgpack), from
-`step_wall_s - forward_s`. Each round starts a fresh daemon with LLMOS_EMIT_OVERLAP=0, then
-one with it on (the default), and runs the standard chats at each concurrency (greedy,
+`step_wall_s - forward_s`. Each round starts a fresh daemon with LLMOS_EMIT_OVERLAP=0 and
+LLMOS_RUN_AHEAD=0, then one with both on (the default; with run-ahead, kernel/run_ahead.py,
+most decode steps are sent while the one before runs, and only the others have a gap), and runs the standard chats at each concurrency (greedy,
 --max-tokens each, EOS ignored, streamed). Prints both and the ratios; rounds alternate
 because these machines are noisy.
 """
@@ -35,18 +36,18 @@ async def measure(sock: Path, model: str, prompts: list[str], max_tokens: int) -
         before = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
         res = await loadgen.run(client, model, prompts, max_tokens, concurrent=True)
         after = (await client.get("/llmos/v1/memory")).json()[model]["steps"]
-    d = {k: after[k] - before[k] for k in ("steps", "step_wall_s", "forward_s", "gaps", "gap_s")}
+    d = {k: after[k] - before[k] for k in ("steps", "step_wall_s", "forward_s", "gaps", "gap_s", "ahead")}
     return {"tok_s": res["tok_s"], "ttft_p50": res["ttft_p50"],
             "gap_ms": 1e3 * d["gap_s"] / max(d["gaps"], 1),
             "outside_ms": 1e3 * (d["step_wall_s"] - d["forward_s"]) / max(d["steps"], 1),
-            "step_ms": 1e3 * d["step_wall_s"] / max(d["steps"], 1)}
+            "step_ms": 1e3 * d["step_wall_s"] / max(d["steps"], 1), "ahead": d["ahead"] / max(d["steps"], 1)}
 
 
 def one_daemon(model: str, model_dir: Path, dtype: str, overlap: bool, levels: list[int], prompts: list[str],
                max_tokens: int) -> dict:
     home = Path(tempfile.mkdtemp(prefix="llmos-gap-"))
     d = Daemon(home, [f"{model}={model_dir}"], "--dtype", dtype, "--kv-memory", "2GiB",
-               env={"LLMOS_EMIT_OVERLAP": "1" if overlap else "0"}).wait_ready(600)
+               env={} if overlap else {"LLMOS_EMIT_OVERLAP": "0", "LLMOS_RUN_AHEAD": "0"}).wait_ready(600)
     try:
         asyncio.run(measure(d.socket, model, prompts[:2], 4))   # warm-up
         return {c: asyncio.run(measure(d.socket, model, prompts[:c], max_tokens)) for c in levels}
@@ -78,7 +79,7 @@ def main() -> None:
                 rows[(overlap, c)].append(m)
                 print(f"round {r + 1} overlap {'on ' if overlap else 'off'} {c:3d} streams: {m['tok_s']:7.1f} tok/s, "
                       f"step {m['step_ms']:6.1f} ms, gap {m['gap_ms']:5.2f} ms, outside the forward "
-                      f"{m['outside_ms']:5.2f} ms, TTFT p50 {m['ttft_p50']:.2f} s (load {os.getloadavg()[0]:.1f})",
+                      f"{m['outside_ms']:5.2f} ms, {100 * m['ahead']:.0f}% sent ahead, TTFT p50 {m['ttft_p50']:.2f} s (load {os.getloadavg()[0]:.1f})",
                       flush=True)
     for c in levels:
         off, on = (sorted(rows[(o, c)], key=lambda m: m["tok_s"])[-1] for o in (False, True))   # best round each

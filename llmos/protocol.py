@@ -166,7 +166,9 @@ class StepPlan(Message):
     top_logprobs[i] < 0 means no logprobs. Before the forward pass the driver copies
     swap_out [k, 2] (device block -> host block), then swap_in [k, 2] (host -> device),
     then copy [k, 2] (device block -> device block: copy-on-write of shared blocks).
-    controls: penalties, logit bias and min_p of the rows that use them (LogitsControls)."""
+    controls: penalties, logit bias and min_p of the rows that use them (LogitsControls).
+    follows > 0 (kernel/run_ahead.py): sent while step `follows` runs; each sequence has one new
+    token, given as -1: the one the driver samples for it in that step."""
     step_id: int
     seq_ids: np.ndarray
     num_new: np.ndarray
@@ -185,6 +187,7 @@ class StepPlan(Message):
     copy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))   # (src, dst) blocks
     controls: list[LogitsControls] = field(default_factory=list)   # empty unless a sequence asked for them
     grammars: list[GrammarRow] = field(default_factory=list)       # empty unless a sequence asked for one
+    follows: int = 0                                               # 0: every token is given
 
 
 @message(0x13, arrays=("seq_ids", "tokens", "logprobs", "top_ids", "top_lps"))

@@ -10,14 +10,17 @@ import pytest
 
 from llmos.config import DaemonConfig
 from llmos.kernel import engine as engine_module
+from llmos.kernel import run_ahead
 from llmos.kernel.engine import ModelEngine
 from test_step_isolation import INFO, ScriptedDriver, request, result, run_until
 
 
 @pytest.fixture
-def timeline_engine():
+def timeline_engine(monkeypatch):
     """An engine whose driver and front door both write to one timeline:
-    ("plan", step_id, seq_ids) when a plan is sent, ("emit", [(request id, tokens so far)])."""
+    ("plan", step_id, seq_ids) when a plan is sent, ("emit", [(request id, tokens so far)]).
+    Without run-ahead (test_run_ahead.py), so that every plan is sent after its predecessor's result."""
+    monkeypatch.setattr(run_ahead, "ENABLED", False)
     made = []
 
     def make():

@@ -139,6 +139,35 @@ def test_bad_plans_are_rejected(tiny, tmp_path):
             runner.execute(plan(**bad))
 
 
+def test_a_plan_that_follows_a_step_decodes_the_token_that_step_sampled(tiny, tmp_path):
+    """kernel/run_ahead.py: a plan sent while step N ran gives -1 for each sequence's token;
+    the runner takes the token it sampled in N, and refuses a plan that follows anything else."""
+    runner, _, _ = tiny
+    k = MiniKernel(runner, tmp_path, num_blocks=8, block_size=4)
+    s = k.add([5, 6, 7], 4)
+
+    def plan(step_id, **over):
+        base = dict(step_id=step_id, seq_ids=protocol.i32([0]), num_new=protocol.i32([1]),
+                    start_pos=protocol.i32([3]), tokens=protocol.i32([-1]), block_tables=protocol.i32([[1, 2]]),
+                    sample=np.ones(1, np.uint8), temperature=np.zeros(1, np.float32), top_p=np.ones(1, np.float32),
+                    top_k=protocol.i32([-1]), seed=np.full(1, -1, np.int64), gen_index=protocol.i32([1]),
+                    top_logprobs=protocol.i32([-1]))
+        return protocol.decode(protocol.encode(protocol.StepPlan(**{**base, **over})))
+
+    first = runner.execute(plan(1, num_new=protocol.i32([3]), start_pos=protocol.i32([0]),
+                                tokens=protocol.i32(s.tokens), gen_index=protocol.i32([0])))
+    ahead = runner.execute(plan(2, follows=1))
+    given = runner.execute(plan(3, tokens=protocol.i32([int(first.tokens[0])])))   # the same position again
+    assert ahead.tokens.tolist() == given.tokens.tolist()
+    for bad in (dict(follows=2),                                   # not the last step
+                dict(follows=3, tokens=protocol.i32([5])),         # a given token where -1 belongs
+                dict(follows=3, seq_ids=protocol.i32([7]))):       # a sequence step 3 did not sample
+        with pytest.raises(BadPlan):
+            runner.execute(plan(4, **bad))
+    with pytest.raises(BadPlan):   # a failed step leaves nothing to follow
+        runner.execute(plan(5, follows=3))
+
+
 def test_map_pool_checks_geometry(tiny, tmp_path):
     runner, _, _ = tiny
     msg = make_pool_file(tmp_path, runner.info(), 4, 4)

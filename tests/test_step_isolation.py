@@ -11,6 +11,7 @@ import pytest
 from llmos import protocol
 from llmos.config import DaemonConfig
 from llmos.kernel import engine as engine_module
+from llmos.kernel import run_ahead
 from llmos.kernel.engine import MAX_BAD_RESULTS, ModelEngine
 from llmos.kernel.requests import Request, State
 from llmos.sampling_params import SamplingParams
@@ -46,7 +47,10 @@ def result(plan, tokens=None, seq_ids=None) -> protocol.StepResult:
 
 
 @pytest.fixture
-def make_engine():
+def make_engine(monkeypatch):
+    """Without run-ahead, so that each plan is answered before the next is made (the scripted
+    answers go to the plans in turn); test_run_ahead.py covers steps sent ahead."""
+    monkeypatch.setattr(run_ahead, "ENABLED", False)
     engines = []
 
     def make(answer):

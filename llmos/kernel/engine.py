@@ -33,6 +33,7 @@ from llmos.kernel.mem.pool import SharedKVPool, make_pool
 from llmos.kernel.fcfs import FCFSPolicy
 from llmos.kernel.outputs import EngineOutputs, Failure
 from llmos.kernel.policy import Priority, PriorityPolicy, QuotaExceeded
+from llmos.kernel import run_ahead
 from llmos.kernel.requests import Request, State
 from llmos.kernel.scheduler import ScheduledSeq, Scheduler
 from llmos.kernel.stats import StepStats
@@ -79,8 +80,9 @@ class ModelEngine:
         self.scheduler: Scheduler | None = None
         self.driver_ready = False
         self.wakeup = asyncio.Event()
-        self._pending: tuple[int, asyncio.Future] | None = None
-        self._pending_tokens = 0
+        self._pending: dict[int, tuple[asyncio.Future, int]] = {}   # step id -> (its result, its tokens)
+        self._ahead: tuple[list[ScheduledSeq], protocol.StepPlan] | None = None   # sent ahead (run_ahead.py)
+        self._ahead_void = False               # the step it follows was not applied: neither is it
         self._down_at: float | None = None     # when the model driver was lost, until the next step
         self._recomputed = 0                   # tokens of the steps lost with it
         self.recoveries: list[dict] = []       # per driver loss: recovery time, recomputed tokens
@@ -149,13 +151,15 @@ class ModelEngine:
     def driver_down(self) -> None:
         self.driver_ready = False
         self._down_at = self._down_at or time.monotonic()
-        if self._pending and not self._pending[1].done():
-            self._recomputed += self._pending_tokens  # that step's KV writes are redone by the new driver
-            self._pending[1].set_exception(DriverLost())
+        for fut, tokens in self._pending.values():
+            if not fut.done():
+                self._recomputed += tokens  # that step's KV writes are redone by the new driver
+                fut.set_exception(DriverLost())
 
     def step_result(self, msg) -> None:
-        if self._pending and self._pending[0] == msg.step_id and not self._pending[1].done():
-            self._pending[1].set_result(msg)
+        fut = self._pending.get(msg.step_id, (None, 0))[0]
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     # ------------------------------------------------------------ what the front door may ask
     def submit(self, req: Request) -> None:
@@ -199,7 +203,7 @@ class ModelEngine:
             blocks_shared=pool.num_shared, prefix_cache=s.kv.stats(), accounting=self.accounting,
             pool_bytes=self.pool.nbytes, swap=s.swap.stats() if s.swap else None, scheduler=self.policy_snapshot(),
             block_bytes=self.pool.geometry.block_bytes, preemptions=s.preemptions,
-            requests={r.id: len(r.kv.blocks) for r in s.running + s.waiting}, steps=self.stats.to_dict(),
+            requests={r.id: len(r.kv.blocks) for r in s.running + s.waiting}, steps={**self.stats.to_dict(), "in_flight": len(self._pending)},
             recoveries=list(self.recoveries), integrity=self._integrity())
 
     def _integrity(self) -> str:
@@ -215,16 +219,22 @@ class ModelEngine:
         """The step loop. A step that fails in any way fails that step's requests (500
         internal_error naming the cause); the loop goes on with the next one."""
         while True:
-            if not self._held:   # (held outputs go out now, or with the next plan: never wait on them)
-                await wait_event(self.wakeup, 0.5)   # at least every half second: deadlines expire
-            if not (self.driver_ready and self.scheduler.has_work()):
-                self._release_held()
-                self.wakeup.clear()
-                continue
+            if self._ahead is None:   # (a step sent ahead is taken at once, whoever is left in it)
+                if not self._held:   # (held outputs go out now, or with the next plan: never wait on them)
+                    await wait_event(self.wakeup, 0.5)   # at least every half second: deadlines expire
+                if not (self.driver_ready and self.scheduler.has_work()):
+                    self._release_held()
+                    self.wakeup.clear()
+                    continue
             batch: list[ScheduledSeq] = []
             try:
                 t0 = time.perf_counter()
                 self._end_expired()
+                if self._ahead is not None:   # sent with the last step: its result is next
+                    (batch, plan), void = self._ahead, self._ahead_void
+                    self._ahead, self._ahead_void = None, False
+                    await self._step(batch, t0, plan, void)
+                    continue
                 self._ops_queued = True   # schedule() may queue copies and swaps for this step
                 batch = self.scheduler.schedule()
                 if not batch:
@@ -238,17 +248,24 @@ class ModelEngine:
                 self._step_crashed(batch, exc)
                 self._release_held()
 
-    async def _step(self, batch: list[ScheduledSeq], t0: float) -> None:
-        """plan -> send, await -> check -> update -> emit, for one scheduled batch."""
-        self._step_id += 1
-        plan = build_plan(self._step_id, batch, self.scheduler.step_ops())
+    async def _step(self, batch: list[ScheduledSeq], t0: float, plan: protocol.StepPlan | None = None,
+                    void: bool = False) -> None:
+        """plan -> send, await -> check -> update -> emit, for one scheduled batch, or for the
+        run-ahead `plan` sent with the step before (`void`: that step was not applied)."""
+        sent = plan is not None
+        if not sent:
+            self._step_id += 1
+            plan = build_plan(self._step_id, batch, self.scheduler.step_ops())
         try:
-            result = await self._run_on_driver(plan)
+            result = await self._run_on_driver(plan, batch, sent, chain=not void)
         except DriverLost:
             log.warning("step %d lost with the model driver; it will be replayed", plan.step_id)
             self._lost()
             return
         t1 = time.perf_counter()
+        if void:   # it follows a step that was not applied, so its input tokens are not theirs
+            self._lost()
+            return
         if isinstance(result, protocol.StepResult):
             try:
                 check_result(plan, result, self.info.vocab_size)
@@ -258,6 +275,7 @@ class ModelEngine:
         self._note_recovery()
         self._ops_queued = False
         if isinstance(result, protocol.StepFailed):
+            self._ahead_void = True
             self.scheduler.step_done()
             self._fail([s.req for s in batch], f"model driver failed the step: {result.error}")
         else:
@@ -270,19 +288,39 @@ class ModelEngine:
                           sum(s.num_new for s in batch), t1)
         self._result_at = t1
 
-    async def _run_on_driver(self, plan: protocol.StepPlan):
-        """Send the plan and wait for its StepResult or StepFailed (DriverLost if the driver dies)."""
-        fut = asyncio.get_running_loop().create_future()
-        self._pending = (plan.step_id, fut)
-        self._pending_tokens = len(plan.tokens)
-        try:
-            self._send(self.driver, plan)
+    async def _run_on_driver(self, plan: protocol.StepPlan, batch: list[ScheduledSeq], sent: bool, chain: bool):
+        """Send the plan (unless it went ahead already), send the next one ahead where that is
+        safe, and wait for this one's StepResult or StepFailed (DriverLost if the driver dies)."""
+        if not sent:
+            self._send_plan(plan)
             if self._result_at is not None:   # the gap the model driver waited between two steps
                 self.stats.record_gap(time.perf_counter() - self._result_at)
-            self._release_held()   # the last step's progress, delivered while this one computes
-            return await fut
+        if chain:
+            self._send_ahead(batch, plan)
+        self._release_held()   # the last step's progress, delivered while this one computes
+        try:
+            return await self._pending[plan.step_id][0]
         finally:
-            self._pending = None
+            del self._pending[plan.step_id]
+
+    def _send_plan(self, plan: protocol.StepPlan) -> None:
+        self._pending[plan.step_id] = (asyncio.get_running_loop().create_future(), len(plan.tokens))
+        try:
+            self._send(self.driver, plan)
+        except BaseException:
+            del self._pending[plan.step_id]
+            raise
+
+    def _send_ahead(self, batch: list[ScheduledSeq], plan: protocol.StepPlan) -> None:
+        if not run_ahead.ENABLED or self._ahead is not None:
+            return
+        ahead = run_ahead.plan_ahead(self.scheduler, batch, plan)
+        if ahead:
+            self._step_id += 1
+            nxt = run_ahead.build_ahead_plan(self._step_id, plan, ahead)
+            self._send_plan(nxt)
+            self._ahead, self._ahead_void = (ahead, nxt), False
+            self.stats.ahead += 1
 
     def _emit(self, out: EngineOutputs) -> None:
         if out:
@@ -297,6 +335,7 @@ class ModelEngine:
 
     def _lost(self) -> None:
         self._ops_queued = False
+        self._ahead_void = True   # a step sent ahead of this one is not applied either
         self.scheduler.step_lost()
 
     def _note_recovery(self) -> None:
@@ -309,6 +348,7 @@ class ModelEngine:
     def _bad_result(self, batch: list[ScheduledSeq], exc: BadStepResult) -> None:
         """A result that does not answer its plan is a lost step. A driver that keeps
         answering badly is not helped by replays: after MAX_BAD_RESULTS the step's requests fail."""
+        self._ahead_void = True
         self._bad_results += 1
         self.bad_results_total += 1
         log.error("model driver %s: %s (%d in a row)", self.driver, exc, self._bad_results)
@@ -322,6 +362,7 @@ class ModelEngine:
         step's requests (or, if scheduling itself failed, every request this model holds,
         since none of them could be served) and keep the loop."""
         self.step_crashes += 1
+        self._ahead_void = True   # what was sent ahead of the crashed step follows it
         log.exception("model %s: step crashed", self.name)
         victims = [s.req for s in batch] or list(self.scheduler.running + self.scheduler.waiting)
         try:

@@ -13,6 +13,7 @@ class StepStats:
         self.recent: deque = deque(maxlen=window)   # (end time, tokens)
         self.gaps = 0          # steps sent straight after the previous result
         self.gap_s = 0.0       # ... and the time from that result to the plan's send, summed
+        self.ahead = 0         # steps sent ahead, while the one before ran (kernel/run_ahead.py)
 
     def record(self, wall_s: float, forward_s: float, tokens: int, now: float) -> None:
         self.steps += 1
@@ -33,4 +34,4 @@ class StepStats:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "tokens_computed": self.tokens, "step_wall_s": round(self.wall_s, 4),
                 "forward_s": round(self.forward_s, 4), "kernel_share": round(self.kernel_share, 4),
-                "gaps": self.gaps, "gap_s": round(self.gap_s, 4)}
+                "gaps": self.gaps, "gap_s": round(self.gap_s, 4), "ahead": self.ahead}

@@ -80,6 +80,9 @@ class ModelRunner:
         self.lean = lean.build(self.model) if lean.wanted() else None   # None: transformers' forward
         self.pool: KVPool | None = None
         self.host: torch.Tensor | None = None
+        # The last step's sampled tokens, for a plan sent while it ran (StepPlan.follows): a
+        # cache the kernel never relies on; a plan that follows any other step is refused.
+        self.last_sampled: tuple[int, dict[int, int]] | None = None
         self.grammars = GrammarBook(self.model_dir, self.config.vocab_size, self.info()["eos_token_ids"])
 
     def info(self) -> dict:
@@ -162,6 +165,21 @@ class ModelRunner:
         if used.size and (used.min() < 0 or used.max() >= self.pool.num_blocks):
             raise BadPlan(f"block id out of range [0, {self.pool.num_blocks})")
 
+    @staticmethod
+    def _followed_tokens(plan: protocol.StepPlan, followed: tuple[int, dict[int, int]] | None) -> np.ndarray:
+        """A run-ahead plan's input tokens: what this driver sampled for its sequences in the
+        step it follows."""
+        n = len(plan.seq_ids)
+        if plan.tokens.shape != (n,) or (plan.tokens != -1).any() or plan.num_new.shape != (n,) \
+                or (plan.num_new != 1).any():
+            raise BadPlan("a plan that follows another has one token a sequence, each given as -1")
+        if followed is None or followed[0] != plan.follows:
+            raise BadPlan(f"plan {plan.step_id} follows step {plan.follows}, whose tokens this driver does not hold")
+        try:
+            return np.asarray([followed[1][int(q)] for q in plan.seq_ids], dtype=np.int32)
+        except KeyError as exc:
+            raise BadPlan(f"sequence {exc.args[0]} sampled nothing in step {plan.follows}") from None
+
     def _swap(self, swap_out: np.ndarray, swap_in: np.ndarray) -> None:
         """Whole-block copies between the device pool and the host pool, outs before ins."""
         if not len(swap_out) and not len(swap_in):
@@ -199,6 +217,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: protocol.StepPlan) -> protocol.StepResult:
         t0 = time.perf_counter()
+        followed, self.last_sampled = self.last_sampled, None   # a failed step leaves none
+        if plan.follows:
+            plan.tokens = self._followed_tokens(plan, followed)
         self.check_plan(plan)
         rows = np.flatnonzero(plan.sample != 0)
         try:
@@ -228,6 +249,7 @@ class ModelRunner:
         s = sample(logits, plan.temperature[rows], plan.top_p[rows], plan.top_k[rows],
                    plan.seed[rows], plan.gen_index[rows], plan.top_logprobs[rows], controls,
                    None if masks is None else (masks.positions, masks.allowed))
+        self.last_sampled = (plan.step_id, dict(zip(plan.seq_ids[rows].tolist(), s.tokens.tolist())))
         return protocol.StepResult(
             step_id=plan.step_id, seq_ids=plan.seq_ids[rows], tokens=s.tokens, logprobs=s.logprobs,
             top_ids=s.top_ids, top_lps=s.top_lps, forward_ms=(time.perf_counter() - t0) * 1e3,
