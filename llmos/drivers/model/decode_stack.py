@@ -1,15 +1,18 @@
 """When a decode step's layers may run as one native call (csrc/decode_stack.cpp).
 
-At one stream of 4-bit weights, lean.py's loop makes ~15 Python-level calls a layer around
-the kernels (the products, the norms, the rotary embedding, the paged attention), each with
-its argument parsing, views and dispatch. decode_stack.cpp runs the same loop in C++: the same
-functions on the same tensors in the same order, so the same bits. It serves only the steps
-that path covers exactly:
+lean.py's loop makes ~15 Python-level calls a layer around the kernels (the products, the
+norms, the rotary embedding, the paged attention), each with its argument parsing, views and
+dispatch: a third of a one-stream 4-bit step, ~1.7 ms of a batch-32 one. decode_stack.cpp runs
+the same loop in C++: the same functions on the same tensors in the same order, so the same
+bits. It serves only the steps that path covers exactly:
 
 - the model: every layer with native norms of one eps and summation width, fused q/k/v and
-  gate/up, and all four products 4-bit with the native kernel (quant.Int4Linear with `ext`);
-- the step: up to quant.SMALL_STEP tokens (above it the products take the dense copy), all
-  decoding (no prefill), through the native paged-decode backend, bf16 activations.
+  gate/up, and each of the four products either 4-bit with the native kernel
+  (quant.Int4Linear with `ext`, which also holds a packed bf16 copy) or packed bf16
+  (packed.PackedLinear);
+- the step: all decoding (no prefill), through the native paged-decode backend, bf16
+  activations. Up to quant.SMALL_STEP tokens a 4-bit model takes its 4-bit products, as
+  Int4Linear does; bigger steps, and every step of a bf16 model, the packed ones.
 
 Anything else takes lean.py's loop. LLMOS_DECODE_STACK=0 turns it off.
 """
@@ -20,6 +23,7 @@ import os
 import torch
 
 from llmos.drivers.model import quant
+from llmos.drivers.model.packed import PackedLinear
 
 
 def wanted(env=os.environ) -> bool:
@@ -29,12 +33,23 @@ def wanted(env=os.environ) -> bool:
     return raw == "1"
 
 
-def _int4(fn) -> quant.Int4Linear | None:
-    """The native 4-bit linear behind lean's callable, or None."""
+def _module(fn, cls, method):
+    """The module of class `cls` whose bound `method` lean's callable is, or None."""
     module = getattr(fn, "__self__", None)
-    ok = isinstance(module, quant.Int4Linear) and module.ext is not None and getattr(fn, "__func__", None) is \
-        quant.Int4Linear.forward
-    return module if ok else None
+    return module if isinstance(module, cls) and getattr(fn, "__func__", None) is method else None
+
+
+def _int4(fn) -> quant.Int4Linear | None:
+    module = _module(fn, quant.Int4Linear, quant.Int4Linear.forward)
+    return module if module is not None and module.ext is not None else None
+
+
+def _packed(fn) -> PackedLinear | None:
+    """The packed bf16 linear that computes lean's callable for steps past SMALL_STEP, or None."""
+    four = _module(fn, quant.Int4Linear, quant.Int4Linear.forward)
+    if four is not None:
+        return four.dense if type(four.dense) is PackedLinear else None
+    return _module(fn, PackedLinear, PackedLinear.forward)
 
 
 class DecodeStack:
@@ -44,22 +59,35 @@ class DecodeStack:
         self.ext, self.H, self.KVH, self.D, self.scale = ext, heads, kv_heads, head_dim, scale
         norm = layers[0].norm1
         self.eps, self.lanes = norm.eps, norm.lanes
-        self.norms, self.products, self.biases = [], [], []
+        self.norms, self.products, self.biases, self.packed, self.packed_biases = [], [], [], [], []
+        fns = [fn for L in layers for fn in (L.qkv, L.o, L.gate_up, L.down)]
+        self.four_bit = all(_int4(fn) is not None for fn in fns)      # small steps: the 4-bit products
+        self.dense = all(_packed(fn) is not None for fn in fns)       # others: the packed ones
         for L in layers:
             self.norms += [L.norm1.weight, L.norm2.weight]
-            for fn in (L.qkv, L.o, L.gate_up, L.down):
+        for fn in fns:
+            if self.four_bit:
                 lin = _int4(fn)
                 self.products += [lin.codes, lin.d, lin.m]
                 self.biases.append(lin.bias_f32)
+            if self.dense:
+                lin = _packed(fn)
+                self.packed.append(lin.packed)
+                self.packed_biases.append(lin.bias)
         self._pool_of: tuple[object, list[torch.Tensor]] | None = None
+
+    def _small(self, T: int) -> bool:
+        return self.four_bit and T <= quant.SMALL_STEP
 
     def serves(self, step, x: torch.Tensor) -> bool:
         T = x.shape[0]
-        return (T <= quant.SMALL_STEP and step.num_decodes == T and not step.prefills and step.dec_idx is None
-                and step.backend == "native" and x.dtype == torch.bfloat16 and x.is_contiguous())
+        return ((self._small(T) or self.dense) and step.num_decodes == T and not step.prefills
+                and step.dec_idx is None and step.backend == "native" and x.dtype == torch.bfloat16
+                and x.is_contiguous())
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
-        return self.ext.decode_stack(x, cos, sin, self.norms, self.products, self.biases, self._pool(step.pool),
+        return self.ext.decode_stack(x, cos, sin, self.norms, self.products, self.biases, self.packed,
+                                     self.packed_biases, not self._small(x.shape[0]), self._pool(step.pool),
                                      step.slots, step.dec_tables, step.dec_ctx, self.H, self.KVH, self.D,
                                      self.eps, self.lanes, self.scale)
 
@@ -82,6 +110,7 @@ def build(ext, layers: list, heads: int, kv_heads: int, head_dim: int, scale: fl
         for norm in (L.norm1, L.norm2):
             if norm.ext is None or norm.eps != first.eps or norm.lanes != first.lanes:
                 return None
-        if L.qkv is None or L.gate_up is None or any(_int4(fn) is None for fn in (L.qkv, L.o, L.gate_up, L.down)):
+        if L.qkv is None or L.gate_up is None:
             return None
-    return DecodeStack(ext, layers, heads, kv_heads, head_dim, scale)
+    stack = DecodeStack(ext, layers, heads, kv_heads, head_dim, scale)
+    return stack if stack.four_bit or stack.dense else None
