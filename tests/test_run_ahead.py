@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 from llmos import protocol
-from llmos.config import DaemonConfig
 from llmos.kernel import run_ahead
 from llmos.kernel.engine import ModelEngine
 from llmos.kernel.requests import Request, State
 from llmos.sampling_params import SamplingParams
-from test_step_isolation import INFO, VOCAB, run_until
+from test_step_isolation import INFO, VOCAB, engine_for, released_engines, run_until  # noqa: F401
 
 EOS = INFO.eos_token_ids[0]
 
@@ -64,25 +63,13 @@ class FollowingDriver:
 
 
 @pytest.fixture
-def engine_with(monkeypatch):
-    made = []
-
+def engine_with(monkeypatch, released_engines):
     def make(enabled: bool):
         monkeypatch.setattr(run_ahead, "ENABLED", enabled)
         driver = FollowingDriver()
-        failures: dict = {}
-        config = DaemonConfig(models=["t"], device="cpu", swap_memory="0", max_batched_tokens=64)
-        engine = ModelEngine("t-ahead", "t", config, lambda info, device: {"kv_budget_bytes": 64 * 16 * 32},
-                             driver.send, lambda e, out: failures.update((r.id, f) for r, f in out.failed))
-        driver.engine = engine
-        engine.driver_up(INFO)
-        engine.pool_mapped(None)
-        made.append(engine)
+        engine, failures = engine_for(driver, "t-ahead", released_engines)
         return engine, driver, failures
-
-    yield make
-    for e in made:
-        e.pool.release()
+    return make
 
 
 def request(i: int, prompt: list[int], max_tokens: int) -> Request:

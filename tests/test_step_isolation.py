@@ -47,27 +47,40 @@ def result(plan, tokens=None, seq_ids=None) -> protocol.StepResult:
 
 
 @pytest.fixture
-def make_engine(monkeypatch):
+def released_engines():
+    """Engines whose shared-memory pools are released after the test."""
+    engines: list[ModelEngine] = []
+    yield engines
+    for e in engines:
+        e.pool.release()
+
+
+def engine_for(driver, name: str, keep: list) -> tuple[ModelEngine, dict]:
+    """A ModelEngine over a real shared-memory pool whose model driver is `driver` (its send
+    answers through engine.step_result), appended to `keep`; returns it and the Failures it
+    emitted, by request id."""
+    failures: dict[str, object] = {}
+    config = DaemonConfig(models=["t"], device="cpu", swap_memory="0", max_batched_tokens=64)
+    engine = ModelEngine(name, "t", config, lambda info, device: {"kv_budget_bytes": 64 * 16 * 32},
+                         driver.send, lambda e, out: failures.update((r.id, f) for r, f in out.failed))
+    driver.engine = engine
+    engine.driver_up(INFO)
+    engine.pool_mapped(None)
+    keep.append(engine)
+    return engine, failures
+
+
+@pytest.fixture
+def make_engine(monkeypatch, released_engines):
     """Without run-ahead, so that each plan is answered before the next is made (the scripted
     answers go to the plans in turn); test_run_ahead.py covers steps sent ahead."""
     monkeypatch.setattr(run_ahead, "ENABLED", False)
-    engines = []
 
     def make(answer):
         driver = ScriptedDriver(answer)
-        failures: dict[str, object] = {}   # request id -> the Failure the engine emitted
-        config = DaemonConfig(models=["t"], device="cpu", swap_memory="0", max_batched_tokens=64)
-        engine = ModelEngine("t-isolation", "t", config, lambda info, device: {"kv_budget_bytes": 64 * 16 * 32},
-                             driver.send, lambda e, out: failures.update((r.id, f) for r, f in out.failed))
-        driver.engine = engine
-        engine.driver_up(INFO)
-        engine.pool_mapped(None)
-        engines.append(engine)
+        engine, failures = engine_for(driver, "t-isolation", released_engines)
         return engine, driver, failures
-
-    yield make
-    for e in engines:
-        e.pool.release()
+    return make
 
 
 def request(i: int, max_tokens: int = 4) -> Request:
