@@ -153,6 +153,9 @@ class GrammarRow:
     output_ids: list       # ints
 
 
+FOLLOWED_TOKEN = -1   # StepPlan.tokens of a plan that follows another: filled in by the driver
+
+
 @message(0x12, arrays=("seq_ids", "num_new", "start_pos", "tokens", "block_tables", "sample",
                        "temperature", "top_p", "top_k", "seed", "gen_index", "top_logprobs",
                        "swap_out", "swap_in", "copy"))
@@ -168,7 +171,7 @@ class StepPlan(Message):
     then copy [k, 2] (device block -> device block: copy-on-write of shared blocks).
     controls: penalties, logit bias and min_p of the rows that use them (LogitsControls).
     follows > 0 (kernel/run_ahead.py): sent while step `follows` runs; each sequence has one new
-    token, given as -1: the one the driver samples for it in that step."""
+    token, given as FOLLOWED_TOKEN: the one the driver samples for it in that step."""
     step_id: int
     seq_ids: np.ndarray
     num_new: np.ndarray

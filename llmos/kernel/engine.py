@@ -203,7 +203,8 @@ class ModelEngine:
             blocks_shared=pool.num_shared, prefix_cache=s.kv.stats(), accounting=self.accounting,
             pool_bytes=self.pool.nbytes, swap=s.swap.stats() if s.swap else None, scheduler=self.policy_snapshot(),
             block_bytes=self.pool.geometry.block_bytes, preemptions=s.preemptions,
-            requests={r.id: len(r.kv.blocks) for r in s.running + s.waiting}, steps={**self.stats.to_dict(), "in_flight": len(self._pending)},
+            requests={r.id: len(r.kv.blocks) for r in s.running + s.waiting},
+            steps={**self.stats.to_dict(), "in_flight": len(self._pending)},
             recoveries=list(self.recoveries), integrity=self._integrity())
 
     def _integrity(self) -> str:

@@ -5,7 +5,7 @@ applies it, plans N+1 and sends it, and the driver sits idle through that round 
 bus hops, msgpack, the update and the plan: 1-2 ms a token at one stream, a sixth of it).
 With it, right after step N's plan is sent the engine plans N+1 for the same sequences, one
 decode token each, whose input is the token that N samples: the plan says `follows = N` and
-carries -1 in those places, and the driver fills them from its own last result. The driver
+carries protocol.FOLLOWED_TOKEN in those places, and the driver fills them from its own last result. The driver
 starts N+1 the moment N is done; the kernel applies N, emits it and plans N+2 while N+1 runs.
 
 It is only done where nothing the kernel decides at N's result could change N+1:
@@ -34,7 +34,6 @@ from llmos.kernel.requests import State
 from llmos.kernel.scheduler import ScheduledSeq, Scheduler
 
 ENABLED = os.environ.get("LLMOS_RUN_AHEAD", "1") != "0"
-FOLLOWED = -1   # a token of a plan that follows another: the one it sampled for that sequence
 
 
 def plan_ahead(scheduler: Scheduler, batch: list[ScheduledSeq], plan: protocol.StepPlan) -> list[ScheduledSeq]:
@@ -43,7 +42,7 @@ def plan_ahead(scheduler: Scheduler, batch: list[ScheduledSeq], plan: protocol.S
     if scheduler.waiting or plan.copy.size or plan.swap_out.size or plan.swap_in.size or plan.grammars \
             or plan.controls:
         return []
-    ahead = []
+    ahead = []   # (request, its tokens in N)
     for s in batch:
         req = s.req
         if req.state is not State.RUNNING:
@@ -52,34 +51,22 @@ def plan_ahead(scheduler: Scheduler, batch: list[ScheduledSeq], plan: protocol.S
             return []
         if len(req.output.ids) + 1 >= req.max_tokens or req.num_tokens + 1 >= scheduler.stop_rule.max_model_len:
             continue   # N's token is its last
-        ahead.append(req)
+        ahead.append((req, s.num_new))
     kv, pool = scheduler.kv, scheduler.pool
     bs = pool.block_size
-    grow = {r.seq_id: max(0, blocks_needed(r.kv.num_computed + _new(batch, r) + 1, bs) - len(r.kv.blocks))
-            for r in ahead}
-    if sum(grow.values()) > pool.num_free:
+    if sum(max(0, blocks_needed(r.kv.num_computed + n + 1, bs) - len(r.kv.blocks)) for r, n in ahead) > pool.num_free:
         return []
     out = []
-    for r in ahead:
-        n = _new(batch, r)
+    for r, n in ahead:
         first = (r.kv.num_computed + n) // bs   # the block N+1's token lands in
         if first < len(r.kv.blocks) and pool.ref_count(r.kv.blocks[first]) > 1:
             continue   # shared: it would need a copy (cannot happen after a copy-free N; kept safe)
-        r.kv.num_computed += n      # allocate as if N were applied ...
-        try:
-            ok = kv.allocate_slots(r, 1)
-        finally:
-            r.kv.num_computed -= n  # ... which update_from_output does
-        if ok:
+        if kv.allocate_slots(r, n + 1):   # N's tokens (their blocks are N's already) and N+1's one
             out.append(ScheduledSeq(r, 1, True))
     now = scheduler.clock()
     for s in out:
         scheduler.policy.charge(s.req, 1, now)
     return out
-
-
-def _new(batch: list[ScheduledSeq], req) -> int:
-    return next(s.num_new for s in batch if s.req is req)
 
 
 def build_ahead_plan(step_id: int, follows: protocol.StepPlan, ahead: list[ScheduledSeq]) -> protocol.StepPlan:
@@ -94,7 +81,7 @@ def build_ahead_plan(step_id: int, follows: protocol.StepPlan, ahead: list[Sched
     start = follows.start_pos[idx] + follows.num_new[idx]
     return protocol.StepPlan(
         step_id=step_id, follows=follows.step_id, seq_ids=follows.seq_ids[idx], num_new=protocol.i32([1] * len(ahead)),
-        start_pos=start.astype(np.int32), tokens=protocol.i32([FOLLOWED] * len(ahead)), block_tables=tables,
+        start_pos=start.astype(np.int32), tokens=protocol.i32([protocol.FOLLOWED_TOKEN] * len(ahead)), block_tables=tables,
         sample=protocol.i32([1] * len(ahead)), temperature=follows.temperature[idx], top_p=follows.top_p[idx],
         top_k=follows.top_k[idx], seed=follows.seed[idx], gen_index=(follows.gen_index[idx] + 1).astype(np.int32),
         top_logprobs=follows.top_logprobs[idx])

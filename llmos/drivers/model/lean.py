@@ -120,7 +120,7 @@ class LeanForward:
                 _fused_of([a.q_proj, a.k_proj, a.v_proj]), _linear(a.q_proj), _linear(a.k_proj),
                 _linear(a.v_proj), _linear(a.o_proj), _fused_of([m.gate_proj, m.up_proj]),
                 _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)))
-        # Small decode steps of 4-bit weights: the same loop in one native call (decode_stack.py).
+        # Decode steps where it computes the same bits: the loop below in one native call (decode_stack.py).
         self.stack = decode_stack.build(self.ext, self.layers, self.H, self.KVH, self.D, self.scale)
 
     def __call__(self, ids: torch.Tensor, pos: torch.Tensor, keep: torch.Tensor, step: PagedStep) -> torch.Tensor:

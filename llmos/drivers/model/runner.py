@@ -170,9 +170,9 @@ class ModelRunner:
         """A run-ahead plan's input tokens: what this driver sampled for its sequences in the
         step it follows."""
         n = len(plan.seq_ids)
-        if plan.tokens.shape != (n,) or (plan.tokens != -1).any() or plan.num_new.shape != (n,) \
-                or (plan.num_new != 1).any():
-            raise BadPlan("a plan that follows another has one token a sequence, each given as -1")
+        if plan.tokens.shape != (n,) or (plan.tokens != protocol.FOLLOWED_TOKEN).any() or \
+                plan.num_new.shape != (n,) or (plan.num_new != 1).any():
+            raise BadPlan(f"a plan that follows another has one token a sequence, each {protocol.FOLLOWED_TOKEN}")
         if followed is None or followed[0] != plan.follows:
             raise BadPlan(f"plan {plan.step_id} follows step {plan.follows}, whose tokens this driver does not hold")
         try:

@@ -1,8 +1,9 @@
 // The decoder layers of one decode step in a single call: what lean.py's loop does for a step
 // of decoding tokens with the native norms, rotary and paged attention, and either the 4-bit
 // products (steps of up to four tokens) or the packed bf16 ones (oneDNN's prepacked linears,
-// as PackedLinear calls them: bigger steps of 4-bit models, and every step of bf16 ones), with the same functions called in the same order on the same tensors (so
-// the same bits), but without the ~15 Python-level calls a layer, each with its argument
+// as PackedLinear calls them: bigger steps of 4-bit models, and every step of bf16 ones),
+// with the same functions called in the same order on the same tensors (so the same bits),
+// but without the ~15 Python-level calls a layer, each with its argument
 // parsing, tensor views and dispatch: ~30 layers x 15 of them were a third of a one-stream
 // step (docs/model-driver.md). Only the loop moved here; every number is computed by the
 // kernels lean.py calls (q4_linear or mkldnn::_linear_pointwise, rms_norm_bf16, rotary_bf16_,
@@ -88,6 +89,6 @@ torch::Tensor decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
 void register_decode_stack(pybind11::module& m) {
   m.def("decode_stack", &decode_stack, "the decoder layers of a decode step (bf16; 4-bit or packed products)",
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("norms"), py::arg("products"), py::arg("biases"),
-        py::arg("packed"), py::arg("packed_biases"), py::arg("dense"), py::arg("pool"), py::arg("slots"), py::arg("tables"), py::arg("ctx"), py::arg("heads"), py::arg("kv_heads"),
-        py::arg("head_dim"), py::arg("eps"), py::arg("lanes"), py::arg("scale"));
+        py::arg("packed"), py::arg("packed_biases"), py::arg("dense"), py::arg("pool"), py::arg("slots"),
+        py::arg("tables"), py::arg("ctx"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("lanes"), py::arg("scale"));
 }
