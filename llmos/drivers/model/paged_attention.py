@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 
 from llmos import protocol
 from llmos.drivers.model import decode_backends
+from llmos.drivers.model import native as native_ext
 
 ATTN_IMPLEMENTATION = "llmos_paged"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -129,6 +130,7 @@ class PagedStep:
     prefills: list[_Prefill] = field(default_factory=list)
     backend: str = "gather"                  # decode_backends name
     backend_state: dict = field(default_factory=dict)   # what a backend plans once per step (its mask, ...)
+    prefill_geom: tuple | None = None        # (tables [P, MB], q0, lens, starts [P]) int64 CPU, for paged_prefill
 
     @property
     def num_decodes(self) -> int:
@@ -179,7 +181,17 @@ def plan_step(pool: KVPool, num_new: np.ndarray, start_pos: np.ndarray, block_ta
             k = torch.arange(s + m, device=device)
             mask = k[None, :] <= (s + torch.arange(m, device=device))[:, None]
         prefills.append(_Prefill(int(cu[i]), int(cu[i + 1]), s, blocks, mask))
-    return PagedStep(pool, as_t(slots), dec_idx, dec_tables, dec_ctx, prefills, backend), pos
+    geom = None
+    if prefills and backend == "native" and _prefill_kernel_on():
+        pre = np.flatnonzero(~dec)
+        mb = int(-(-(start_pos[pre] + num_new[pre]).max() // bs))
+        geom = tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in
+                     (np.maximum(block_tables[pre, :mb], 0), cu[:-1][pre], num_new[pre], start_pos[pre]))
+    return PagedStep(pool, as_t(slots), dec_idx, dec_tables, dec_ctx, prefills, backend, prefill_geom=geom), pos
+
+
+def _prefill_kernel_on() -> bool:
+    return os.environ.get("LLMOS_PREFILL_KERNEL", "1") != "0"   # 0: SDPA, for A/B runs
 
 
 def paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -215,6 +227,8 @@ def attend(step: PagedStep, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_
     if step.num_decodes:
         qd = q if step.dec_idx is None else q.index_select(0, step.dec_idx)
         out.index_copy_(0, step.dec_idx, decode(step, layer, qd, scale).to(out.dtype))
+    if step.prefills and _native_prefill(step, layer, q, out, scale):
+        return out
     for p in step.prefills:
         qp = q[p.q0:p.q1].transpose(0, 1).unsqueeze(0)  # [1, H, m, D]
         if p.blocks is None:  # a fresh prompt: its whole context is the new tokens
@@ -231,6 +245,17 @@ def attend(step: PagedStep, layer: int, q: torch.Tensor, k_new: torch.Tensor, v_
         o = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, is_causal=causal, scale=scale)
         out[p.q0:p.q1] = o[0].transpose(0, 1)
     return out
+
+
+def _native_prefill(step: PagedStep, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float) -> bool:
+    """All of the step's prefills in one call of csrc/paged_prefill.cpp (bf16 pool and queries on
+    a CPU with AVX-512 BF16: 4.7x torch's SDPA on a 1,024-token prompt); False: use SDPA."""
+    if step.prefill_geom is None or q.dtype != torch.bfloat16 or step.pool.dtype != torch.bfloat16:
+        return False
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()   # transformers' own attention modules hand us [H, T, D] transposed
+    k, v = step.pool.block_rows(layer)
+    return native_ext.load().paged_prefill_bf16(q, k, v, *step.prefill_geom, out, scale)
 
 
 def decode(step: PagedStep, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:

@@ -19,6 +19,7 @@
 #include "decode_stack.h"
 #include "decode_vec.h"
 #include "layer_ops.h"
+#include "paged_prefill.h"
 #include "quant_gemv.h"
 
 using namespace llmos_decode;
@@ -109,4 +110,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_layer_ops(m);
   register_quant_gemv(m);
   register_decode_stack(m);
+  register_paged_prefill(m);
 }
