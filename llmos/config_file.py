@@ -77,7 +77,7 @@ class Option:
 # None means unset: TOML has no null, so such an option is left out of the file to keep it unset.
 OPTIONS: dict[str, Option] = {
     "models": Option(["smollm2"], "strings"),
-    "dtype": Option("float32", "string", ("float32", "bfloat16", "int4")),
+    "dtype": Option("float32", "string", ("float32", "bfloat16", "int4", "int8")),
     "device": Option("auto", "string"),
     "kv_memory": Option("1GiB", "size"),
     "block_size": Option(16, "integer", minimum=1),

@@ -150,7 +150,7 @@ default_priority = "batch"
     ('dtype = "float32"\nkv_memroy = "1GiB"\n', 2, "unknown key 'kv_memroy'; did you mean 'kv_memory'?"),
     ('\n\nmax_num_seqs = "many"\n', 3, "max_num_seqs must be an integer, not a string"),
     ('prefix_caching = 1\n', 1, "prefix_caching must be true or false, not an integer"),
-    ('dtype = "float16"\n', 1, "dtype must be one of float32, bfloat16, int4, not 'float16'"),
+    ('dtype = "float16"\n', 1, "dtype must be one of float32, bfloat16, int4, int8, not 'float16'"),
     ('replicas = 65\n', 1, "replicas must be from 1 to 64"),
     ('# ok\n[tenants.alice]\nweight = 1\n\n[tenants.bob]\nmax_queud = 3\n', 6,
      "unknown tenant 'bob' setting 'max_queud'; did you mean 'max_queued'?"),

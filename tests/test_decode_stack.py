@@ -41,6 +41,7 @@ def _run(runner, tok, pool_dir, lengths=(12, 9, 6, 3)):
     ("int4", (12, 9, 6, 3), [1, 2, 3, 4]),                # the 4-bit products
     ("int4", (9, 8, 7, 6, 5, 4), [1, 2, 3, 4, 5, 6]),     # 5 and 6 tokens: the packed copy
     ("bfloat16", (9, 7, 5), [1, 2, 3]),                    # packed bf16 throughout
+    ("int8", (4, 4) + (3,) * 64, [2, 66]),                 # 66 tokens: the int8 products (quant.INT8_ROWS)
 ])
 def test_the_stack_gives_the_loops_logits_bit_for_bit(smollm2_dir, tmp_path, monkeypatch, dtype, lengths, sizes):
     from transformers import AutoTokenizer
@@ -107,7 +108,7 @@ def test_bad_arguments_are_refused_and_it_answers_after(smollm2_dir, tmp_path):
     cos = sin = torch.zeros(1, 64, dtype=torch.bfloat16)
     s = runner.lean.stack
     def call(norms=s.norms, products=s.products, packed=s.packed, dense=False, pool=()):
-        ext.decode_stack(x, cos, sin, norms, products, s.biases, packed, s.packed_biases, dense, list(pool),
+        ext.decode_stack(x, cos, sin, norms, products, s.biases, packed, s.packed_biases, [], dense, list(pool),
                          torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
                          torch.ones(1, dtype=torch.long), 9, 3, 64, 1e-5, 8, 0.125)
     with pytest.raises(RuntimeError, match="two norms a layer"):

@@ -61,12 +61,15 @@ def test_tiny_models_logits_identical(kind, fuse, tiny_model_dirs, smollm2_dir, 
     run_both(ModelRunner(tiny_model_dirs[kind]), tmp_path, prompts_for(None, tok))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int4"])
-def test_smollm2_logits_identical(dtype, smollm2_dir, tmp_path):
+@pytest.mark.parametrize("dtype,chunk", [("float32", 16), ("bfloat16", 16), ("int4", 16),
+                                         ("int8", 64)])   # int8: its products from 64 rows (quant.INT8_ROWS)
+def test_smollm2_logits_identical(dtype, chunk, smollm2_dir, tmp_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    run_both(ModelRunner(smollm2_dir, dtype=dtype), tmp_path, prompts_for(None, tok)[:3], max_new=3,
-             chunk=16, block_size=16)
+    prompts = prompts_for(None, tok)[:3]
+    if chunk >= 64:   # a prompt longer than a chunk, so that a chunk of 64 rows is followed by a mixed step
+        prompts = [tok(" ".join(PROMPTS * 2))["input_ids"]] + prompts[:2]
+    run_both(ModelRunner(smollm2_dir, dtype=dtype), tmp_path, prompts, max_new=3, chunk=chunk, block_size=16)
 
 
 def test_lean_keeps_hf_fp32_greedy(tiny_model_dirs, smollm2_dir, tmp_path):

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llmos.drivers.model.quant import GROUP, SMALL_STEP, Int4Linear, quantize_groups
+from llmos.drivers.model import native
+from llmos.drivers.model.quant import GROUP, INT8_ROWS, SMALL_STEP, Int4Linear, quantize_groups
 
 
 def q4_1_weights(n=32, k=96, seed=0):
@@ -49,20 +50,29 @@ def test_both_kernels_compute_with_the_4bit_weights(tokens):
     assert torch.allclose(got, want, atol=0.05, rtol=0.02), (got - want).abs().max()
 
 
-def test_smollm2_in_int4_picks_transformers_fp32_tokens(smollm2_dir, tmp_path):
-    """Prefill then decode (both kernels); every token is fp32's choice or within 1 logit of it."""
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_smollm2_quantized_picks_transformers_fp32_tokens(dtype, smollm2_dir, tmp_path, monkeypatch):
+    """Prefill then decode (both kernels; int8: the prefill of all prompts in one step of more
+    than INT8_ROWS tokens takes the int8 products); every token is fp32's choice or within 1
+    logit of it."""
     from conftest_model import PROMPTS, MiniKernel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmos.drivers.model.runner import ModelRunner
+    from llmos.drivers.model.w8a8 import W8A8Linear
 
-    runner = ModelRunner(smollm2_dir, dtype="int4")
+    if dtype == "int8" and getattr(native.load(), "w8a8_linear", None) is None:
+        pytest.skip("no C++ kernels here")
+    int8_rows = []
+    real = W8A8Linear.forward
+    monkeypatch.setattr(W8A8Linear, "forward", lambda self, x: int8_rows.append(x.numel() // x.shape[-1]) or real(self, x))
+    runner = ModelRunner(smollm2_dir, dtype=dtype)
     info = runner.info()
     assert info["dtype"] == "bfloat16" and runner.exact_4bit > 0.99   # the GGUF is Q4_1
     ref = AutoModelForCausalLM.from_pretrained(smollm2_dir, local_files_only=True).eval()
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     k = MiniKernel(runner, tmp_path, block_size=16)
-    seqs = [k.add(tok(p)["input_ids"], 8) for p in PROMPTS]
+    seqs = [k.add(tok(p)["input_ids"], 8) for p in [*PROMPTS, " ".join(PROMPTS)]]   # ~110 prompt tokens
     k.run()
     with torch.inference_mode():
         for s in seqs:
@@ -71,6 +81,7 @@ def test_smollm2_in_int4_picks_transformers_fp32_tokens(smollm2_dir, tmp_path):
             for step, t in enumerate(s.out):
                 best = logits[step].max().item()
                 assert logits[step, t].item() >= best - 1.0, f"step {step}: token {t} far from fp32's choice"
+    assert bool(int8_rows) == (dtype == "int8") and all(n >= INT8_ROWS for n in int8_rows)
 
 
 def test_the_daemon_serves_smollm2_in_int4(tmp_path, smollm2_dir):

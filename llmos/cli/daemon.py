@@ -131,7 +131,8 @@ _GIVEN = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
 @click.option("--model", "models", multiple=True, default=D["models"],
               help="model to serve: a built-in name, name=/path/to/hf-dir, or name=/path/file.gguf")
 @click.option("--dtype", type=click.Choice(OPTIONS["dtype"].choices), default=D["dtype"],
-              help="weights and KV; int4: 4-bit linears (the GGUF's own Q4_1 codes), bf16 KV, CPU only")
+              help="weights and KV; int4: 4-bit linears (the GGUF's own Q4_1 codes), bf16 KV, CPU only; "
+                   "int8: int4 with the products of big steps in int8 arithmetic (faster, less exact)")
 @click.option("--device", default=D["device"], help="auto, cpu, cuda or cuda:N")
 @click.option("--kv-memory", default=D["kv_memory"], help="KV pool budget: bytes, '4GiB', or a fraction of free memory")
 @click.option("--block-size", type=click.IntRange(1), default=D["block_size"])

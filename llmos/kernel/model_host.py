@@ -23,7 +23,7 @@ from llmos.models.names import model_name
 
 log = logging.getLogger(__name__)
 REGISTRY_TTL_S = 1.0
-BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int4": 2}   # int4 keeps a bf16 copy for large batches
+BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2, "int4": 2, "int8": 3}   # int4 keeps a bf16 copy for large batches (int8: and an int8 one)
 DEFAULT_MAX_TOKENS = 256     # what an unbounded request is assumed to cost, for balancing
 
 

@@ -22,7 +22,7 @@ def main() -> None:
     parser = base_argparser("model")
     parser.add_argument("--model", required=True, help="model spec (see llmos.models.registry)")
     parser.add_argument("--models-dir", required=True, help="where converted models are cached")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int4", "int8"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     setup_logging(args.name)

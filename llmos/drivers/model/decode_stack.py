@@ -8,7 +8,8 @@ bits. It serves only the steps that path covers exactly:
 
 - the model: every layer with native norms of one eps and summation width, fused q/k/v and
   gate/up, and each of the four products either 4-bit with the native kernel
-  (quant.Int4Linear with `ext`, which also holds a packed bf16 copy) or packed bf16
+  (quant.Int4Linear with `ext`, which also holds a packed bf16 copy, and with --dtype int8 an
+  int8 one for steps of quant.INT8_ROWS tokens or more: w8a8.W8A8Linear) or packed bf16
   (packed.PackedLinear);
 - the step: all decoding (no prefill), through the native paged-decode backend, bf16
   activations. Up to quant.SMALL_STEP tokens a 4-bit model takes its 4-bit products, as
@@ -24,6 +25,7 @@ import torch
 
 from llmos.drivers.model import quant
 from llmos.drivers.model.packed import PackedLinear
+from llmos.drivers.model.w8a8 import W8A8Linear
 
 
 def wanted(env=os.environ) -> bool:
@@ -52,6 +54,12 @@ def _packed(fn) -> PackedLinear | None:
     return _module(fn, PackedLinear, PackedLinear.forward)
 
 
+def _w8a8(fn) -> W8A8Linear | None:
+    """The int8 linear (--dtype int8) that computes lean's callable from INT8_ROWS rows, or None."""
+    four = _module(fn, quant.Int4Linear, quant.Int4Linear.forward)
+    return None if four is None else four.dense_int8
+
+
 class DecodeStack:
     """Holds the layers' weights as the native call takes them; `__call__` runs them."""
 
@@ -60,9 +68,11 @@ class DecodeStack:
         norm = layers[0].norm1
         self.eps, self.lanes = norm.eps, norm.lanes
         self.norms, self.products, self.biases, self.packed, self.packed_biases = [], [], [], [], []
+        self.int8_w, self.int8_scales, self.int8_biases = [], [], []   # --dtype int8, from INT8_ROWS
         fns = [fn for L in layers for fn in (L.qkv, L.o, L.gate_up, L.down)]
         self.four_bit = all(_int4(fn) is not None for fn in fns)      # small steps: the 4-bit products
         self.dense = all(_packed(fn) is not None for fn in fns)       # others: the packed ones
+        self.int8 = self.dense and all(_w8a8(fn) is not None for fn in fns)   # or from INT8_ROWS the int8 ones
         for L in layers:
             self.norms += [L.norm1.weight, L.norm2.weight]
         for fn in fns:
@@ -70,6 +80,11 @@ class DecodeStack:
                 lin = _int4(fn)
                 self.products += [lin.codes, lin.d, lin.m]
                 self.biases.append(lin.bias_f32)
+            if self.int8:
+                lin = _w8a8(fn)
+                self.int8_w.append(lin.wq)
+                self.int8_scales.append(lin.w_scale)
+                self.int8_biases.append(lin.bias_f32)
             if self.dense:
                 lin = _packed(fn)
                 self.packed.append(lin.packed)
@@ -86,8 +101,12 @@ class DecodeStack:
                 and x.is_contiguous())
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step) -> torch.Tensor:
-        return self.ext.decode_stack(x, cos, sin, self.norms, self.products, self.biases, self.packed,
-                                     self.packed_biases, not self._small(x.shape[0]), self._pool(step.pool),
+        T = x.shape[0]
+        int8 = self.int8 and T >= quant.INT8_ROWS   # the int8 products take the packed ones' places
+        return self.ext.decode_stack(x, cos, sin, self.norms, self.products, self.biases,
+                                     self.int8_w if int8 else self.packed,
+                                     self.int8_biases if int8 else self.packed_biases,
+                                     self.int8_scales if int8 else [], not self._small(T), self._pool(step.pool),
                                      step.slots, step.dec_tables, step.dec_ctx, self.H, self.KVH, self.D,
                                      self.eps, self.lanes, self.scale)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 log = logging.getLogger("llmos.model")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = [CSRC / "paged_decode.cpp", CSRC / "layer_ops.cpp", CSRC / "quant_gemv.cpp", CSRC / "decode_stack.cpp",
-           CSRC / "paged_prefill.cpp"]   # compiled; its headers sit beside it
+           CSRC / "paged_prefill.cpp", CSRC / "w8a8.cpp"]   # compiled; its headers sit beside it
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _loaded: dict[str, object] = {}
 

@@ -30,9 +30,13 @@ import torch.nn.functional as F
 
 from llmos.drivers.model import native
 from llmos.drivers.model.packed import PackedLinear
+from llmos.drivers.model.w8a8 import W8A8Linear
 
 GROUP = 32
 SMALL_STEP = 4   # tokens in a step up to which the int4 kernel beats dense bf16 here
+# --dtype int8: rows from which the int8 products (w8a8.py) beat the packed bf16 ones with the
+# weights read from memory, as a step reads them (1.1-1.2x at 64 rows, 1.4x at 128, AMD EPYC)
+INT8_ROWS = 64
 
 
 def quantize_groups(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -98,7 +102,9 @@ def supported(linear: torch.nn.Linear) -> bool:
 
 class _SmallStepLinear(torch.nn.Module):
     """What both quantized linears share: steps of more than SMALL_STEP rows go to the dense
-    bf16 copy (oneDNN wins there); smaller ones to the subclass's `small` product."""
+    bf16 copy (oneDNN wins there), or from INT8_ROWS on to the int8 one where --dtype int8
+    made it; smaller ones to the subclass's `small` product. (`dense_int8` is set in each
+    __init__, not on the class: a class attribute would hide the submodule nn.Module keeps.)"""
 
     def nbytes(self) -> int:
         return _nbytes(self)
@@ -108,6 +114,8 @@ class _SmallStepLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] >= INT8_ROWS and self.dense_int8 is not None:
+            return self.dense_int8(x)
         if flat.shape[0] > SMALL_STEP:
             return self.dense(x)
         return self.small(flat).view(*x.shape[:-1], self.out_features)
@@ -117,7 +125,7 @@ class Int4Linear(_SmallStepLinear):
     """nn.Linear over 4-bit weights: the int4 kernel for small steps, a dense bf16 copy of the
     same dequantized weights (oneDNN, pre-packed) for big ones."""
 
-    def __init__(self, linear: torch.nn.Linear, dense_hint: int = 32):
+    def __init__(self, linear: torch.nn.Linear, dense_hint: int = 32, int8_dense: bool = False):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q, scale, zero, self.exact_share = quantize_groups(linear.weight.detach().float())
@@ -134,6 +142,7 @@ class Int4Linear(_SmallStepLinear):
             s, z = (self.scales_zeros[..., i].float().t().repeat_interleave(GROUP, 1) for i in (0, 1))
             w = (q.float() - 8) * s + z
         self.dense = _dense(w, linear.bias, dense_hint)   # what the small-step kernel computes with
+        self.dense_int8 = W8A8Linear(w, linear.bias, native.load()) if int8_dense else None
         self.bias = self.dense.bias
         self.bias_f32 = None if self.bias is None else self.bias.float()   # as the native kernel adds it
 
@@ -155,6 +164,7 @@ class Int8Linear(_SmallStepLinear):
         q, d, self.exact_share = quantize_q8_groups(linear.weight.detach().float())
         self.codes, self.d = pack_q8(q), _even_groups(d.half())   # Q8_0's scales are float16
         self.dense = _dense(q.float() * d.half().float().repeat_interleave(GROUP, 1), linear.bias, dense_hint)
+        self.dense_int8 = None
         self.bias = self.dense.bias
         self.bias_f32 = None if self.bias is None else self.bias.float()
 
@@ -165,7 +175,8 @@ class Int8Linear(_SmallStepLinear):
 def _nbytes(layer) -> int:
     """What a quantized linear holds: its codes and scales, and its dense copy."""
     held = [getattr(layer, a, None) for a in ("codes", "d", "m", "scales_zeros", "bias")]
-    return sum(t.numel() * t.element_size() for t in held if t is not None) + layer.in_features * layer.out_features * 2
+    int8 = 0 if layer.dense_int8 is None else layer.dense_int8.nbytes()
+    return sum(t.numel() * t.element_size() for t in held if t is not None) + layer.in_features * layer.out_features * 2 + int8
 
 
 def _dense(w: torch.Tensor, bias: torch.Tensor | None, hint: int) -> PackedLinear:
@@ -183,22 +194,25 @@ def was_4bit(linear: torch.nn.Linear, min_exact: float = 0.99) -> bool:
     return supported(linear) and quantize_groups(linear.weight.detach().float())[3] >= min_exact
 
 
-def quantize_linears(model: torch.nn.Module, min_exact: float = 0.99) -> tuple[int, float]:
+def quantize_linears(model: torch.nn.Module, min_exact: float = 0.99, int8_dense: bool = False) -> tuple[int, float]:
     """Swap each supported nn.Linear whose weights were 4-bit already (at least `min_exact` of
     its groups come back exactly) for an Int4Linear; one whose weights were 8-bit groups
     (smollm2's tied lm_head, which the GGUF keeps as Q8_0) for an Int8Linear where the native
     kernels run; the others stay dense bf16: int4 never loses what the file had.
-    Returns (how many were made 4-bit, the share of their groups that were exact)."""
+    With `int8_dense` (--dtype int8) the 4-bit linears also hold an int8 copy, for steps of
+    INT8_ROWS rows or more (w8a8.py). Returns (how many were made 4-bit, the share of their groups
+    that were exact)."""
     swapped, exact, ext = 0, 0.0, kernels()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
                 continue
-            layer = Int4Linear(child) if supported(child) else None
+            layer = Int4Linear(child, int8_dense=int8_dense) if supported(child) else None
             if layer is not None and layer.exact_share >= min_exact:
                 setattr(parent, name, layer)
                 swapped, exact = swapped + 1, exact + layer.exact_share
                 continue
+            # (no int8 copy: the lm_head only sees the rows sampled, as many as the sequences)
             eight = Int8Linear(child, ext) if ext is not None and child.in_features % GROUP == 0 \
                 and child.in_features <= MAX_INPUTS else None
             if eight is not None and eight.exact_share >= min_exact:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from llmos import protocol
-from llmos.drivers.model import decode_backends, fused, lean, paged_attention
+from llmos.drivers.model import decode_backends, fused, lean, native, paged_attention
 from llmos.drivers.model.grammar import GrammarBook
 from llmos.drivers.model.logits_controls import gather
 from llmos.drivers.model.packed import pack_linears
@@ -20,8 +20,9 @@ from llmos.drivers.model.paged_attention import KVPool, plan_step
 from llmos.drivers.model.sampling import sample
 from llmos.drivers.model.threads import physical_cores
 
-WEIGHT_DTYPES = ("float32", "bfloat16", "int4")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
-KV_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "int4": "bfloat16"}   # int4: 4-bit linears, bf16 else
+WEIGHT_DTYPES = ("float32", "bfloat16", "int4", "int8")   # (the KV pool also takes float16: paged_attention.TORCH_DTYPES)
+KV_DTYPE = {"float32": "float32", "bfloat16": "bfloat16", "int4": "bfloat16", "int8": "bfloat16"}   # int4: 4-bit linears, bf16 else
+QUANTIZED = ("int4", "int8")   # int8: int4, with the products of big steps in int8 arithmetic (w8a8.py)
 
 
 class BadPlan(ValueError):
@@ -32,7 +33,8 @@ class BadPlan(ValueError):
 class ModelRunner:
     """Owned by the model driver's main loop (one thread). map_pool before execute; execute
     raises BadPlan for a plan it refuses and lets other errors through (the caller answers
-    StepFailed either way). dtype "float32" | "bfloat16" | "int4" (CPU: 4-bit linears, see quant.py);
+    StepFailed either way). dtype "float32" | "bfloat16" | "int4" (CPU: 4-bit linears, see quant.py)
+    | "int8" (int4 whose big steps run int8 products, w8a8.py);
     the pool holds KV_DTYPE[dtype]."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "cpu",
@@ -41,15 +43,17 @@ class ModelRunner:
 
         if dtype not in WEIGHT_DTYPES:
             raise ValueError(f"dtype {dtype!r} not supported: use one of {sorted(WEIGHT_DTYPES)}")
-        if dtype == "int4" and torch.device(device).type != "cpu":
-            raise ValueError("--dtype int4 runs on the CPU only (torch's int4 CPU kernel)")
+        if dtype in QUANTIZED and torch.device(device).type != "cpu":
+            raise ValueError(f"--dtype {dtype} runs on the CPU only (its products are CPU kernels)")
+        if dtype == "int8" and getattr(native.load(), "w8a8_linear", None) is None:
+            raise ValueError("--dtype int8 needs the C++ kernels (csrc/w8a8.cpp), which did not build here")
         self.model_dir, self.weights, self.device = Path(model_dir), dtype, torch.device(device)
         self.dtype_name = KV_DTYPE[dtype]
         self.dtype = paged_attention.TORCH_DTYPES[self.dtype_name]
         if self.device.type == "cpu":
             torch.set_num_threads(physical_cores())
         self.model = AutoModelForCausalLM.from_pretrained(   # int4: quantized from the fp32 weights
-            self.model_dir, dtype=torch.float32 if dtype == "int4" else self.dtype, local_files_only=True,
+            self.model_dir, dtype=torch.float32 if dtype in QUANTIZED else self.dtype, local_files_only=True,
             attn_implementation=paged_attention.register()).to(self.device).eval()
         self.config = self.model.config.get_text_config()
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or []):
@@ -61,18 +65,18 @@ class ModelRunner:
         self.fused = {"projections": 0, "norms": 0}
         if "projections" in fuse:   # before quantizing or packing: the fused weight is made 4-bit or packed
             accept = None
-            if dtype == "int4":     # fuse only groups that go 4-bit whole
+            if dtype in QUANTIZED:  # fuse only groups that go 4-bit whole
                 from llmos.drivers.model.quant import was_4bit
                 accept = was_4bit
             self.fused["projections"] = fused.fuse_projections(self.model, accept)
-        if dtype == "int4":
+        if dtype in QUANTIZED:
             from llmos.drivers.model.quant import quantize_linears
-            self.packed, self.exact_4bit = quantize_linears(self.model)
+            self.packed, self.exact_4bit = quantize_linears(self.model, int8_dense=dtype == "int8")
             self.model.to(self.dtype)
         # What a step must read: counted before packing, which drops the Linear parameters.
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters()) + sum(
             m.nbytes() for m in self.model.modules() if hasattr(m, "nbytes"))
-        if pack_weights and self.device.type == "cpu" and dtype != "int4":
+        if pack_weights and self.device.type == "cpu" and dtype not in QUANTIZED:
             self.packed = pack_linears(self.model)
         if "norms" in fuse:
             self.fused["norms"] = fused.fuse_norms(self.model)

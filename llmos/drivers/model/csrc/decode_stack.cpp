@@ -18,6 +18,7 @@
 #include "layer_ops.h"
 #include "paged_decode.h"
 #include "quant_gemv.h"
+#include "w8a8.h"
 
 namespace {
 
@@ -39,11 +40,13 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& w, cons
 // x: the embedded tokens [T, hidden] (bf16, contiguous); returns the hidden state after the
 // last layer (before the final norm). cos/sin [T, D]. Per layer i: norms[2i], norms[2i + 1]
 // (input and post-attention), products[4i + j] = (codes, scales, mins) at 3 (4i + j), biases
-// likewise; with `dense`, packed[4i + j] and packed_biases[4i + j] instead (oneDNN's layout);
+// likewise; with `dense`, packed[4i + j] and packed_biases[4i + j] instead (oneDNN's layout),
+// or where packed_scales is given, int8 weights [K, N] with their row scales and float biases
+// (w8a8_linear, --dtype int8);
 // pool[4i..4i+3] = k slots, v slots, k block rows, v block rows.
 torch::Tensor decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> norms,
                            std::vector<torch::Tensor> products, std::vector<OptT> biases, std::vector<torch::Tensor> packed,
-                           std::vector<OptT> packed_biases, bool dense, std::vector<torch::Tensor> pool,
+                           std::vector<OptT> packed_biases, std::vector<torch::Tensor> packed_scales, bool dense, std::vector<torch::Tensor> pool,
                            torch::Tensor slots, torch::Tensor tables, torch::Tensor ctx, int64_t H, int64_t KVH, int64_t D,
                            double eps, int64_t lanes, double scale) {
   const int64_t L = static_cast<int64_t>(norms.size()) / 2, T = x.size(0);
@@ -51,6 +54,8 @@ torch::Tensor decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
   if (dense) {
     TORCH_CHECK(static_cast<int64_t>(packed.size()) == PRODUCTS * L &&
                 static_cast<int64_t>(packed_biases.size()) == PRODUCTS * L, "four packed products a layer, and biases");
+    TORCH_CHECK(packed_scales.empty() || static_cast<int64_t>(packed_scales.size()) == PRODUCTS * L,
+                "int8 products: one row-scale vector each");
   } else {
     TORCH_CHECK(static_cast<int64_t>(products.size()) == 3 * PRODUCTS * L &&
                 static_cast<int64_t>(biases.size()) == PRODUCTS * L, "four products a layer: (codes, scales, mins), bias");
@@ -60,6 +65,7 @@ torch::Tensor decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
   TORCH_CHECK(slots.numel() == T && ctx.numel() == T && tables.size(0) == T, "one slot, context and table a token");
   auto product = [&](const torch::Tensor& in, int64_t i, int64_t j) {
     const int64_t p = PRODUCTS * i + j;
+    if (dense && !packed_scales.empty()) return w8a8_linear(in, packed[p], packed_scales[p], packed_biases[p]);
     if (dense) return packed_linear(in, packed[p], packed_biases[p]);
     return q4_linear(in, products[3 * p], products[3 * p + 1], products[3 * p + 2], biases[p]);
   };
@@ -87,8 +93,8 @@ torch::Tensor decode_stack(torch::Tensor x, torch::Tensor cos, torch::Tensor sin
 }  // namespace
 
 void register_decode_stack(pybind11::module& m) {
-  m.def("decode_stack", &decode_stack, "the decoder layers of a decode step (bf16; 4-bit or packed products)",
+  m.def("decode_stack", &decode_stack, "the decoder layers of a decode step (bf16; 4-bit, packed or int8 products)",
         py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("norms"), py::arg("products"), py::arg("biases"),
-        py::arg("packed"), py::arg("packed_biases"), py::arg("dense"), py::arg("pool"), py::arg("slots"),
+        py::arg("packed"), py::arg("packed_biases"), py::arg("packed_scales"), py::arg("dense"), py::arg("pool"), py::arg("slots"),
         py::arg("tables"), py::arg("ctx"), py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("lanes"), py::arg("scale"));
 }

@@ -21,6 +21,7 @@
 #include "layer_ops.h"
 #include "paged_prefill.h"
 #include "quant_gemv.h"
+#include "w8a8.h"
 
 using namespace llmos_decode;
 
@@ -111,4 +112,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_quant_gemv(m);
   register_decode_stack(m);
   register_paged_prefill(m);
+  register_w8a8(m);
 }
