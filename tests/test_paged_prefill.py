@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from llmos import protocol
+from test_decode_backends import make_pool as random_pool
+
 from llmos.drivers.model import native
-from llmos.drivers.model.paged_attention import KVPool, attend, plan_step
+from llmos.drivers.model.paged_attention import attend, plan_step
 
 
 def _kernel_here() -> bool:
@@ -27,11 +28,8 @@ def _kernel_here() -> bool:
 needs_kernel = pytest.mark.skipif(not _kernel_here(), reason="no AVX-512 BF16 kernel in this build (SDPA serves)")
 
 
-def make_pool(kvh, d, bs, blocks=160, layers=1, dtype=torch.bfloat16, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    kv = torch.randn(layers, 2, blocks, bs, kvh, d, generator=gen).to(dtype)
-    msg = protocol.MapKVPool("", "cpu", str(dtype).removeprefix("torch."), blocks, bs, layers, kvh, d)
-    return KVPool(msg, tensor=kv)
+def make_pool(kvh, d, bs, blocks=160, layers=1, dtype=torch.bfloat16):
+    return random_pool(dtype, blocks=blocks, bs=bs, kvh=kvh, d=d, layers=layers)
 
 
 def packed_step(pool, seqs, seed=0, backend="native"):
